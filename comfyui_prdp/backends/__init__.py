@@ -1,0 +1,3 @@
+from .base import Backend, Cond
+
+__all__ = ["Backend", "Cond"]

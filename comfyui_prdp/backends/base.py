@@ -1,0 +1,87 @@
+"""The interface between the algorithm and a host's model objects.
+
+The sampler, the objective and the trainer only ever talk to a `Backend`. A backend adapts
+one host (diffusers, ComfyUI) to a handful of verbs; nothing above it knows which host runs.
+
+Conventions every backend follows:
+- Latents are in variance-preserving (VP) form: x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps,
+  where a_t = `alphas_cumprod[t]` and t is an integer training timestep (0..len-1).
+- Conditioning is a `Cond`: a dict of batch-first tensors (e.g. {"context": [n, 77, 768]},
+  SDXL adds pooled outputs), so the sampler can index, repeat and concatenate it generically.
+- `predict_eps` returns the noise prediction for a batch (eps- and v-prediction models alike:
+  the backend converts), in any dtype; the sampler casts to float32.
+- While `adapters_disabled()` is active the model is the frozen base model (the LoRA has no
+  effect); this is how reference log-probs are computed without a second copy of the model.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+
+Cond = Dict[str, torch.Tensor]
+
+
+class Backend:
+    """Abstract backend. Subclasses implement every method that raises NotImplementedError."""
+
+    #: device the model computes on
+    device: torch.device = torch.device("cpu")
+    #: dtype the model computes in (log-probs are always float32)
+    dtype: torch.dtype = torch.float32
+    #: a short human-readable name of the base model, written into LoRA metadata
+    model_name: str = "unknown"
+
+    # --- schedule -----------------------------------------------------------------------
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """float64 tensor [num_train_timesteps] of the VP schedule, on the CPU."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> Sequence[int]:
+        """(channels, h, w) of the latent for an image of height x width pixels."""
+        raise NotImplementedError
+
+    # --- model verbs --------------------------------------------------------------------
+    def encode_prompts(self, prompts: List[str]) -> Cond:
+        """Text conditioning for each prompt, batch-first, on `device`, no grad needed."""
+        raise NotImplementedError
+
+    def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Noise prediction for VP latents x [n, C, h, w] at integer timesteps t [n]."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VP x0 latents [n, C, h, w] -> images [n, H, W, 3] float32 in 0..1 on the CPU."""
+        raise NotImplementedError
+
+    # --- the LoRA -----------------------------------------------------------------------
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Inside this context the LoRA has no effect (the frozen base model)."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def lora_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The LoRA in kohya format with diffusers module naming, float32 on the CPU:
+        `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+        raise NotImplementedError
+
+    def load_lora_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Inverse of `lora_state_dict` (used to resume from a checkpoint)."""
+        raise NotImplementedError
+
+    def lora_info(self) -> Dict[str, object]:
+        """rank, alpha, target modules: written into LoRA metadata."""
+        return {}
+
+    # --- memory hooks (no-ops by default) ---------------------------------------------
+    def prepare_for_sampling(self) -> None:
+        """Called before a sampling/evaluation phase (e.g. load the model to the GPU)."""
+
+    def prepare_for_training(self) -> None:
+        """Called before a gradient phase."""

@@ -1,0 +1,155 @@
+"""Training configuration: one dataclass, the presets as data, and validation.
+
+Paper rows follow Table 4 of Deng et al. (2024). The paper finetunes the full UNet; with a
+LoRA a larger learning rate is usually needed (DDPO's LoRA default is 3e-4), so every value
+here is only a starting point and can be overridden.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+
+@dataclass
+class TrainConfig:
+    # the online loop (Algorithm 1)
+    epochs: int = 10                    # E
+    prompts_per_epoch: int = 4          # N
+    images_per_prompt: int = 4          # B (>= 2: pairs are formed within a prompt)
+    updates_per_epoch: int = 1          # K
+    minibatch_prompts: Optional[int] = None  # prompts per optimizer step (None: all N)
+    # sampler
+    steps: int = 20                     # T
+    cfg: float = 5.0
+    eta: float = 1.0                    # 1.0 = DDPM; must be > 0 for log-probs to exist
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+    logprob_reduce: str = "mean"        # [choice] mean (DDPO convention) or sum over latent elements
+    # objective
+    algorithm: str = "prdp"             # "prdp" or "ddpo" (the baseline of spec section 6)
+    beta: float = 3e-5
+    clip_range: float = 1e-4            # eps: per-step clip of the log-ratio (PRDP) / ratio (DDPO)
+    step_reduce: str = "mean"           # [choice] mean over steps (Appendix G) or sum
+    adv_clip: float = 5.0               # DDPO only: advantage clip
+    timestep_fraction: float = 1.0      # < 1 trains on a random subset of steps: APPROXIMATE gradient
+    # optimizer
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    # LoRA
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None  # None: equal to the rank (scale 1)
+    lora_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # execution
+    sample_batch_size: int = 8          # trajectories sampled together
+    train_batch_size: int = 8           # transitions per backward micro-batch (memory knob)
+    mixed_precision: str = "no"         # "no", "fp16" or "bf16" (GPU)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0           # epochs between checkpoints (0: only at the end/stop)
+    seed: int = 0
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    def model_evaluations_per_epoch(self) -> Dict[str, int]:
+        """UNet evaluations (one latent, one CFG branch = 1) per epoch, by phase."""
+        trajectories = self.prompts_per_epoch * self.images_per_prompt
+        branches = 2 if self.cfg != 1.0 else 1
+        transitions = trajectories * self.steps
+        trained = max(1, round(transitions * self.timestep_fraction))
+        return {
+            "sampling": transitions * branches,
+            "reference": transitions * branches,
+            # pass 1 is skipped on the first update; pass 2 is forward+backward
+            "update_forward_no_grad": (self.updates_per_epoch - 1) * trained * branches,
+            "update_forward_backward": self.updates_per_epoch * trained * branches,
+        }
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the bad value and the fix; returns self when valid."""
+        problems = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        need(self.epochs >= 1, f"epochs={self.epochs}: must be at least 1")
+        need(self.prompts_per_epoch >= 1, f"prompts_per_epoch={self.prompts_per_epoch}: must be at least 1")
+        need(self.images_per_prompt >= 2,
+             f"images_per_prompt={self.images_per_prompt}: PRDP compares images of the same prompt, "
+             "so it needs at least 2")
+        need(self.updates_per_epoch >= 1, f"updates_per_epoch={self.updates_per_epoch}: must be at least 1")
+        need(self.minibatch_prompts is None or self.minibatch_prompts >= 1,
+             f"minibatch_prompts={self.minibatch_prompts}: must be at least 1 (or unset for all prompts)")
+        need(self.steps >= 1, f"steps={self.steps}: must be at least 1")
+        need(self.eta > 0, f"eta={self.eta}: must be > 0 (eta=0 is deterministic DDIM, which has no log-probs)")
+        need(self.cfg >= 1.0, f"cfg={self.cfg}: must be >= 1")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            need(value >= 8 and value % 8 == 0,
+                 f"{name}={value}: must be a positive multiple of 8 (e.g. {max(8, value // 8 * 8)})")
+        need(self.logprob_reduce in ("mean", "sum"), f"logprob_reduce={self.logprob_reduce!r}: use 'mean' or 'sum'")
+        need(self.step_reduce in ("mean", "sum"), f"step_reduce={self.step_reduce!r}: use 'mean' or 'sum'")
+        need(self.algorithm in ("prdp", "ddpo"), f"algorithm={self.algorithm!r}: use 'prdp' or 'ddpo'")
+        need(self.beta > 0, f"beta={self.beta}: must be > 0")
+        need(self.clip_range > 0, f"clip_range={self.clip_range}: must be > 0")
+        need(0 < self.timestep_fraction <= 1, f"timestep_fraction={self.timestep_fraction}: must be in (0, 1]")
+        need(self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be > 0")
+        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay}: must be >= 0")
+        need(self.grad_clip > 0, f"grad_clip={self.grad_clip}: must be > 0")
+        need(self.lora_rank >= 1, f"lora_rank={self.lora_rank}: must be at least 1")
+        need(len(self.lora_targets) > 0, "lora_targets is empty: name at least one module (e.g. to_q)")
+        need(self.sample_batch_size >= 1, f"sample_batch_size={self.sample_batch_size}: must be at least 1")
+        need(self.train_batch_size >= 1, f"train_batch_size={self.train_batch_size}: must be at least 1")
+        need(self.mixed_precision in ("no", "fp16", "bf16"),
+             f"mixed_precision={self.mixed_precision!r}: use 'no', 'fp16' or 'bf16'")
+        need(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every}: must be >= 0")
+        if problems:
+            raise ValueError("invalid training configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Table 4, small scale (45 animal prompts): full-UNet learning rate as in the paper
+    "paper-small": dict(epochs=100, updates_per_epoch=10, prompts_per_epoch=32, images_per_prompt=16,
+                        beta=3e-5, clip_range=1e-6, steps=50, cfg=5.0, learning_rate=1e-5,
+                        weight_decay=1e-4, grad_clip=1.0, width=512, height=512),
+    # Table 4, large scale (>100K prompts)
+    "paper-large": dict(epochs=1000, updates_per_epoch=1, prompts_per_epoch=64, images_per_prompt=8,
+                        beta=3e-6, clip_range=1e-4, steps=50, cfg=5.0, learning_rate=7e-6,
+                        weight_decay=1e-4, grad_clip=1.0, width=512, height=512),
+    # Table 4, multi-reward (PickScore 10, HPSv2 2, aesthetic 0.05)
+    "paper-multi-reward": dict(epochs=1000, updates_per_epoch=1, prompts_per_epoch=64, images_per_prompt=8,
+                               beta=3e-5, clip_range=1e-4, steps=50, cfg=5.0, learning_rate=1e-5,
+                               weight_decay=1e-4, grad_clip=1.0, width=512, height=512),
+    # one consumer GPU: a LoRA, fewer steps and images; LoRA-sized learning rate
+    "consumer-gpu": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=4, images_per_prompt=4,
+                         beta=3e-5, clip_range=1e-4, steps=20, cfg=5.0, learning_rate=3e-4,
+                         lora_rank=8, width=512, height=512, sample_batch_size=4, train_batch_size=4,
+                         mixed_precision="fp16", gradient_checkpointing=True),
+    # two CPU cores, the embedded tiny model: minutes, not hours
+    "cpu-smoke": dict(epochs=8, updates_per_epoch=2, prompts_per_epoch=2, images_per_prompt=4,
+                      beta=0.1, clip_range=1e-2, steps=8, cfg=3.0, learning_rate=3e-3,
+                      lora_rank=4, width=64, height=64, sample_batch_size=8, train_batch_size=16),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A preset by name with overrides applied, validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return TrainConfig().replace(**PRESETS[name]).replace(**overrides).validate()
