@@ -1,0 +1,105 @@
+"""The PRDP objective (spec section 2), the DDPO baseline (section 6), and the exact per-step
+gradient weights that let the trainer back-propagate one micro-batch at a time.
+
+Shapes: logp, logp_old, logp_ref are [..., B, T]; rewards [..., B]. Leading dims are prompt
+groups: pairs are only formed within a group. Every loss returns the mean over groups.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+
+
+def _as_groups(logp: torch.Tensor, rewards: torch.Tensor):
+    if logp.dim() < 2:
+        raise ValueError(f"logp must have shape [..., B, T], got {tuple(logp.shape)}")
+    if rewards.shape != logp.shape[:-1]:
+        raise ValueError(f"rewards shape {tuple(rewards.shape)} must equal logp shape without T "
+                         f"{tuple(logp.shape[:-1])}")
+    return logp.reshape(-1, *logp.shape[-2:]), rewards.reshape(-1, rewards.shape[-1])
+
+
+def _reduce_steps(values: torch.Tensor, step_reduce: str) -> torch.Tensor:
+    return values.mean(-1) if step_reduce == "mean" else values.sum(-1)
+
+
+def prdp_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor,
+              rewards: torch.Tensor, *, beta: float, clip_range: float,
+              step_reduce: str = "mean") -> torch.Tensor:
+    """Reward-difference-prediction loss with the per-step proximal clip, mean over groups.
+
+    For each group and each pair (i, j) with r_i > r_j:
+        l = max((s_i - s_j - (r_i - r_j)/beta)^2, (sc_i - sc_j - (r_i - r_j)/beta)^2)
+    where s = mean_t(logp - logp_ref) and sc the same with the log-ratio clipped per step to
+    rho_old +- clip_range. A group's loss is the mean over its pairs (0 without pairs).
+    """
+    logp, rewards_g = _as_groups(logp, rewards)
+    logp_old = logp_old.reshape(logp.shape)
+    logp_ref = logp_ref.reshape(logp.shape)
+    rho = logp - logp_ref
+    rho_old = logp_old - logp_ref
+    rho_clipped = torch.clamp(rho, rho_old - clip_range, rho_old + clip_range)
+    s = _reduce_steps(rho, step_reduce)                       # [G, B]
+    s_clipped = _reduce_steps(rho_clipped, step_reduce)
+    reward_diff = rewards_g[:, :, None] - rewards_g[:, None, :]  # [G, B, B]: r_i - r_j
+    target = reward_diff / beta
+    pairs = reward_diff > 0
+    unclipped = (s[:, :, None] - s[:, None, :] - target) ** 2
+    clipped = (s_clipped[:, :, None] - s_clipped[:, None, :] - target) ** 2
+    per_pair = torch.where(pairs, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
+    pair_count = pairs.sum(dim=(1, 2))
+    per_group = per_pair.sum(dim=(1, 2)) / pair_count.clamp(min=1)
+    return per_group.mean()
+
+
+def group_advantages(rewards: torch.Tensor, adv_clip: float = 5.0) -> torch.Tensor:
+    """DDPO's per-prompt normalised reward, clipped to +-adv_clip. rewards: [G, B]."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, unbiased=False, keepdim=True)
+    return ((rewards - mean) / (std + 1e-8)).clamp(-adv_clip, adv_clip)
+
+
+def ddpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor,
+              rewards: torch.Tensor, *, clip_range: float = 1e-4, adv_clip: float = 5.0,
+              **_: object) -> torch.Tensor:
+    """DDPO's clipped surrogate: mean over (i, t) of max(-A ratio, -A clip(ratio, 1-c, 1+c)).
+    logp_ref is accepted (and ignored) so both losses share one signature."""
+    logp, rewards_g = _as_groups(logp, rewards)
+    logp_old = logp_old.reshape(logp.shape)
+    advantages = group_advantages(rewards_g, adv_clip)[..., None]   # [G, B, 1]
+    ratio = torch.exp(logp - logp_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+LossFn = Callable[..., torch.Tensor]
+LOSSES: Dict[str, LossFn] = {"prdp": prdp_loss, "ddpo": ddpo_loss}
+
+
+def logp_gradient_weights(loss_fn: LossFn, logp: torch.Tensor, logp_old: torch.Tensor,
+                          logp_ref: torch.Tensor, rewards: torch.Tensor,
+                          **loss_kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss value, w) with w = dLoss/dlogp, evaluated at the given log-prob values.
+
+    Because the loss depends on the model only through logp, the exact parameter gradient is
+    sum_{i,t} w[i,t] * dlogp[i,t]/dtheta: the trainer back-propagates sum(w * logp) in
+    micro-batches, so memory does not grow with the number of steps.
+    """
+    leaf = logp.detach().float().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(leaf, logp_old.detach().float(), logp_ref.detach().float(),
+                       rewards.detach().float(), **loss_kwargs)
+        (weights,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), weights
+
+
+def clip_fraction(logp: torch.Tensor, logp_old: torch.Tensor, clip_range: float,
+                  algorithm: str = "prdp") -> float:
+    """Fraction of steps whose log-ratio (PRDP) or ratio (DDPO) lies outside the clip range."""
+    if algorithm == "ddpo":
+        outside = (torch.exp(logp - logp_old) - 1).abs() > clip_range
+    else:
+        outside = (logp - logp_old).abs() > clip_range   # rho - rho_old = logp - logp_old
+    return outside.float().mean().item()

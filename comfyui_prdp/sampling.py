@@ -1,0 +1,171 @@
+"""The policy: a DDPM (DDIM with eta > 0) sampler with classifier-free guidance that records
+per-step log-probabilities, and re-evaluates them for recorded transitions under other weights.
+
+All formulas are in variance-preserving form (spec section 1). Log-probs are float32 whatever
+dtype the model computes in. Sampling and re-evaluation share `guided_step_distribution`, so a
+recorded transition re-evaluated with unchanged weights gives the recorded log-prob.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .backends.base import Backend, Cond
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def ddim_timesteps(num_train_timesteps: int, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Descending timesteps [T] and their previous (less noisy) timesteps [T] ("leading"
+    spacing with offset 1, as diffusers' DDIMScheduler for Stable Diffusion). A previous
+    timestep of -1 means "the final step": its alpha is alphas_cumprod[0]."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps={steps}: must be between 1 and {num_train_timesteps}")
+    ratio = num_train_timesteps // steps
+    offset = 1 if (steps - 1) * ratio + 1 < num_train_timesteps else 0
+    timesteps = (torch.arange(steps - 1, -1, -1) * ratio + offset).long()
+    previous = timesteps - ratio
+    previous = torch.where(previous < 0, torch.full_like(previous, -1), previous)
+    return timesteps, previous
+
+
+def alpha_pair(alphas_cumprod: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor):
+    """(a_t, a_prev) as float32 tensors [n] for timesteps t and previous timesteps t_prev."""
+    alphas = alphas_cumprod.to(torch.float64)
+    a_t = alphas[t.cpu()]
+    a_p = torch.where(t_prev.cpu() >= 0, alphas[t_prev.cpu().clamp(min=0)], alphas[0])
+    return a_t, a_p
+
+
+def step_distribution(eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_p: torch.Tensor,
+                      eta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of p(x_prev | x_t) for the DDIM-eta step. a_t, a_p: float64 [n]."""
+    shape = (-1,) + (1,) * (x_t.dim() - 1)
+    a_t = a_t.to(x_t.device).view(shape)
+    a_p = a_p.to(x_t.device).view(shape)
+    variance = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+    sigma = (eta * variance.clamp(min=0).sqrt())
+    x0_hat = (x_t - (1 - a_t).sqrt().float() * eps) / a_t.sqrt().float()
+    direction = (1 - a_p - sigma ** 2).clamp(min=0).sqrt().float()
+    mean = a_p.sqrt().float() * x0_hat + direction * eps
+    return mean, sigma.float()
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                     reduce: str = "mean") -> torch.Tensor:
+    """Per-sample log-density of N(mean, std^2) at x, reduced over all non-batch dims."""
+    std = std.double()
+    elementwise = (-((x.double() - mean.double()) ** 2) / (2 * std ** 2) - std.log() - LOG_SQRT_2PI)
+    dims = tuple(range(1, x.dim()))
+    reduced = elementwise.mean(dim=dims) if reduce == "mean" else elementwise.sum(dim=dims)
+    return reduced.float()
+
+
+def concat_cond(a: Cond, b: Cond) -> Cond:
+    if a.keys() != b.keys():
+        raise ValueError(f"conditionings have different keys: {sorted(a)} vs {sorted(b)}")
+    return {key: torch.cat([a[key], b[key]]) for key in a}
+
+
+def index_cond(cond: Cond, index: torch.Tensor) -> Cond:
+    return {key: value[index.to(value.device)] for key, value in cond.items()}
+
+
+def guided_eps(backend: Backend, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
+               cfg: float) -> torch.Tensor:
+    """CFG-combined noise prediction in float32: eps_u + w * (eps_c - eps_u)."""
+    if cfg == 1.0:
+        return backend.predict_eps(x, t, cond).float()
+    both = backend.predict_eps(torch.cat([x, x]), torch.cat([t, t]), concat_cond(uncond, cond)).float()
+    eps_uncond, eps_cond = both.chunk(2)
+    return eps_uncond + cfg * (eps_cond - eps_uncond)
+
+
+def guided_step_distribution(backend: Backend, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                             cond: Cond, uncond: Cond, *, cfg: float, eta: float):
+    """(mean, std) of the sampler's transition at x_t under the backend's current weights."""
+    eps = guided_eps(backend, x_t.to(backend.dtype), t.to(backend.device), cond, uncond, cfg)
+    a_t, a_p = alpha_pair(backend.alphas_cumprod, t, t_prev)
+    return step_distribution(eps, x_t.float(), a_t, a_p, eta)
+
+
+def transition_logprob(backend: Backend, x_t: torch.Tensor, x_prev: torch.Tensor, t: torch.Tensor,
+                       t_prev: torch.Tensor, cond: Cond, uncond: Cond, *, cfg: float, eta: float,
+                       reduce: str = "mean") -> torch.Tensor:
+    """log p(x_prev | x_t, c) [n] of recorded transitions under the backend's current weights.
+    Differentiable with respect to the model's trainable parameters."""
+    mean, std = guided_step_distribution(backend, x_t, t, t_prev, cond, uncond, cfg=cfg, eta=eta)
+    return gaussian_logprob(x_prev.to(mean.device), mean, std, reduce)
+
+
+@dataclass
+class Trajectories:
+    """Recorded sampling trajectories (VP latents on the CPU).
+
+    latents [n, T+1, C, h, w]: latents[:, 0] is the initial noise, latents[:, -1] the sample.
+    logp [n, T]: log-prob of each transition under the sampling weights.
+    timesteps, prev_timesteps [T]: the schedule.
+    """
+
+    latents: torch.Tensor
+    logp: torch.Tensor
+    timesteps: torch.Tensor
+    prev_timesteps: torch.Tensor
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+
+def cpu_noise(n: int, shape: Sequence[int], generator) -> torch.Tensor:
+    """Standard normal noise [n, *shape] made on the CPU. `generator` is one torch.Generator
+    for the batch, or a list of n (one per row: each row then depends only on its own seed)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"got {len(generator)} generators for {n} rows")
+        return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generator])
+    return torch.randn((n, *shape), generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_trajectories(backend: Backend, cond: Cond, uncond: Cond, *, steps: int, cfg: float,
+                        eta: float, latent_shape: Sequence[int], generator: torch.Generator,
+                        reduce: str = "mean", on_step=None) -> Trajectories:
+    """Sample one trajectory per row of `cond` (uncond has the same batch size).
+
+    Noise comes from `generator` on the CPU (see `cpu_noise`), so a seed gives the same
+    images on any device.
+    `on_step(i, T)` is called after each denoising step.
+    """
+    n = next(iter(cond.values())).shape[0]
+    timesteps, previous = ddim_timesteps(len(backend.alphas_cumprod), steps)
+    x = cpu_noise(n, latent_shape, generator)
+    latents = [x]
+    logps = []
+    device = backend.device
+    x = x.to(device)
+    for i in range(steps):
+        t = timesteps[i].repeat(n)
+        t_prev = previous[i].repeat(n)
+        mean, std = guided_step_distribution(backend, x, t, t_prev, cond, uncond, cfg=cfg, eta=eta)
+        noise = cpu_noise(n, latent_shape, generator).to(device)
+        x_prev = mean + std * noise
+        logps.append(gaussian_logprob(x_prev, mean, std, reduce).cpu())
+        latents.append(x_prev.cpu())
+        x = x_prev
+        if on_step is not None:
+            on_step(i + 1, steps)
+    return Trajectories(torch.stack(latents, dim=1), torch.stack(logps, dim=1), timesteps, previous)
+
+
+def repeat_cond(cond: Cond, repeats: int) -> Cond:
+    return {key: value.repeat_interleave(repeats, dim=0) for key, value in cond.items()}
+
+
+def cond_like(cond: Cond, n: int, source: Optional[Cond] = None) -> Cond:
+    """`source` (one row) broadcast to n rows; used for the negative prompt."""
+    source = source if source is not None else cond
+    return {key: value[:1].expand(n, *value.shape[1:]).contiguous() for key, value in source.items()}

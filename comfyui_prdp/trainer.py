@@ -1,0 +1,427 @@
+"""The online loop (Algorithm 1 of the paper, spec section 3).
+
+Each epoch: draw N prompts; sample B trajectories each with the current weights (theta_old),
+recording latents and log-probs; compute the base model's log-probs (adapters disabled);
+decode and score; then K updates over prompt minibatches. Each update computes the exact
+gradient in two passes: per-step weights w = dLoss/dlogp without gradients, then micro-batched
+backward passes of sum(w * logp), so memory is one micro-batch whatever T and B are.
+
+Randomness is derived from (seed, epoch), so resuming from a checkpoint at an epoch boundary
+gives the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .backends.base import Backend
+from .config import TrainConfig
+from .lora import atomic_write, load_lora, lora_metadata, save_lora, unique_path
+from .objective import LOSSES, clip_fraction, logp_gradient_weights
+from .sampling import (Trajectories, cond_like, index_cond, repeat_cond, sample_trajectories,
+                       transition_logprob)
+
+Callback = Callable[[dict], None]
+CHECKPOINT_STATE = "trainer_state.pt"
+CHECKPOINT_LORA = "lora.safetensors"
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when the stop event is set; the trainer saves and returns."""
+
+
+@dataclass
+class TrainResult:
+    epochs_done: int
+    stopped: bool
+    metrics: List[dict] = field(default_factory=list)
+    lora_path: Optional[Path] = None
+    checkpoint_path: Optional[Path] = None
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch, stream)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + stream) % (2 ** 63))
+
+
+@dataclass
+class EpochBatch:
+    """Everything sampled in one epoch, grouped by prompt: rows are prompt-major (N*B)."""
+    prompts: List[str]          # N prompts of this epoch
+    cond: Dict[str, torch.Tensor]  # conditioning per trajectory [N*B, ...]
+    uncond: Dict[str, torch.Tensor]
+    traj: Trajectories
+    logp_ref: torch.Tensor      # [N*B, T]
+    rewards: torch.Tensor       # [N*B]
+    images: torch.Tensor        # [N*B, H, W, 3]
+
+
+class Trainer:
+    def __init__(self, backend: Backend, reward, prompts: List[str], config: TrainConfig,
+                 out_dir: Optional[Path] = None, callback: Optional[Callback] = None,
+                 stop_event: Optional[threading.Event] = None,
+                 lora_path: Optional[Path] = None):
+        self.config = config.validate()
+        prompts = [p.strip() for p in prompts if p and p.strip()]
+        if not prompts:
+            raise ValueError("no prompts: give at least one non-empty prompt (one per line)")
+        self.backend = backend
+        self.reward = reward
+        self.prompts = prompts
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.lora_path = Path(lora_path) if lora_path is not None else (
+            self.out_dir / "lora.safetensors" if self.out_dir is not None else None)
+        self.callback = callback or (lambda event: None)
+        self.stop_event = stop_event or threading.Event()
+        self.loss_fn = LOSSES[config.algorithm]
+        params = backend.trainable_parameters()
+        if not params:
+            raise ValueError("the backend has no trainable LoRA parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
+                                           eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.latent_shape = tuple(backend.latent_shape(config.height, config.width))
+        self.metrics: List[dict] = []
+        self.epoch = 0
+        self._progress_units = 0
+        self._uncond_one = None
+
+    # ------------------------------------------------------------------ public entry
+    def run(self, resume_from: Optional[Path] = None) -> TrainResult:
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        stopped = False
+        checkpoint_path = None
+        try:
+            while self.epoch < self.config.epochs:
+                self._check_stop()
+                metrics = self.train_epoch(self.epoch)
+                self.epoch += 1
+                self.metrics.append(metrics)
+                self._append_metrics(metrics)
+                every = self.config.checkpoint_every
+                if every and self.epoch % every == 0 and self.epoch < self.config.epochs:
+                    checkpoint_path = self.save_checkpoint()
+        except StopRequested:
+            stopped = True
+        if stopped or self.config.checkpoint_every:
+            checkpoint_path = self.save_checkpoint(partial=stopped)
+        lora_path = self.save_final_lora()
+        self.callback({"type": "done", "stopped": stopped, "epochs": self.epoch})
+        return TrainResult(self.epoch, stopped, list(self.metrics), lora_path, checkpoint_path)
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, epoch: int) -> dict:
+        cfg = self.config
+        timings: Dict[str, float] = {}
+        self._progress_units = 0
+
+        start = time.perf_counter()
+        self._event_phase(epoch, "sampling")
+        batch = self.sample_epoch(epoch)
+        timings["sampling"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self._event_phase(epoch, "reward")
+        rewards, components = self.score(batch)
+        batch.rewards = rewards
+        timings["reward"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self._event_phase(epoch, "reference")
+        batch.logp_ref = self.reference_logprobs(batch, epoch)
+        timings["reference"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self._event_phase(epoch, "update")
+        update_stats = self.update(batch, epoch)
+        timings["update"] = time.perf_counter() - start
+
+        metrics = {
+            "epoch": epoch + 1,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std(unbiased=False).item(),
+            "loss": update_stats["loss"],
+            "clip_frac": update_stats["clip_frac"],
+            "kl": (batch.traj.logp - batch.logp_ref).abs().mean().item(),
+            "onpolicy_max_diff": update_stats["onpolicy_max_diff"],
+            "grad_norm": update_stats["grad_norm"],
+            "optimizer_steps": update_stats["optimizer_steps"],
+        }
+        for name, values in components.items():
+            if len(components) > 1 or name != getattr(self.reward, "name", name):
+                metrics[f"reward/{name}"] = values.float().mean().item()
+        for phase, seconds in timings.items():
+            metrics[f"seconds_{phase}"] = round(seconds, 4)
+        preview = batch.images[: min(4, len(batch.images))]
+        self.callback({"type": "epoch", "epoch": epoch + 1, "metrics": metrics, "preview": preview})
+        return metrics
+
+    def sample_epoch(self, epoch: int) -> EpochBatch:
+        cfg = self.config
+        generator = epoch_generator(cfg.seed, epoch)
+        if cfg.prompts_per_epoch <= len(self.prompts):
+            order = torch.randperm(len(self.prompts), generator=generator)[: cfg.prompts_per_epoch]
+        else:
+            order = torch.randint(len(self.prompts), (cfg.prompts_per_epoch,), generator=generator)
+        prompts = [self.prompts[i] for i in order.tolist()]
+        self.backend.prepare_for_sampling()
+        cond = repeat_cond(self.backend.encode_prompts(prompts), cfg.images_per_prompt)
+        uncond = cond_like(cond, len(prompts) * cfg.images_per_prompt, self._negative_cond())
+        total = len(prompts) * cfg.images_per_prompt
+        chunks = []
+        for start in range(0, total, cfg.sample_batch_size):
+            rows = torch.arange(start, min(total, start + cfg.sample_batch_size))
+            chunks.append(sample_trajectories(
+                self.backend, index_cond(cond, rows), index_cond(uncond, rows), steps=cfg.steps,
+                cfg=cfg.cfg, eta=cfg.eta, latent_shape=self.latent_shape, generator=generator,
+                reduce=cfg.logprob_reduce, on_step=lambda i, n: self._step(epoch, "sampling")))
+        traj = Trajectories(torch.cat([c.latents for c in chunks]), torch.cat([c.logp for c in chunks]),
+                            chunks[0].timesteps, chunks[0].prev_timesteps)
+        return EpochBatch(prompts, cond, uncond, traj, logp_ref=torch.empty(0),
+                          rewards=torch.empty(0), images=torch.empty(0))
+
+    def score(self, batch: EpochBatch):
+        cfg = self.config
+        images = []
+        with torch.no_grad():
+            for start in range(0, len(batch.traj.final), cfg.sample_batch_size):
+                latents = batch.traj.final[start:start + cfg.sample_batch_size].to(self.backend.device)
+                images.append(self.backend.decode(latents).float().cpu())
+        batch.images = torch.cat(images)
+        row_prompts = [p for p in batch.prompts for _ in range(cfg.images_per_prompt)]
+        self.reward.prepare()
+        try:
+            with torch.no_grad():
+                rewards, components = self.reward.score_with_components(batch.images, row_prompts)
+        finally:
+            self.reward.offload()
+        rewards = rewards.detach().float().cpu()
+        if not torch.isfinite(rewards).all():
+            raise RuntimeError(f"the reward returned non-finite values: {rewards.tolist()}")
+        return rewards, {k: v.detach().float().cpu() for k, v in components.items()}
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: EpochBatch, epoch: int) -> torch.Tensor:
+        """log-probs of every recorded transition under the base model (LoRA disabled)."""
+        rows, steps = self._all_transitions(batch.traj.logp.shape[0])
+        with self.backend.adapters_disabled():
+            values = self._logprobs(batch, rows, steps, grad_weights=None, epoch=epoch, phase="reference")
+        return values.view_as(batch.traj.logp)
+
+    # ------------------------------------------------------------------ updates
+    def update(self, batch: EpochBatch, epoch: int) -> dict:
+        cfg = self.config
+        B, T = cfg.images_per_prompt, cfg.steps
+        N = len(batch.prompts)
+        loss_kwargs = dict(beta=cfg.beta, clip_range=cfg.clip_range, step_reduce=cfg.step_reduce)
+        if cfg.algorithm == "ddpo":
+            loss_kwargs = dict(clip_range=cfg.clip_range, adv_clip=cfg.adv_clip)
+        minibatch = cfg.minibatch_prompts or N
+        generator = epoch_generator(cfg.seed, epoch, stream=1)
+        on_policy = True            # theta == theta_old until the first optimizer step
+        losses, clip_fracs, grad_norms = [], [], []
+        onpolicy_diff = float("nan")
+        steps_taken = 0
+        self.backend.prepare_for_training()
+        for _ in range(cfg.updates_per_epoch):
+            prompt_order = torch.randperm(N, generator=generator)
+            for start in range(0, N, minibatch):
+                groups = prompt_order[start:start + minibatch]
+                rows = (groups[:, None] * B + torch.arange(B)[None, :]).reshape(-1)   # [G*B]
+                logp_old = batch.traj.logp[rows]
+                logp_ref = batch.logp_ref[rows]
+                rewards = batch.rewards[rows].view(len(groups), B)
+                train_steps = self._train_steps(generator)
+                if on_policy:
+                    logp_now = logp_old.clone()
+                else:  # pass 1: current log-probs, no gradient
+                    r_idx, t_idx = self._transitions(rows, train_steps)
+                    with torch.no_grad():
+                        values = self._logprobs(batch, r_idx, t_idx, None, epoch, "update")
+                    logp_now = logp_old.clone()
+                    logp_now[:, train_steps] = values.view(len(rows), len(train_steps))
+                loss, weights = logp_gradient_weights(
+                    self.loss_fn, logp_now.view(len(groups), B, T), logp_old.view(len(groups), B, T),
+                    logp_ref.view(len(groups), B, T), rewards, **loss_kwargs)
+                weights = weights.view(len(rows), T)
+                if len(train_steps) < T:   # timestep subsampling: approximate, rescaled
+                    weights = weights[:, train_steps] * (T / len(train_steps))
+                else:
+                    weights = weights[:, train_steps]
+                losses.append(loss.item())
+                clip_fracs.append(clip_fraction(logp_now[:, train_steps], logp_old[:, train_steps],
+                                                cfg.clip_range, cfg.algorithm))
+                # pass 2: back-propagate sum(w * logp) one micro-batch at a time
+                self.optimizer.zero_grad(set_to_none=True)
+                r_idx, t_idx = self._transitions(rows, train_steps)
+                flat_w = weights.reshape(-1)
+                keep = torch.ones_like(flat_w, dtype=torch.bool) if on_policy else flat_w != 0
+                recomputed = self._logprobs(batch, r_idx[keep], t_idx[keep], flat_w[keep], epoch, "update")
+                if on_policy and math.isnan(onpolicy_diff):
+                    recorded = batch.traj.logp[r_idx, t_idx]
+                    onpolicy_diff = (recomputed - recorded).abs().max().item()
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item())
+                self.optimizer.step()
+                steps_taken += 1
+                on_policy = False
+        return {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
+                "onpolicy_max_diff": onpolicy_diff, "grad_norm": sum(grad_norms) / len(grad_norms),
+                "optimizer_steps": steps_taken}
+
+    def _train_steps(self, generator: torch.Generator) -> torch.Tensor:
+        T = self.config.steps
+        count = max(1, round(T * self.config.timestep_fraction))
+        if count >= T:
+            return torch.arange(T)
+        return torch.randperm(T, generator=generator)[:count].sort().values
+
+    @staticmethod
+    def _transitions(rows: torch.Tensor, steps: torch.Tensor):
+        """Flattened (row, step) index pairs, row-major."""
+        return rows.repeat_interleave(len(steps)), steps.repeat(len(rows))
+
+    def _all_transitions(self, n_rows: int):
+        return self._transitions(torch.arange(n_rows), torch.arange(self.config.steps))
+
+    def _logprobs(self, batch: EpochBatch, rows: torch.Tensor, steps: torch.Tensor,
+                  grad_weights: Optional[torch.Tensor], epoch: int, phase: str) -> torch.Tensor:
+        """log-probs of transitions (rows[k], steps[k]) in micro-batches. With grad_weights,
+        also back-propagates sum(grad_weights * logp) into the LoRA (gradients accumulate)."""
+        cfg = self.config
+        out = []
+        traj = batch.traj
+        for start in range(0, len(rows), cfg.train_batch_size):
+            self._check_stop()
+            r = rows[start:start + cfg.train_batch_size]
+            s = steps[start:start + cfg.train_batch_size]
+            device = self.backend.device
+            x_t = traj.latents[r, s].to(device)
+            x_prev = traj.latents[r, s + 1].to(device)
+            args = (x_t, x_prev, traj.timesteps[s], traj.prev_timesteps[s],
+                    index_cond(batch.cond, r), index_cond(batch.uncond, r))
+            kwargs = dict(cfg=cfg.cfg, eta=cfg.eta, reduce=cfg.logprob_reduce)
+            if grad_weights is None:
+                with torch.no_grad():
+                    logp = transition_logprob(self.backend, *args, **kwargs)
+            else:
+                with torch.enable_grad():
+                    logp = transition_logprob(self.backend, *args, **kwargs)
+                    w = grad_weights[start:start + cfg.train_batch_size].to(logp.device)
+                    (w * logp).sum().backward()
+                logp = logp.detach()
+            out.append(logp.cpu())
+            self._step(epoch, phase)
+        return torch.cat(out) if out else torch.empty(0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_root(self) -> Path:
+        if self.out_dir is None:
+            raise RuntimeError("checkpoints need an output directory")
+        return self.out_dir / "checkpoints"
+
+    def save_checkpoint(self, partial: bool = False) -> Optional[Path]:
+        """LoRA + optimizer + epoch + metrics into out_dir/checkpoints/epoch_NNNNN[_partial]/."""
+        if self.out_dir is None:
+            return None
+        name = f"epoch_{self.epoch:05d}" + ("_stopped" if partial else "")
+        target = unique_path(self._checkpoint_root() / name)
+        staging = target.with_name(f".{target.name}.tmp")
+        staging.mkdir(parents=True, exist_ok=True)
+        save_lora(staging / CHECKPOINT_LORA, self.backend.lora_state_dict(), self._metadata(), overwrite=True)
+        state = {"epoch": self.epoch, "partial": partial, "metrics": self.metrics,
+                 "optimizer": self.optimizer.state_dict(), "config": self.config.to_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        atomic_write(staging / CHECKPOINT_STATE, lambda tmp: torch.save(state, tmp))
+        staging.rename(target)
+        self.callback({"type": "checkpoint", "epoch": self.epoch, "path": str(target)})
+        return target
+
+    def load_checkpoint(self, path: Path) -> None:
+        path = Path(path)
+        if path.is_dir() and (path / "checkpoints").is_dir() and not (path / CHECKPOINT_STATE).exists():
+            path = latest_checkpoint(path)
+        state_file = path / CHECKPOINT_STATE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path} is not a PRDP checkpoint (no {CHECKPOINT_STATE}); pass a "
+                                    "checkpoints/epoch_NNNNN folder or the run's output folder")
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        lora, _ = load_lora(path / CHECKPOINT_LORA)
+        self.backend.load_lora_state_dict(lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.metrics = list(state["metrics"])[: self.epoch]
+        if self.out_dir is not None:
+            self._rewrite_metrics()
+
+    def save_final_lora(self) -> Optional[Path]:
+        if self.lora_path is None:
+            return None
+        path = unique_path(self.lora_path)
+        return save_lora(path, self.backend.lora_state_dict(), self._metadata())
+
+    def _metadata(self) -> Dict[str, str]:
+        return lora_metadata(self.config, self.backend, getattr(self.reward, "name", "reward"),
+                             self.epoch, len(self.prompts))
+
+    # ------------------------------------------------------------------ metrics & events
+    def _append_metrics(self, metrics: dict) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+    def _rewrite_metrics(self) -> None:
+        text = "".join(json.dumps(m) + "\n" for m in self.metrics)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+
+    def _negative_cond(self):
+        if self._uncond_one is None:
+            self._uncond_one = self.backend.encode_prompts([self.config.negative_prompt])
+        return self._uncond_one
+
+    def _check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise StopRequested()
+
+    def _units_per_epoch(self) -> int:
+        """Model-evaluation batches in one epoch (an estimate, for the progress fraction)."""
+        cfg = self.config
+        n = cfg.prompts_per_epoch * cfg.images_per_prompt
+        sampling = math.ceil(n / cfg.sample_batch_size) * cfg.steps
+        reference = math.ceil(n * cfg.steps / cfg.train_batch_size)
+        trained = max(1, round(cfg.steps * cfg.timestep_fraction))
+        updates = cfg.updates_per_epoch * 2 * math.ceil(n * trained / cfg.train_batch_size)
+        return sampling + reference + updates
+
+    def _step(self, epoch: int, phase: str) -> None:
+        self._check_stop()
+        self._progress_units += 1
+        per_epoch = self._units_per_epoch()
+        within = min(1.0, self._progress_units / per_epoch)
+        self.callback({"type": "step", "epoch": epoch + 1, "phase": phase, "step": self._progress_units,
+                       "total": per_epoch, "progress": (epoch + within) / self.config.epochs})
+
+    def _event_phase(self, epoch: int, phase: str) -> None:
+        self.callback({"type": "phase", "epoch": epoch + 1, "phase": phase})
+
+
+def latest_checkpoint(out_dir: Path) -> Path:
+    """The newest checkpoint folder of a run directory (highest epoch, then newest)."""
+    root = Path(out_dir) / "checkpoints"
+    candidates = [p for p in root.glob("epoch_*") if (p / CHECKPOINT_STATE).is_file()]
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint in {root}")
+    return max(candidates, key=lambda p: (int(p.name.split("_")[1]), p.stat().st_mtime))
