@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Tuple
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT_NAME = "comfyui-prdp"
@@ -71,7 +71,7 @@ def load_lora(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
         state = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable safetensors LoRA file ({error}); "
                          "re-export it or pick another file") from error
     return state, metadata

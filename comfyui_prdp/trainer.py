@@ -217,67 +217,75 @@ class Trainer:
 
     # ------------------------------------------------------------------ updates
     def update(self, batch: EpochBatch, epoch: int) -> dict:
+        """K updates; each optimizer step uses one minibatch of prompt groups."""
         cfg = self.config
-        B, T = cfg.images_per_prompt, cfg.steps
         N = len(batch.prompts)
-        loss_kwargs = dict(beta=cfg.beta, clip_range=cfg.clip_range, step_reduce=cfg.step_reduce)
-        if cfg.algorithm == "ddpo":
-            loss_kwargs = dict(clip_range=cfg.clip_range, adv_clip=cfg.adv_clip)
         minibatch = cfg.minibatch_prompts or N
         generator = epoch_generator(cfg.seed, epoch, stream=1)
         on_policy = True            # theta == theta_old until the first optimizer step
         losses, clip_fracs, grad_norms = [], [], []
         onpolicy_diff = float("nan")
-        steps_taken = 0
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.backend.prepare_for_training()
         for _ in range(cfg.updates_per_epoch):
             prompt_order = torch.randperm(N, generator=generator)
             for start in range(0, N, minibatch):
-                groups = prompt_order[start:start + minibatch]
-                rows = (groups[:, None] * B + torch.arange(B)[None, :]).reshape(-1)   # [G*B]
-                logp_old = batch.traj.logp[rows]
-                logp_ref = batch.logp_ref[rows]
-                rewards = batch.rewards[rows].view(len(groups), B)
                 train_steps = self._train_steps(generator)
-                if on_policy:
-                    logp_now = logp_old.clone()
-                else:  # pass 1: current log-probs, no gradient
-                    r_idx, t_idx = self._transitions(rows, train_steps)
-                    with torch.no_grad():
-                        values = self._logprobs(batch, r_idx, t_idx, None, epoch, "update")
-                    logp_now = logp_old.clone()
-                    logp_now[:, train_steps] = values.view(len(rows), len(train_steps))
-                loss, weights = logp_gradient_weights(
-                    self.loss_fn, logp_now.view(len(groups), B, T), logp_old.view(len(groups), B, T),
-                    logp_ref.view(len(groups), B, T), rewards, **loss_kwargs)
-                weights = weights.view(len(rows), T)
-                if len(train_steps) < T:   # timestep subsampling: approximate, rescaled
-                    weights = weights[:, train_steps] * (T / len(train_steps))
-                else:
-                    weights = weights[:, train_steps]
-                losses.append(loss.item())
-                clip_fracs.append(clip_fraction(logp_now[:, train_steps], logp_old[:, train_steps],
-                                                cfg.clip_range, cfg.algorithm))
-                # pass 2: back-propagate sum(w * logp) one micro-batch at a time
                 self.optimizer.zero_grad(set_to_none=True)
-                r_idx, t_idx = self._transitions(rows, train_steps)
-                flat_w = weights.reshape(-1)
-                keep = torch.ones_like(flat_w, dtype=torch.bool) if on_policy else flat_w != 0
-                recomputed = self._logprobs(batch, r_idx[keep], t_idx[keep], flat_w[keep], epoch, "update")
-                if on_policy and math.isnan(onpolicy_diff):
-                    recorded = batch.traj.logp[r_idx, t_idx]
-                    onpolicy_diff = (recomputed - recorded).abs().max().item()
-                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                stats = self.minibatch_gradient(batch, prompt_order[start:start + minibatch], train_steps,
+                                                on_policy, epoch)
+                if on_policy:
+                    onpolicy_diff = stats["onpolicy_max_diff"]
+                losses.append(stats["loss"])
+                clip_fracs.append(stats["clip_frac"])
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item())
                 self.optimizer.step()
-                steps_taken += 1
                 on_policy = False
         return {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
                 "onpolicy_max_diff": onpolicy_diff, "grad_norm": sum(grad_norms) / len(grad_norms),
-                "optimizer_steps": steps_taken}
+                "optimizer_steps": len(losses)}
+
+    def minibatch_gradient(self, batch: EpochBatch, groups: torch.Tensor, train_steps: torch.Tensor,
+                           on_policy: bool, epoch: int) -> dict:
+        """Accumulate the exact gradient of the loss of prompt groups `groups` into .grad.
+
+        Pass 1 (no grad) gets the current log-probs (skipped when on_policy: they equal the
+        recorded ones); the loss's derivative w.r.t. each log-prob gives per-step weights;
+        pass 2 back-propagates sum(w * logp) one micro-batch at a time. With fewer train_steps
+        than T the gradient is approximate (other steps keep their recorded values).
+        """
+        cfg = self.config
+        B, T = cfg.images_per_prompt, cfg.steps
+        G = len(groups)
+        rows = (groups[:, None] * B + torch.arange(B)[None, :]).reshape(-1)   # [G*B], prompt-major
+        logp_old = batch.traj.logp[rows]
+        logp_ref = batch.logp_ref[rows]
+        rewards = batch.rewards[rows].view(G, B)
+        r_idx, t_idx = self._transitions(rows, train_steps)
+        logp_now = logp_old.clone()
+        if not on_policy:
+            values = self._logprobs(batch, r_idx, t_idx, None, epoch, "update")
+            logp_now[:, train_steps] = values.view(len(rows), len(train_steps))
+        if cfg.algorithm == "ddpo":
+            loss_kwargs = dict(clip_range=cfg.clip_range, adv_clip=cfg.adv_clip)
+        else:
+            loss_kwargs = dict(beta=cfg.beta, clip_range=cfg.clip_range, step_reduce=cfg.step_reduce)
+        loss, weights = logp_gradient_weights(self.loss_fn, logp_now.view(G, B, T), logp_old.view(G, B, T),
+                                              logp_ref.view(G, B, T), rewards, **loss_kwargs)
+        weights = weights.view(len(rows), T)[:, train_steps] * (T / len(train_steps))
+        flat_w = weights.reshape(-1)
+        keep = torch.ones_like(flat_w, dtype=torch.bool) if on_policy else flat_w != 0
+        recomputed = self._logprobs(batch, r_idx[keep], t_idx[keep], flat_w[keep], epoch, "update")
+        stats = {"loss": loss.item(),
+                 "clip_frac": clip_fraction(logp_now[:, train_steps], logp_old[:, train_steps],
+                                            cfg.clip_range, cfg.algorithm),
+                 "onpolicy_max_diff": float("nan")}
+        if on_policy and len(recomputed):
+            stats["onpolicy_max_diff"] = (recomputed - batch.traj.logp[r_idx, t_idx]).abs().max().item()
+        return stats
 
     def _train_steps(self, generator: torch.Generator) -> torch.Tensor:
         T = self.config.steps

@@ -39,7 +39,7 @@ class ToyBackend(Backend):
     model_name = "toy"
 
     def __init__(self, channels: int = 2, factor: int = 8, hidden: int = 64, rank: int = 4, seed: int = 0,
-                 context_dim: int = 8):
+                 context_dim: int = 8, image_size: int = 32):
         generator = torch.Generator().manual_seed(seed)
         self.channels, self.factor, self.context_dim = channels, factor, context_dim
         self._alphas = sd_alphas_cumprod()
@@ -48,6 +48,9 @@ class ToyBackend(Backend):
         self._net = None
         self._seed = seed
         self.embedding = torch.randn(97, context_dim, generator=generator)
+        self.image_size = image_size
+        side = image_size // factor
+        self._build(channels * side * side)
 
     def _build(self, latent_numel: int):
         torch.manual_seed(self._seed)
@@ -64,10 +67,9 @@ class ToyBackend(Backend):
         return self._alphas
 
     def latent_shape(self, height, width):
-        shape = (self.channels, height // self.factor, width // self.factor)
-        if self._net is None:
-            self._build(shape[0] * shape[1] * shape[2])
-        return shape
+        if (height, width) != (self.image_size, self.image_size):
+            raise ValueError(f"the toy backend was built for {self.image_size}px images")
+        return (self.channels, height // self.factor, width // self.factor)
 
     def encode_prompts(self, prompts):
         index = torch.tensor([zlib.crc32(p.encode()) % 97 for p in prompts])
