@@ -1,5 +1,23 @@
-"""Rewards: one module per family, all behind `Reward.score(images, prompts) -> [B]`."""
+"""Rewards: one module per family, all behind `Reward.score(images, prompts) -> [B]`.
+
+Registered names: aesthetic, pickscore, hpsv2, hpsv2.1, clipscore, imagereward,
+jpeg-compressibility, jpeg-incompressibility, weighted. Importing this package is cheap: the
+model libraries (open_clip, transformers) are imported only when a model is loaded.
+"""
+import sys as _sys
+
 from .base import Reward, available_rewards, create_reward, register_reward
 from . import jpeg  # noqa: F401  (registers the JPEG rewards)
+from . import aesthetic, clipscore, hps, pickscore  # noqa: F401  (register the model rewards)
+from .combined import WeightedReward, paper_multi_reward
+from .loading import RewardModelFileError, clear_model_cache
+from .model_files import RewardModelNotFoundError, register_comfy_folder
 
-__all__ = ["Reward", "available_rewards", "create_reward", "register_reward"]
+if "folder_paths" in _sys.modules:  # inside ComfyUI: make models/reward_models known right away
+    register_comfy_folder()
+
+__all__ = [
+    "Reward", "available_rewards", "create_reward", "register_reward", "WeightedReward",
+    "paper_multi_reward", "RewardModelFileError", "RewardModelNotFoundError",
+    "clear_model_cache", "register_comfy_folder",
+]

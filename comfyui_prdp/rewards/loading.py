@@ -1,0 +1,153 @@
+"""Reading weight files with clear errors, the model cache, and the device/dtype policy."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable, Dict, Hashable, Iterable, Mapping, Optional, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DtypeLike = Union[None, str, torch.dtype]
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+class RewardModelFileError(RuntimeError):
+    """A weight file exists but is not what the reward model expects (corrupt, truncated, other model)."""
+
+
+# --- device and dtype -------------------------------------------------------------------------
+
+def resolve_device(device: Union[None, str, torch.device] = None) -> torch.device:
+    """None: the GPU when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: DtypeLike, device: torch.device) -> torch.dtype:
+    """None: fp16 on a GPU, fp32 elsewhere. Strings: fp32/fp16/bf16 (and long names)."""
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        resolved = _DTYPES[dtype.lower()]
+    else:
+        raise ValueError(f"dtype={dtype!r}: use one of fp32, fp16, bf16")
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype={dtype!r}: use one of fp32, fp16, bf16")
+    return resolved
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+# --- reading files ----------------------------------------------------------------------------
+
+def read_state_dict(path: Path, expected: str) -> Dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or torch file, on the CPU.
+
+    A `{"state_dict": ...}` wrapper (HPS) is unwrapped. Anything unreadable, or not a mapping
+    of tensors, raises RewardModelFileError naming the file and `expected`.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded = load_file(str(path), device="cpu")
+        else:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  (pickle, zip, safetensors and OS errors alike)
+        raise RewardModelFileError(
+            f"could not read {path} ({path.stat().st_size if path.exists() else 0} bytes) as "
+            f"{expected}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}. "
+            "The file is probably incomplete or corrupt (download it again), or it is a "
+            "different model."
+        ) from None
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise RewardModelFileError(
+            f"{path} does not hold a state dict (found {type(loaded).__name__}); expected {expected}.")
+    tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise RewardModelFileError(f"{path} holds no tensors; expected {expected}.")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_weights_into(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    path: Path,
+    expected: str,
+    ignore_missing: Iterable[str] = (),
+) -> None:
+    """`module.load_state_dict` with messages that name the file and what was expected.
+
+    Missing keys and shape mismatches are errors (a reward on random weights is worse than none);
+    unexpected extra keys are logged and ignored.
+    """
+    own = module.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if mismatched:
+        first = mismatched[0]
+        raise RewardModelFileError(
+            f"{path} does not match {expected}: {len(mismatched)} tensor(s) have other shapes, "
+            f"e.g. {first}: {tuple(state_dict[first].shape)} in the file, "
+            f"{tuple(own[first].shape)} expected. Is it the right model (or architecture)?")
+    result = module.load_state_dict(dict(state_dict), strict=False)
+    ignore = set(ignore_missing)
+    missing = [k for k in result.missing_keys if k not in ignore]
+    if missing:
+        raise RewardModelFileError(
+            f"{path} is not {expected}: {len(missing)} of {len(own)} weights are missing "
+            f"(e.g. {', '.join(missing[:3])}); found keys like "
+            f"{', '.join(list(state_dict)[:3])}.")
+    if result.unexpected_keys:
+        logger.info("%s: ignored %d extra tensors (e.g. %s)", path, len(result.unexpected_keys),
+                    result.unexpected_keys[0])
+
+
+# --- the model cache --------------------------------------------------------------------------
+
+_CACHE: Dict[Hashable, object] = {}
+_CACHE_LOCK = threading.RLock()
+
+
+def cached_model(key: Hashable, build: Callable[[], object]) -> object:
+    """One instance per key for the life of the process (key: (kind, resolved path, dtype))."""
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = build()
+        return _CACHE[key]
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded reward model (they are freed once no reward holds them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def cached_model_keys() -> list:
+    with _CACHE_LOCK:
+        return list(_CACHE)
+
+
+def freeze(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """Eval mode, no parameter gradients (gradients still flow to the inputs), optional dtype."""
+    module.eval()
+    module.requires_grad_(False)
+    if dtype is not None:
+        module.to(dtype=dtype)
+    return module

@@ -1,0 +1,60 @@
+"""PickScore (Kirstain et al., 2023), as its authors compute it.
+
+score = exp(logit_scale) * cos(text embedding, image embedding) with the transformers CLIPModel
+`yuvalkirstain/PickScore_v1` (a CLIP ViT-H/14); its processor is the one of
+`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`: 224 px bicubic resize, centre crop, CLIP mean/std, and
+OpenAI's CLIP vocabulary (read from the model folder when it has tokenizer files, else from
+open_clip's bundled copy: the same ids). Typical values are about 18..23.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .base import register_reward
+from .clip_backbones import load_transformers_clip
+from .model_files import ModelFiles, resolve_model_path
+from .model_reward import DEFAULT_BATCH_SIZE, ModelReward, normalised
+
+PICKSCORE = ModelFiles(
+    label="PickScore model (transformers folder)",
+    local_names=("PickScore_v1",),
+    hf_repo="yuvalkirstain/PickScore_v1",
+    is_dir=True,
+)
+
+
+class PickScoreReward(ModelReward):
+    name = "pickscore"
+
+    def __init__(self, model_path: Path, **options):
+        super().__init__(**options)
+        self.clip = load_transformers_clip(model_path, self.dtype, "the PickScore CLIP model")
+
+    def modules(self) -> List[nn.Module]:
+        return [self.clip.model]
+
+    def _score_batch(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
+        image = normalised(self.clip.image_features(images))
+        text = normalised(self.clip.text_features(prompts))
+        return self.clip.logit_scale().to(image.device) * (image * text).sum(-1)
+
+
+def create_pickscore(
+    path: Optional[str] = None,
+    *,
+    model_dir=None,
+    allow_download: Optional[bool] = None,
+    device=None,
+    dtype=None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> PickScoreReward:
+    """path: the PickScore_v1 folder (config.json + weights) or a repo id."""
+    folder = resolve_model_path(PICKSCORE, path, model_dir=model_dir, allow_download=allow_download)
+    return PickScoreReward(folder, device=device, dtype=dtype, batch_size=batch_size)
+
+
+register_reward("pickscore", create_pickscore)
