@@ -1,0 +1,336 @@
+"""The Backend over ComfyUI's own MODEL / CLIP / VAE objects.
+
+How the LoRA is attached (ComfyUI's own training machinery, as in comfy_extras/nodes_train.py):
+- the user's ModelPatcher is cloned; nothing is ever registered on the original;
+- every target projection (to_q/to_k/to_v/to_out.0 of the transformer blocks) gets a
+  `comfy.weight_adapter` LoRA as a *weight wrapper*: ComfyUI calls it with the (cast) weight on
+  every forward, so the LoRA is live and differentiable, and lowvram/offload, dtype casting and
+  LoRAs patched in upstream keep working;
+- every other module's weight and bias gets an identity wrapper. Weights loaded by ComfyUI are
+  inference tensors; a wrapper makes ComfyUI copy the weight per forward, which is what lets
+  autograd save it for backward;
+- the adapters share one switch: `adapters_disabled()` turns the LoRA off without re-patching,
+  so the base model of the log-ratio is the same patcher.
+
+Model calls go through `comfy.samplers.calc_cond_batch` with the patcher's model options, the
+path ComfyUI's samplers take, so model patches (attention patches, model function wrappers,
+patcher wrappers) apply.
+
+Conventions (see base.py): latents are VP latents in the space the sampler works in
+(`process_latent_in`, e.g. x 0.18215 for SD1.x); ComfyUI's sigma space is x_vp / sqrt(a_t);
+`apply_model` returns the denoised x0 for eps and v models alike, so
+eps = (x_sigma - x0) / sigma.
+
+ComfyUI modules are imported inside functions: this module is importable without ComfyUI.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import uuid
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from .. import comfy_lora
+from .base import Backend, Cond
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+PROMPT_CACHE_SIZE = 64
+
+
+def identity_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A weight wrapper that changes nothing (its presence makes ComfyUI copy the weight)."""
+    return weight
+
+
+class AdapterSwitch:
+    """Shared on/off state of all adapters of one backend."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+
+class SwitchableAdapter(torch.nn.Module):
+    """A `comfy.weight_adapter` training adapter behind an on/off switch.
+
+    ComfyUI calls it as `adapter(weight)` on every forward; `move_to` lets ComfyUI move the
+    factors with the model (lowvram, offload).
+    """
+
+    def __init__(self, adapter: torch.nn.Module, switch: AdapterSwitch):
+        super().__init__()
+        self.adapter = adapter
+        self.switch = switch
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.adapter(weight) if self.switch.enabled else weight
+
+    def move_to(self, device=None) -> int:
+        if device is not None:
+            self.to(device)
+        return self.passive_memory_usage()
+
+    def passive_memory_usage(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def is_target_module(name: str, targets: Sequence[str]) -> bool:
+    """Attention projections of transformer blocks, e.g. `...transformer_blocks.0.attn1.to_q`."""
+    if ".transformer_blocks." not in f".{name}":
+        return False
+    return any(name.endswith("." + target) for target in targets)
+
+
+def repeat_to_length(context: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, L, D] -> [1, length, D] by repeating whole token blocks (ComfyUI batches
+    conditionings of different lengths this way; attention is unchanged by it)."""
+    if context.shape[1] == length:
+        return context
+    if length % context.shape[1]:
+        raise ValueError(f"cannot repeat a conditioning of length {context.shape[1]} to {length}")
+    return context.repeat(1, length // context.shape[1], 1)
+
+
+class ComfyBackend(Backend):
+    """Backend over a ComfyUI MODEL (ModelPatcher), CLIP and VAE.
+
+    Build it with inference mode off (the node does `torch.inference_mode(False)`), so the
+    LoRA factors are ordinary trainable tensors.
+    """
+
+    def __init__(self, model, clip, vae, *, rank: int = 8, alpha: Optional[float] = None,
+                 targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0,
+                 model_name: Optional[str] = None):
+        import comfy.model_management
+        import comfy.weight_adapter
+
+        if model is None or not hasattr(model, "clone") or not hasattr(model, "model"):
+            raise ValueError("model: expected a ComfyUI MODEL (connect the MODEL output of Load Checkpoint)")
+        if clip is None:
+            raise ValueError("clip is None: the checkpoint has no text encoder; load one with a CLIP loader")
+        if vae is None:
+            raise ValueError("vae is None: the checkpoint has no VAE; load one with Load VAE")
+        if rank < 1:
+            raise ValueError(f"lora_rank={rank}: must be at least 1")
+        self.source_model = model
+        self.clip = clip
+        self.vae = vae
+        self.rank = int(rank)
+        self.alpha = float(rank if alpha is None else alpha)
+        self.targets = tuple(targets)
+        self.patcher = model.clone()
+        base = self.patcher.model
+        self.model_name = model_name or type(base.model_config).__name__
+        self.device = self.patcher.load_device
+        self.dtype = torch.float32   # inputs; ComfyUI casts to the model's compute dtype itself
+        self._sigmas = self._discrete_sigmas()
+        self._alphas = 1.0 / (1.0 + self._sigmas.double() ** 2)
+        self._needs_pooled = bool(getattr(base, "adm_channels", 0))
+        self._prompt_cache: "collections.OrderedDict[str, Dict[str, torch.Tensor]]" = collections.OrderedDict()
+        self._model_options = None
+        self.switch = AdapterSwitch()
+        self.adapters: Dict[str, SwitchableAdapter] = {}
+        self._wrappers: List[object] = []
+
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name, module in base.diffusion_model.named_modules():
+                if not hasattr(module, "weight_function"):
+                    continue  # not a ComfyUI op (containers, model_sampling)
+                key = f"diffusion_model.{name}"
+                weight = getattr(module, "weight", None)
+                if weight is not None:
+                    if is_target_module(name, self.targets) and weight.dim() == 2:
+                        lora = comfy.weight_adapter.LoRAAdapter.create_train(weight, self.rank, self.alpha)
+                        wrapper = SwitchableAdapter(lora, self.switch)
+                        wrapper.requires_grad_(True)
+                        lora.alpha.requires_grad_(False)
+                        self.adapters[name] = wrapper
+                    else:
+                        wrapper = identity_weight
+                    self.patcher.add_weight_wrapper(f"{key}.weight", wrapper)
+                    self._wrappers.append(wrapper)
+                if getattr(module, "bias", None) is not None:
+                    self.patcher.add_weight_wrapper(f"{key}.bias", identity_weight)
+        if not self.adapters:
+            raise ValueError(f"no module of this model matches the LoRA targets {list(self.targets)}; "
+                             "is it a UNet model (SD1.x/SD2.x/SDXL)?")
+        self._ldm_to_diffusers = comfy_lora.ldm_to_diffusers_names(base.model_config.unet_config)
+
+    # --- schedule ----------------------------------------------------------------------
+    def _discrete_sigmas(self) -> torch.Tensor:
+        sampling = self.patcher.get_model_object("model_sampling")
+        sigmas = getattr(sampling, "sigmas", None)
+        kind = type(sampling).__name__
+        if sigmas is None or sigmas.dim() != 1 or len(sigmas) < 2 or "Flow" in kind or "CONST" in kind:
+            raise ValueError(f"this model's sampling ({kind}) is not a discrete DDPM schedule; PRDP "
+                             "training supports SD1.x/SD2.x/SDXL-style UNet models")
+        with torch.inference_mode(False):
+            return sigmas.detach().to("cpu", torch.float32).clone()
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas
+
+    def latent_shape(self, height: int, width: int) -> Sequence[int]:
+        channels = self.patcher.model.latent_format.latent_channels
+        ratio = getattr(self.vae, "downscale_ratio", 8)
+        ratio = ratio if isinstance(ratio, int) else 8   # video VAEs give a formula here
+        if height % ratio or width % ratio:
+            raise ValueError(f"{width}x{height}: width and height must be multiples of {ratio}")
+        return (channels, height // ratio, width // ratio)
+
+    # --- model management --------------------------------------------------------------
+    def _load(self, batch_shape: Optional[Sequence[int]] = None) -> None:
+        """Load the clone the way ComfyUI's samplers do and make it the current patcher."""
+        import comfy.model_management
+        import comfy.model_patcher
+        import comfy.sampler_helpers
+
+        if self._model_options is None:
+            options = comfy.model_patcher.create_model_options_clone(self.patcher.model_options)
+            comfy.sampler_helpers.prepare_model_patcher(self.patcher, {}, options)
+            self._model_options = options
+        memory = 0
+        if batch_shape is not None:  # activations kept for backward need more than inference
+            memory = self.patcher.memory_required(list(batch_shape)) * (3 if torch.is_grad_enabled() else 1)
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=memory)
+        self.patcher.pre_run()
+        self._loaded_batch = batch_shape[0] if batch_shape is not None else 0
+
+    def _is_loaded(self, batch: int) -> bool:
+        import comfy.model_management
+
+        return (self.patcher.model.current_patcher is self.patcher
+                and any(m is self.patcher for m in comfy.model_management.loaded_models())
+                and batch <= getattr(self, "_loaded_batch", 0))
+
+    def prepare_for_sampling(self) -> None:
+        self._load()
+
+    def prepare_for_training(self) -> None:
+        self._load()
+
+    def release(self) -> None:
+        """Unload the clone and take this backend's wrappers off the shared modules."""
+        import comfy.model_management
+
+        for loaded in list(comfy.model_management.current_loaded_models):
+            if loaded.model is self.patcher:
+                loaded.model_unload()
+                comfy.model_management.current_loaded_models.remove(loaded)
+        ours = set(id(w) for w in self._wrappers) | {id(identity_weight)}
+        for module in self.patcher.model.diffusion_model.modules():
+            for attr in ("weight_function", "bias_function"):
+                functions = getattr(module, attr, None)
+                if functions:
+                    setattr(module, attr, [f for f in functions if id(f) not in ours])
+        if getattr(self.patcher.model, "current_patcher", None) is self.patcher:
+            self.patcher.model.current_patcher = None
+
+    # --- model verbs -------------------------------------------------------------------
+    def encode_prompts(self, prompts: List[str]) -> Cond:
+        rows = [self._encode_one(p) for p in prompts]
+        length = math.lcm(*[row["context"].shape[1] for row in rows])
+        cond = {"context": torch.cat([repeat_to_length(r["context"], length) for r in rows])}
+        if self._needs_pooled:
+            cond["pooled_output"] = torch.cat([r["pooled_output"] for r in rows])
+        return {key: value.to(self.device) for key, value in cond.items()}
+
+    def _encode_one(self, prompt: str) -> Dict[str, torch.Tensor]:
+        cached = self._prompt_cache.get(prompt)
+        if cached is not None:
+            self._prompt_cache.move_to_end(prompt)
+            return cached
+        with torch.inference_mode(False), torch.no_grad():
+            schedule = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
+            context, extras = schedule[0]
+            row = {"context": context.detach().float().cpu().clone()}
+            pooled = extras.get("pooled_output")
+            if self._needs_pooled:
+                if pooled is None:
+                    raise ValueError("this model needs the text encoder's pooled output, which the CLIP did not give")
+                row["pooled_output"] = pooled.detach().float().cpu().clone().reshape(1, -1)
+        self._prompt_cache[prompt] = row
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return row
+
+    def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """ComfyUI's denoised x0 for x in sigma space, through calc_cond_batch."""
+        import comfy.samplers
+
+        if not self._is_loaded(x_sigma.shape[0]):
+            self._load(tuple(x_sigma.shape))
+        base = self.patcher.model
+        entry = {"cross_attn": cond["context"].to(x_sigma.device), "model_conds": {}, "uuid": uuid.uuid4()}
+        if "pooled_output" in cond:
+            entry["pooled_output"] = cond["pooled_output"].to(x_sigma.device)
+        conds = comfy.samplers.encode_model_conds(base.extra_conds, [entry], x_sigma, x_sigma.device, "positive")
+        return comfy.samplers.calc_cond_batch(base, [conds], x_sigma, sigma, self._model_options)[0]
+
+    def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        sigma = self._sigmas[t.long().cpu()].to(x.device)
+        scale = (1.0 + sigma ** 2).sqrt().view(-1, *([1] * (x.dim() - 1)))
+        x_sigma = x.float() * scale                       # = x_vp / sqrt(a_t)
+        x0 = self.denoise(x_sigma, sigma, cond).float()
+        return (x_sigma - x0) / sigma.view_as(scale)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            raw = self.patcher.model.process_latent_out(latents.detach().float())
+            images = self.vae.decode(raw)
+            if images.dim() == 5:          # video VAEs: [n, frames, H, W, C]
+                images = images[:, 0]
+            return images[..., :3].float().cpu().clamp(0, 1).clone()
+
+    # --- the LoRA ----------------------------------------------------------------------
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        params = []
+        for wrapper in self.adapters.values():
+            params += [wrapper.adapter.lora_up.weight, wrapper.adapter.lora_down.weight]
+        return params
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        previous = self.switch.enabled
+        self.switch.enabled = False
+        try:
+            yield
+        finally:
+            self.switch.enabled = previous
+
+    def factors(self) -> Dict[str, comfy_lora.LoraFactors]:
+        return {name: comfy_lora.LoraFactors(w.adapter.lora_down.weight, w.adapter.lora_up.weight,
+                                             float(w.adapter.alpha))
+                for name, w in self.adapters.items()}
+
+    def lora_state_dict(self) -> Dict[str, torch.Tensor]:
+        return comfy_lora.to_kohya(self.factors(), self._ldm_to_diffusers)
+
+    def lora_model(self) -> Dict[str, torch.Tensor]:
+        """The LoRA as ComfyUI's LORA_MODEL dict."""
+        return comfy_lora.to_lora_model(self.factors())
+
+    def load_lora_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        factors = comfy_lora.from_state_dict(state, self.adapters, self._ldm_to_diffusers)
+        missing = sorted(set(self.adapters) - set(factors))
+        if missing:
+            raise ValueError(f"the LoRA has no weights for {len(missing)} trained module(s), e.g. {missing[0]}; "
+                             "resume with a checkpoint of the same model and LoRA targets")
+        with torch.inference_mode(False), torch.no_grad():
+            for name, f in factors.items():
+                adapter = self.adapters[name].adapter
+                if tuple(f.down.shape) != tuple(adapter.lora_down.weight.shape) or \
+                        tuple(f.up.shape) != tuple(adapter.lora_up.weight.shape):
+                    raise ValueError(f"LoRA shapes for {name} ({tuple(f.down.shape)}, {tuple(f.up.shape)}) do not "
+                                     f"match this run (rank {self.rank}); use the checkpoint's lora_rank")
+                adapter.lora_down.weight.copy_(f.down)
+                adapter.lora_up.weight.copy_(f.up)
+                adapter.alpha.fill_(f.alpha)
+
+    def lora_info(self) -> Dict[str, object]:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
+                "modules": len(self.adapters), "base_model": self.model_name}

@@ -1,0 +1,72 @@
+"""HTTP routes under /prdp/ on ComfyUI's server (mirrored under /api/prdp/ by ComfyUI).
+
+    GET  /prdp/jobs               running and recent jobs (summaries, latest metrics)
+    GET  /prdp/jobs/{job_id}      one job with all its epoch metrics
+    POST /prdp/jobs/{job_id}/stop ask a job to stop after the current step (it saves a checkpoint)
+
+Only ids of jobs in the registry are accepted; nothing from the client is ever used as a
+path. The handlers are plain functions of the registry (testable without ComfyUI);
+`register()` attaches them to PromptServer when ComfyUI's server is running.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, Tuple
+
+from .jobs import JOBS, JobRegistry
+
+_registered = False
+
+
+def list_jobs(registry: JobRegistry = JOBS) -> Tuple[int, Dict[str, Any]]:
+    return 200, {"jobs": [job.snapshot(with_metrics=False) for job in registry.jobs()]}
+
+
+def get_job(job_id: str, registry: JobRegistry = JOBS) -> Tuple[int, Dict[str, Any]]:
+    job = registry.get(job_id)
+    if job is None:
+        return 404, {"error": "unknown job id"}
+    return 200, job.snapshot(with_metrics=True)
+
+
+def stop_job(job_id: str, registry: JobRegistry = JOBS) -> Tuple[int, Dict[str, Any]]:
+    job = registry.get(job_id)
+    if job is None:
+        return 404, {"error": "unknown job id"}
+    accepted = job.request_stop()
+    return (202 if accepted else 409), {"id": job.id, "status": job.status, "stop_requested": accepted}
+
+
+def add_routes(routes, registry: JobRegistry = JOBS) -> None:
+    """Attach the handlers to an aiohttp RouteTableDef (or anything with .get/.post decorators)."""
+    from aiohttp import web
+
+    def respond(result: Tuple[int, Dict[str, Any]]):
+        status, body = result
+        return web.json_response(body, status=status)
+
+    @routes.get("/prdp/jobs")
+    async def _list(request):
+        return respond(list_jobs(registry))
+
+    @routes.get("/prdp/jobs/{job_id}")
+    async def _get(request):
+        return respond(get_job(request.match_info["job_id"], registry))
+
+    @routes.post("/prdp/jobs/{job_id}/stop")
+    async def _stop(request):
+        return respond(stop_job(request.match_info["job_id"], registry))
+
+
+def register() -> bool:
+    """Add the routes to the running ComfyUI server once; False when there is none."""
+    global _registered
+    if _registered:
+        return True
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    add_routes(instance.routes)
+    _registered = True
+    return True

@@ -1,0 +1,134 @@
+"""Load Reward Model (PRDP): a reward by name, its weights file, and where it runs."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List
+
+from ..comfyui_prdp import rewards
+from .common import CATEGORY, REWARD_TYPE, comfy_device_name, folder_paths_module
+
+AUTO_WEIGHTS = "(auto)"
+REWARD_FOLDER = "reward_models"
+DEVICES = ["auto", "cpu"]
+DTYPES = ["auto", "fp32", "fp16", "bf16"]
+DEFAULT_COMPONENTS = "pickscore:10, hpsv2:2, aesthetic:0.05"
+PROMPT_FREE = ("jpeg-compressibility", "jpeg-incompressibility")
+
+
+def weight_files() -> List[str]:
+    """Files in models/reward_models (and folders added in extra_model_paths.yaml)."""
+    folder_paths = folder_paths_module()
+    if folder_paths is None:
+        return []
+    rewards.register_comfy_folder()
+    try:
+        return list(folder_paths.get_filename_list(REWARD_FOLDER))
+    except KeyError:
+        return []
+
+
+def reward_choices() -> List[str]:
+    names = rewards.available_rewards()
+    preferred = "pickscore" if "pickscore" in names else names[0]
+    return [preferred] + [n for n in names if n != preferred]
+
+
+def factory_options(name: str) -> set:
+    """Keyword options the reward's factory accepts (everything when it takes **kwargs)."""
+    factory = getattr(rewards.base, "_REGISTRY", {}).get(name)
+    if factory is None:
+        return set()
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return {"*"}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return {"*"}
+    return {p.name for p in parameters}
+
+
+def reward_kwargs(reward: str, weights: str, device: str, dtype: str, components: str,
+                  allow_download: bool, weights_path: str | None) -> Dict[str, Any]:
+    accepted = factory_options(reward)
+    wanted: Dict[str, Any] = {
+        "device": (comfy_device_name() or None) if device == "auto" else device,
+        "dtype": None if dtype == "auto" else dtype,
+        "allow_download": None if allow_download else False,
+    }
+    if weights_path is not None:
+        wanted["path"] = weights_path
+    if reward == "weighted":
+        wanted["components"] = components
+    if "*" in accepted:
+        return wanted
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+class PRDPLoadRewardModel:
+    DESCRIPTION = ("Loads a reward model for PRDP training and scoring. Weights are looked up in "
+                   "models/reward_models (the file names the reward's documentation gives) unless "
+                   "you pick a file. Loaded once and reused while the inputs stay the same.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "reward": (reward_choices(), {
+                    "tooltip": "Which reward to maximise. 'weighted' combines several (see components); "
+                               "the JPEG rewards need no model (quick tests)."}),
+                "weights": ([AUTO_WEIGHTS] + weight_files(), {
+                    "tooltip": "Weights file in models/reward_models. (auto) finds the reward's "
+                               "standard file names there or in the Hugging Face cache."}),
+                "device": (DEVICES, {
+                    "tooltip": "auto: score on ComfyUI's device (the GPU) and move the model to the CPU "
+                               "while the UNet trains; cpu: always on the CPU (saves VRAM, slower)."}),
+                "dtype": (DTYPES, {
+                    "tooltip": "Precision of the reward model. auto: fp16 on a GPU, fp32 on the CPU."}),
+            },
+            "optional": {
+                "components": ("STRING", {
+                    "default": DEFAULT_COMPONENTS,
+                    "tooltip": "Only for reward 'weighted': name:weight pairs, e.g. the paper's "
+                               "'pickscore:10, hpsv2:2, aesthetic:0.05'."}),
+                "allow_download": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Allow downloading missing weights from Hugging Face (never when "
+                               "HF_HUB_OFFLINE is set). Off: only local files are used."}),
+            },
+        }
+
+    RETURN_TYPES = (REWARD_TYPE,)
+    RETURN_NAMES = ("reward_model",)
+    OUTPUT_TOOLTIPS = ("The reward, for PRDP Train LoRA and Score Images (PRDP).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, reward, weights, components=DEFAULT_COMPONENTS):
+        names = rewards.available_rewards()
+        if reward not in names:
+            return f"unknown reward {reward!r}; choose one of: {', '.join(names)}"
+        if reward in PROMPT_FREE and weights not in (AUTO_WEIGHTS, None):
+            return f"{reward} uses no model; set weights to {AUTO_WEIGHTS}"
+        if reward == "weighted" and weights not in (AUTO_WEIGHTS, None):
+            return "the weighted reward finds each component's weights itself; set weights to (auto)"
+        if weights not in (AUTO_WEIGHTS, None) and weights not in weight_files():
+            return f"weights file {weights!r} is not in models/reward_models; pick one from the list or (auto)"
+        if reward == "weighted" and components is not None:
+            try:
+                from ..comfyui_prdp.rewards.combined import parse_components
+                parsed = parse_components(components)
+            except Exception as error:  # noqa: BLE001
+                return f"components: {error}"
+            unknown = [item[0] for item in parsed if isinstance(item[0], str) and item[0] not in names]
+            if unknown:
+                return f"components: unknown reward(s) {', '.join(unknown)}; known: {', '.join(names)}"
+        return True
+
+    def load(self, reward, weights, device, dtype, components=DEFAULT_COMPONENTS, allow_download=True):
+        weights_path = None
+        if weights != AUTO_WEIGHTS:
+            folder_paths = folder_paths_module()
+            weights_path = folder_paths.get_full_path_or_raise(REWARD_FOLDER, weights)
+        kwargs = reward_kwargs(reward, weights, device, dtype, components, allow_download, weights_path)
+        return (rewards.create_reward(reward, **kwargs),)

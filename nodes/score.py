@@ -1,0 +1,96 @@
+"""Score Images (PRDP): the reward of each image, shown on the node and written on the images."""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .common import CATEGORY, REWARD_TYPE
+
+
+def prompts_for(prompt: str, count: int) -> List[str]:
+    """One prompt for every image, or one line per image."""
+    lines = [line.strip() for line in (prompt or "").splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return [lines[0] if lines else ""] * count
+    if len(lines) != count:
+        raise ValueError(f"prompt has {len(lines)} lines but there are {count} images: give one prompt "
+                         "for all images or one line per image")
+    return lines
+
+
+def format_scores(scores: torch.Tensor, label: str = "") -> str:
+    head = f"{label}: " if label else ""
+    values = ", ".join(f"{float(s):.4f}" for s in scores)
+    return f"{head}mean {float(scores.mean()):.4f} (n={len(scores)}) [{values}]"
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def annotate(images: torch.Tensor, scores: torch.Tensor, label: str = "") -> torch.Tensor:
+    """The images with '<label> <score>' written in a dark band at the bottom (same size)."""
+    out = []
+    for image, score in zip(images, scores):
+        array = (image[..., :3].detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        picture = Image.fromarray(np.ascontiguousarray(array)).convert("RGBA")
+        height = picture.height
+        band = max(12, min(48, height // 10))
+        overlay = Image.new("RGBA", picture.size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(overlay)
+        draw.rectangle([0, height - band, picture.width, height], fill=(0, 0, 0, 160))
+        text = f"{label + ' ' if label else ''}{float(score):.4f}"
+        draw.text((3, height - band + max(0, (band - int(band * 0.75)) // 2)), text,
+                  fill=(255, 255, 255, 255), font=_font(max(8, int(band * 0.75))))
+        merged = Image.alpha_composite(picture, overlay).convert("RGB")
+        out.append(torch.from_numpy(np.asarray(merged, dtype=np.float32) / 255.0))
+    return torch.stack(out)
+
+
+class PRDPScoreImages:
+    DESCRIPTION = ("Scores images with a reward model (e.g. the base and the finetuned model's images "
+                   "side by side). Shows the scores on the node and outputs the mean, the scores as text "
+                   "and the images with their score written on them.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "reward_model": (REWARD_TYPE, {"tooltip": "The reward, from Load Reward Model (PRDP)."}),
+                "images": ("IMAGE", {"tooltip": "The images to score."}),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "The prompt the images were made from: one for all, or one "
+                                                 "line per image. Prompt-free rewards ignore it."}),
+            },
+            "optional": {
+                "label": ("STRING", {"default": "", "tooltip": "A name shown with the scores, e.g. base."}),
+            },
+        }
+
+    RETURN_TYPES = ("FLOAT", "STRING", "IMAGE")
+    RETURN_NAMES = ("mean", "scores", "annotated")
+    OUTPUT_TOOLTIPS = ("Mean reward of the batch.", "Every score as text.",
+                       "The images with their score written at the bottom.")
+    FUNCTION = "score"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def score(self, reward_model, images, prompt, label=""):
+        if images is None or images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError("images: expected a batch of images [B, H, W, C]")
+        prompts = prompts_for(prompt, images.shape[0])
+        reward_model.prepare()
+        try:
+            with torch.no_grad():
+                scores = reward_model.score(images[..., :3], prompts).detach().float().cpu()
+        finally:
+            reward_model.offload()
+        text = format_scores(scores, label)
+        mean = float(scores.mean())
+        return {"ui": {"text": [text]}, "result": (mean, text, annotate(images, scores, label))}

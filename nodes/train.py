@@ -1,0 +1,228 @@
+"""PRDP Train LoRA: reward finetuning of the connected MODEL's LoRA, in a background job."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import List
+
+import torch
+
+from ..comfyui_prdp.config import PRESETS
+from ..comfyui_prdp.jobs import JOBS
+from . import train_paths
+from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE
+from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, MAX_SIZE, MAX_STEPS, build_config,
+                         config_summary, parse_prompts, validate_form)
+
+logger = logging.getLogger(__name__)
+
+FLOAT_NO_ROUND = {"round": False}
+
+
+def _int(default, minimum, maximum, tooltip, step=1):
+    return ("INT", {"default": default, "min": minimum, "max": maximum, "step": step, "tooltip": tooltip})
+
+
+def _float(default, minimum, maximum, step, tooltip, exact=False):
+    options = {"default": default, "min": minimum, "max": maximum, "step": step, "tooltip": tooltip}
+    if exact:
+        options.update(FLOAT_NO_ROUND)
+    return ("FLOAT", options)
+
+
+class PRDPTrainLoRA:
+    DESCRIPTION = (
+        "Online reward finetuning (PRDP, Deng et al. 2024) of a LoRA on the connected model. Each "
+        "epoch samples images for some prompts, scores them with the reward model and updates the "
+        "LoRA. Runs in the background with live progress and previews; Cancel stops after the "
+        "current step and keeps a checkpoint. The LoRA is saved to models/loras/prdp/.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to finetune (SD1.x). It is not modified: "
+                                               "the LoRA is trained on a copy."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder that belongs to the model."}),
+                "vae": ("VAE", {"tooltip": "The VAE that belongs to the model (images go to the reward)."}),
+                "reward_model": (REWARD_TYPE, {"tooltip": "What to maximise, from Load Reward Model (PRDP)."}),
+                "prompts": ("STRING", {"multiline": True, "default": DEFAULT_PROMPTS,
+                                       "tooltip": "Training prompts, one per line (lines starting with # "
+                                                  "are skipped). Each epoch draws prompts_per_epoch of them."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "Negative prompt for classifier-free guidance."}),
+                "preset": (list(PRESETS), {"default": DEFAULT_PRESET,
+                                           "tooltip": "Settings for everything not on this node (optimizer, "
+                                                      "batch sizes, precision). The values on the node override "
+                                                      "the preset's."}),
+                "epochs": _int(50, 1, 100000, "Training epochs (sample, score, update)."),
+                "prompts_per_epoch": _int(4, 1, 4096, "Prompts drawn per epoch."),
+                "images_per_prompt": _int(4, 2, 256, "Images sampled per prompt (at least 2: PRDP compares "
+                                                     "images of the same prompt)."),
+                "steps": _int(20, 1, MAX_STEPS, "Sampling steps of the training sampler (DDPM)."),
+                "cfg": _float(5.0, 1.0, 30.0, 0.1, "Classifier-free guidance scale while training."),
+                "beta": _float(3e-5, 1e-9, 10.0, 1e-6, "KL weight: larger keeps the LoRA closer to the base "
+                                                      "model (paper: 3e-5 small scale, 3e-6 large scale).", True),
+                "clip_range": _float(1e-4, 1e-9, 10.0, 1e-6, "Per-step clipping of the log-ratio (the "
+                                                            "proximal update; paper: 1e-4).", True),
+                "updates_per_epoch": _int(1, 1, 1000, "Gradient updates per epoch on the same samples."),
+                "learning_rate": _float(3e-4, 1e-9, 1.0, 1e-5, "AdamW learning rate of the LoRA.", True),
+                "lora_rank": _int(8, 1, 256, "LoRA rank (alpha = rank)."),
+                "width": _int(512, 64, MAX_SIZE, "Width of training images (multiple of 8).", 8),
+                "height": _int(512, 64, MAX_SIZE, "Height of training images (multiple of 8).", 8),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of prompt order, noise and LoRA initialisation. The same "
+                                            "seed and settings give the same run."}),
+                "lora_name": ("STRING", {"default": "prdp_lora",
+                                         "tooltip": "File name of the LoRA in models/loras/prdp/ (an existing "
+                                                    "file is never replaced: a number is appended)."}),
+            },
+            "optional": {
+                "prompt_file": (train_paths.prompt_file_choices(), {
+                    "tooltip": "A .txt file in ComfyUI's input folder (or input/prompts/) with one prompt per "
+                               "line, used together with 'prompts' (for large prompt sets)."}),
+                "checkpoint_every": _int(0, 0, 100000, "Save a checkpoint every n epochs (0: only at the end "
+                                                       "or when stopped). Checkpoints go to output/prdp_runs/."),
+                "resume_from": (train_paths.checkpoint_choices(), {
+                    "tooltip": "Continue a run from one of its checkpoints (same model and lora_rank); "
+                               "'epochs' is the total to reach."}),
+                "algorithm": (["prdp", "ddpo"], {
+                    "tooltip": "prdp (the paper's method) or ddpo (the baseline it improves on)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("MODEL", LORA_MODEL_TYPE, "IMAGE")
+    RETURN_NAMES = ("model", "lora", "reward_curve")
+    OUTPUT_TOOLTIPS = ("The input model with the trained LoRA applied.",
+                       "The trained LoRA (for Load LoRA Model, Save LoRA Weights or Apply LoRA (PRDP)).",
+                       "Mean reward per epoch (with a ±std band).")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompts=None, negative_prompt=None, preset=DEFAULT_PRESET, epochs=None,
+                        prompts_per_epoch=None, images_per_prompt=None, steps=None, cfg=None, beta=None,
+                        clip_range=None, updates_per_epoch=None, learning_rate=None, lora_rank=None,
+                        width=None, height=None, seed=None, lora_name=None, prompt_file=train_paths.NONE,
+                        checkpoint_every=None, resume_from=train_paths.NONE, algorithm=None):
+        if prompt_file not in (None, train_paths.NONE) and prompt_file not in train_paths.prompt_file_choices():
+            return f"prompt_file={prompt_file!r} is not a .txt file in the input folder; pick one from the list"
+        if resume_from not in (None, train_paths.NONE) and resume_from not in train_paths.checkpoint_choices():
+            return f"resume_from={resume_from!r} is not a checkpoint in output/prdp_runs; pick one from the list"
+        name_error = train_paths.check_lora_name(train_paths.strip_extension(lora_name)) if lora_name is not None else None
+        problem = validate_form(
+            prompts, prompt_file not in (None, train_paths.NONE), preset, name_error,
+            epochs=epochs, prompts_per_epoch=prompts_per_epoch, images_per_prompt=images_per_prompt,
+            steps=steps, cfg=cfg, beta=beta, clip_range=clip_range, updates_per_epoch=updates_per_epoch,
+            learning_rate=learning_rate, lora_rank=lora_rank, width=width, height=height, seed=seed,
+            negative_prompt=negative_prompt, checkpoint_every=checkpoint_every, algorithm=algorithm)
+        return True if problem is None else problem
+
+    @classmethod
+    def IS_CHANGED(cls, prompt_file=train_paths.NONE, **_):
+        return train_paths.prompt_file_signature(prompt_file)
+
+    def train(self, model, clip, vae, reward_model, prompts, negative_prompt, preset, epochs,
+              prompts_per_epoch, images_per_prompt, steps, cfg, beta, clip_range, updates_per_epoch,
+              learning_rate, lora_rank, width, height, seed, lora_name, prompt_file=train_paths.NONE,
+              checkpoint_every=0, resume_from=train_paths.NONE, algorithm="prdp", unique_id=None):
+        import comfy.sd  # ComfyUI only
+
+        from ..comfyui_prdp.backends.comfy_backend import PROMPT_CACHE_SIZE, ComfyBackend
+        from ..comfyui_prdp.plots import image_to_tensor, reward_curve
+        from ..comfyui_prdp.trainer import Trainer
+        from .train_progress import ComfyProgress, wait_for_job
+
+        prompt_list = self._prompts(prompts, prompt_file)
+        config = build_config(preset, epochs=epochs, prompts_per_epoch=prompts_per_epoch,
+                              images_per_prompt=images_per_prompt, steps=steps, cfg=cfg, beta=beta,
+                              clip_range=clip_range, updates_per_epoch=updates_per_epoch,
+                              learning_rate=learning_rate, lora_rank=lora_rank, width=width, height=height,
+                              seed=seed, negative_prompt=negative_prompt, checkpoint_every=checkpoint_every,
+                              algorithm=algorithm)
+        name = train_paths.strip_extension(lora_name)
+        error = train_paths.check_lora_name(name)
+        if error:
+            raise ValueError(error)
+        resume_path = train_paths.resolve_checkpoint(resume_from)
+        lora_path = train_paths.lora_folder() / f"{name}.safetensors"
+        run_dir = self._new_run_dir(name)
+
+        with torch.inference_mode(False):
+            backend = ComfyBackend(model, clip, vae, rank=config.lora_rank, alpha=config.lora_alpha,
+                                   targets=config.lora_targets, seed=config.seed)
+            if len(prompt_list) < PROMPT_CACHE_SIZE:   # encode here: errors show before the job starts
+                backend.encode_prompts(prompt_list + [config.negative_prompt])
+
+        def run(job):
+            trainer = Trainer(backend, reward_model, prompt_list, config, out_dir=run_dir,
+                              callback=job.record, stop_event=job.stop_event, lora_path=lora_path)
+            result = trainer.run(resume_from=resume_path)
+            job.outputs.update({"lora": self._display_name(result.lora_path),
+                                "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
+                                "run_dir": run_dir.name})
+            return result
+
+        job = JOBS.start(run, name=name, info={**config_summary(config, len(prompt_list)),
+                                               "reward": getattr(reward_model, "name", "reward"),
+                                               "node": unique_id})
+        try:
+            wait_for_job(job, ComfyProgress(job, unique_id, config.epochs))
+        finally:
+            if job.done:
+                backend.release()
+        if job.exception is not None:
+            if type(job.exception).__name__ == "InterruptProcessingException":
+                raise job.exception
+            raise RuntimeError(f"PRDP training failed: {job.error}") from job.exception
+        result = job.result
+
+        lora = backend.lora_model()
+        model_out = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
+        curve = image_to_tensor(reward_curve(result.metrics, title=f"{name}: reward per epoch (mean ± std)"))
+        text = self._summary(result, name)
+        logger.info("PRDP: %s", text)
+        return {"ui": {"text": [text]}, "result": (model_out, lora, curve)}
+
+    # --- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _prompts(prompts: str, prompt_file: str) -> List[str]:
+        prompt_list = parse_prompts(prompts)
+        path = train_paths.resolve_prompt_file(prompt_file)
+        if path is not None:
+            prompt_list += parse_prompts(path.read_text(encoding="utf-8", errors="replace"))
+        if not prompt_list:
+            raise ValueError("no prompts: write at least one prompt (one per line) or choose a prompt_file")
+        return prompt_list
+
+    @staticmethod
+    def _new_run_dir(name: str) -> Path:
+        from ..comfyui_prdp.lora import unique_path
+
+        root = train_paths.runs_folder()
+        root.mkdir(parents=True, exist_ok=True)
+        target = unique_path(root / name)
+        target.mkdir(parents=True)
+        return target
+
+    @staticmethod
+    def _display_name(path) -> str:
+        if path is None:
+            return ""
+        try:
+            return Path(path).relative_to(train_paths.lora_folder().parent).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _summary(self, result, name: str) -> str:
+        state = "stopped early" if result.stopped else "finished"
+        text = f"{name}: {state} after {result.epochs_done} epoch(s)"
+        if result.metrics:
+            first, last = result.metrics[0]["reward_mean"], result.metrics[-1]["reward_mean"]
+            if all(map(math.isfinite, (first, last))):
+                text += f"; reward {first:.4g} -> {last:.4g}"
+        if result.lora_path is not None:
+            text += f"; LoRA: {self._display_name(result.lora_path)}"
+        return text

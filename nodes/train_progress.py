@@ -1,0 +1,93 @@
+"""The node thread's side of a training job: progress bar, previews, websocket messages, and
+turning ComfyUI's Cancel into a graceful stop.
+
+The node's worker thread calls `wait_for_job`. Each job event goes to ComfyUI's progress bar
+(whose hook raises InterruptProcessingException when the user pressed Cancel); between events
+the interrupt flag is polled. On Cancel the job is asked to stop: the trainer finishes the
+current model step, writes a checkpoint and returns; then the exception is re-raised so the
+node ends as interrupted.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..comfyui_prdp.jobs import Job
+from .common import send_event
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_UNITS = 1000
+PREVIEW_MAX_SIZE = 512
+POLL_SECONDS = 0.1
+STOP_TIMEOUT_SECONDS = 600.0
+
+
+def preview_image(images: torch.Tensor) -> Optional[Image.Image]:
+    """[k, H, W, 3] 0..1 -> one PIL image with the k samples side by side."""
+    if images is None or images.dim() != 4 or images.shape[0] == 0:
+        return None
+    row = torch.cat(list(images.detach().float().clamp(0, 1).cpu()), dim=1)   # [H, k*W, 3]
+    array = (row * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(np.ascontiguousarray(array[..., :3]))
+
+
+class ComfyProgress:
+    """Forwards one job's events to ComfyUI's progress bar and websocket."""
+
+    def __init__(self, job: Job, node_id: Optional[str], total_epochs: int):
+        import comfy.utils  # ComfyUI only
+
+        self.job = job
+        self.node_id = node_id
+        self.total_epochs = total_epochs
+        self.bar = comfy.utils.ProgressBar(PROGRESS_UNITS, node_id=node_id)
+        self.value = 0
+
+    def forward(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "step":
+            self.value = max(self.value, min(PROGRESS_UNITS, int(round(event.get("progress", 0) * PROGRESS_UNITS))))
+            self.bar.update_absolute(self.value, PROGRESS_UNITS)
+        elif kind == "epoch":
+            image = preview_image(event.get("preview"))
+            preview = ("JPEG", image, PREVIEW_MAX_SIZE) if image is not None else None
+            self.bar.update_absolute(self.value, PROGRESS_UNITS, preview)
+            send_event("prdp.epoch", {"job_id": self.job.id, "node": self.node_id, "name": self.job.name,
+                                      "epoch": event.get("epoch"), "epochs": self.total_epochs,
+                                      "metrics": self.job.snapshot(with_metrics=False)["latest_metrics"]})
+        elif kind == "checkpoint":
+            send_event("prdp.checkpoint", {"job_id": self.job.id, "node": self.node_id,
+                                           "epoch": event.get("epoch"), "path": event.get("path")})
+        elif kind == "job_end":
+            send_event("prdp.job", {"job_id": self.job.id, "node": self.node_id, "status": event.get("status")})
+
+
+def wait_for_job(job: Job, progress: ComfyProgress, poll: float = POLL_SECONDS,
+                 stop_timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+    """Block until the job ends, forwarding its events. On Cancel: stop the job gracefully,
+    wait for its checkpoint, then re-raise InterruptProcessingException."""
+    import comfy.model_management as management  # ComfyUI only
+
+    try:
+        while True:
+            event = job.next_event(timeout=poll)
+            if event is not None:
+                progress.forward(event)
+                if event.get("type") == "job_end":
+                    return
+            elif job.done:      # nothing queued and finished (job_end already seen)
+                return
+            if management.processing_interrupted():
+                management.throw_exception_if_processing_interrupted()
+    except management.InterruptProcessingException:
+        logger.info("PRDP job %s: Cancel pressed, stopping after the current step", job.id)
+        job.request_stop()
+        if not job.wait(stop_timeout):
+            logger.error("PRDP job %s did not stop within %.0f s; it keeps running in the background "
+                         "(stop it with POST /prdp/jobs/%s/stop)", job.id, stop_timeout, job.id)
+        raise
