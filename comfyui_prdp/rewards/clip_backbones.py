@@ -17,6 +17,7 @@ from .clip_preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 from .clip_tokenizer import Tokenizer, clip_tokenizer_for_folder, open_clip_tokenizer
 from .loading import (
     RewardModelFileError, cached_model, dtype_name, freeze, load_weights_into, read_state_dict,
+    skip_weight_init,
 )
 
 
@@ -152,7 +153,8 @@ def _build_open_clip(arch: str, weights: Path, dtype: torch.dtype, expected: str
         raise ValueError(f"open_clip has no architecture {arch!r} (register a config with "
                          "open_clip.add_model_config, or use e.g. ViT-H-14)")
     state = read_state_dict(weights, expected)  # cheap failure before building a big model
-    model = open_clip.create_model(arch, pretrained=None, device="cpu")
+    with skip_weight_init():  # every weight is overwritten below (missing keys are an error)
+        model = open_clip.create_model(arch, pretrained=None, device="cpu")
     own = model.state_dict()
     if "logit_scale" in state and "logit_scale" in own:
         state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)

@@ -1,10 +1,11 @@
 """Reading weight files with clear errors, the model cache, and the device/dtype policy."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Hashable, Iterable, Mapping, Optional, Union
+from typing import Callable, Dict, Hashable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -142,6 +143,44 @@ def clear_model_cache() -> None:
 def cached_model_keys() -> list:
     with _CACHE_LOCK:
         return list(_CACHE)
+
+
+_INIT_FUNCTIONS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+    "sparse_",
+)
+
+
+_SKIP_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Build modules without random initialisation (their weights are loaded right after).
+
+    Only safe when every parameter is then overwritten: callers check for missing keys.
+    Other threads keep initialising normally (the patched functions check the caller's thread).
+    """
+    owner = threading.get_ident()
+    with _SKIP_INIT_LOCK:
+        saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS
+                 if hasattr(torch.nn.init, name)}
+
+        def skipper(original):
+            def maybe_init(tensor, *args, **kwargs):
+                if threading.get_ident() == owner:
+                    return tensor
+                return original(tensor, *args, **kwargs)
+            return maybe_init
+
+        try:
+            for name, function in saved.items():
+                setattr(torch.nn.init, name, skipper(function))
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(torch.nn.init, name, function)
 
 
 def freeze(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
