@@ -7,7 +7,9 @@ open_clip and transformers are imported only when a model is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import List, Sequence
 
@@ -153,7 +155,8 @@ def _build_open_clip(arch: str, weights: Path, dtype: torch.dtype, expected: str
         raise ValueError(f"open_clip has no architecture {arch!r} (register a config with "
                          "open_clip.add_model_config, or use e.g. ViT-H-14)")
     state = read_state_dict(weights, expected)  # cheap failure before building a big model
-    with skip_weight_init():  # every weight is overwritten below (missing keys are an error)
+    with skip_weight_init(), _quiet_random_init_warning():
+        # every weight is overwritten below (missing keys are an error)
         model = open_clip.create_model(arch, pretrained=None, device="cpu")
     own = model.state_dict()
     if "logit_scale" in state and "logit_scale" in own:
@@ -166,3 +169,20 @@ def _build_open_clip(arch: str, weights: Path, dtype: torch.dtype, expected: str
     size = size[0] if isinstance(size, (tuple, list)) else size
     return OpenClip(model, open_clip_tokenizer(arch), size,
                     cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD))
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    """open_clip warns "Model initialized randomly" before we load the weights: drop that line."""
+    root = logging.getLogger()
+    dropper = _DropRandomInitWarning()
+    root.addFilter(dropper)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropper)
