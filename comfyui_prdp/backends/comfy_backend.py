@@ -41,8 +41,9 @@ PROMPT_CACHE_SIZE = 64
 
 
 def identity_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A weight wrapper that changes nothing (its presence makes ComfyUI copy the weight)."""
-    return weight
+    """A weight wrapper that changes nothing (its presence makes ComfyUI copy the weight).
+    Detached: the base weights never receive gradients, whatever their requires_grad says."""
+    return weight.detach()
 
 
 class AdapterSwitch:
@@ -65,6 +66,7 @@ class SwitchableAdapter(torch.nn.Module):
         self.switch = switch
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        weight = weight.detach()     # gradients go to the LoRA factors only
         return self.adapter(weight) if self.switch.enabled else weight
 
     def move_to(self, device=None) -> int:

@@ -1,0 +1,119 @@
+"""ComfyUI imported into the test process (CPU only), a tiny random SD1.5 model, and the
+plugin package loaded the way ComfyUI loads a custom node (by path, under another name).
+
+Used by test_comfy_backend.py and test_nodes_validate.py. Skips with a clear message when no
+ComfyUI source tree is found (COMFYUI_ROOT, or ~/ComfyUI).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_NAME = "comfyui_prdp_custom_node"     # ComfyUI also imports custom nodes under a made-up name
+
+#: the tiny UNet layout (ComfyUI detects SD15 from model_channels 320 + context_dim 768)
+TINY_UNET = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1, 1],
+                 channel_mult=[1, 1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
+                 transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=-1,
+                 context_dim=768, use_linear_in_transformer=False, legacy=False)
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def comfyui_root() -> Path | None:
+    env = os.environ.get("COMFYUI_ROOT")
+    candidate = Path(env).expanduser() if env else Path.home() / "ComfyUI"
+    if (candidate / "comfy").is_dir() and (candidate / "folder_paths.py").is_file():
+        return candidate.resolve()
+    return None
+
+
+def import_comfy():
+    """Import ComfyUI's modules in-process on the CPU, or skip the test."""
+    root = comfyui_root()
+    if root is None:
+        pytest.skip("ComfyUI not found: set COMFYUI_ROOT to a ComfyUI source tree (or clone it to ~/ComfyUI)")
+    if str(root) not in sys.path:
+        sys.path.append(str(root))   # appended: ComfyUI's top-level `nodes` must not shadow ours
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        import comfy.model_management  # noqa: F401  (after args.cpu)
+        import comfy.sd  # noqa: F401
+        import folder_paths  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"ComfyUI at {root} cannot be imported here ({error}); install its requirements")
+    return root
+
+
+def _reset_parameters(module):
+    import torch
+
+    for sub in module.modules():
+        for cls in type(sub).__mro__:
+            if cls.__module__.startswith("torch.nn") and "reset_parameters" in cls.__dict__:
+                cls.reset_parameters(sub)
+                break
+    for name, value in module.state_dict().items():
+        assert torch.isfinite(value).all(), f"{name} is not finite after initialisation"
+    return module
+
+
+def tiny_sd15_state_dict(seed: int = 0) -> dict:
+    """A checkpoint state dict (ldm key names) with random weights; ComfyUI detects SD15."""
+    import torch
+    import comfy.clip_model
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    root = comfyui_root()
+    torch.manual_seed(seed)
+    ops = comfy.ops.disable_weight_init
+    unet = _reset_parameters(UNetModel(**TINY_UNET, operations=ops))
+    clip_config = json.loads((root / "comfy" / "sd1_clip_config.json").read_text())
+    clip = _reset_parameters(comfy.clip_model.CLIPTextModel(clip_config, torch.float32, "cpu", ops))
+    vae = _reset_parameters(AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4))
+    state = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("cond_stage_model.transformer.", clip),
+                           ("first_stage_model.", vae)):
+        state.update({prefix + k: v for k, v in module.state_dict().items()})
+    return state
+
+
+def load_tiny_sd15(seed: int = 0):
+    """(MODEL, CLIP, VAE) loaded through ComfyUI's checkpoint loader under inference mode, as
+    CheckpointLoaderSimple does inside the server."""
+    import torch
+    import comfy.sd
+
+    state = tiny_sd15_state_dict(seed)
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(state, output_vae=True, output_clip=True)
+    assert type(model.model.model_config).__name__ == "SD15", "ComfyUI did not detect the tiny model as SD15"
+    assert clip is not None and vae is not None
+    return model, clip, vae
+
+
+def load_plugin_package():
+    """The repository imported as ComfyUI imports a custom node package."""
+    if PACKAGE_NAME in sys.modules:
+        return sys.modules[PACKAGE_NAME]
+    spec = importlib.util.spec_from_file_location(PACKAGE_NAME, REPO_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(REPO_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE_NAME] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[PACKAGE_NAME]
+        raise
+    return module

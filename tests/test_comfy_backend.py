@@ -1,0 +1,272 @@
+"""ComfyBackend on a real (tiny, random-weight) ComfyUI SD1.5 model, in-process on the CPU.
+
+Checks the Backend contract: the VP schedule, predict_eps against the formulas (eps and
+v-prediction), the LoRA switch, gradients from a fresh thread, the user's MODEL left as it
+was, and the exported LoRA loading through ComfyUI's LoRA loader with every key matched and
+the same effect as the trained adapters.
+"""
+import logging
+import threading
+
+import pytest
+import torch
+
+from comfy_inprocess import import_comfy, load_tiny_sd15
+
+import_comfy()
+
+import comfy.model_management  # noqa: E402
+import comfy.model_sampling  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+
+from comfyui_prdp.backends.comfy_backend import ComfyBackend, identity_weight  # noqa: E402
+from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
+
+HW = 64
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return load_tiny_sd15()
+
+
+def in_thread(function):
+    """Run function() in a fresh thread (as the job runner does) and return its result."""
+    box = {}
+
+    def body():
+        try:
+            box["value"] = function()
+        except BaseException as error:  # noqa: BLE001
+            box["error"] = error
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def make_backend(sd15, **kwargs):
+    model, clip, vae = sd15
+    with torch.inference_mode():      # the node builds it in ComfyUI's worker thread
+        return ComfyBackend(model, clip, vae, **{"rank": 2, "seed": 0, **kwargs})
+
+
+def randomize_lora(backend, scale=0.05, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in backend.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def unet_output(patcher, x_vp, t, context):
+    """The raw UNet output of a patcher (loaded the ComfyUI way)."""
+    comfy.model_management.load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x_vp, t.float(), context=context).float()
+
+
+def test_schedule_is_sd15_scaled_linear(sd15):
+    backend = make_backend(sd15)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    expected = torch.cumprod(1 - betas, dim=0)
+    assert backend.alphas_cumprod.dtype == torch.float64 and backend.alphas_cumprod.shape == (1000,)
+    assert torch.allclose(backend.alphas_cumprod, expected, rtol=1e-5, atol=1e-7)
+    assert tuple(backend.latent_shape(HW, HW)) == (4, HW // 8, HW // 8)
+
+
+def test_predict_eps_of_an_eps_model_is_the_unet_output(sd15):
+    backend = make_backend(sd15)
+    cond = in_thread(lambda: backend.encode_prompts(["a cat", "a dog"]))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 10])
+    eps = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+    # the LoRA starts at zero (up @ down = 0), so the UNet output is the base eps prediction
+    expected = unet_output(backend.patcher, x, t, cond["context"])
+    assert eps.shape == x.shape
+    assert torch.allclose(eps, expected, atol=2e-4), (eps - expected).abs().max()
+    assert expected.abs().mean() > 0.01   # not trivially zero
+
+
+def test_predict_eps_of_a_v_prediction_model_converts_v(sd15):
+    model, clip, vae = sd15
+
+    class VPredictionSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+        pass
+
+    v_model = model.clone()       # what core "ModelSamplingDiscrete (v_prediction)" does
+    v_model.add_object_patch("model_sampling", VPredictionSampling(model.model.model_config))
+    backend = make_backend((v_model, clip, vae))
+    cond = in_thread(lambda: backend.encode_prompts(["a cat", "a dog"]))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700, 50])
+    eps = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+    v = unet_output(backend.patcher, x, t, cond["context"])
+    a = backend.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    expected = (1 - a).sqrt() * x + a.sqrt() * v          # eps from v-prediction, VP form
+    assert torch.allclose(eps, expected, atol=2e-4), (eps - expected).abs().max()
+
+
+def test_adapters_switch_the_lora_on_and_off(sd15):
+    model, clip, vae = sd15
+    backend = make_backend(sd15)
+    cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([500])
+    base = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+    randomize_lora(backend)
+
+    def both():
+        with torch.no_grad():
+            on = backend.predict_eps(x, t, cond)
+            with backend.adapters_disabled():
+                off = backend.predict_eps(x, t, cond)
+            again = backend.predict_eps(x, t, cond)
+        return on, off, again
+
+    on, off, again = in_thread(both)
+    assert (on - off).abs().max() > 1e-3, "the LoRA has no effect"
+    assert torch.equal(off, base), "with adapters disabled the output must be the base model's"
+    assert torch.equal(on, again), "the switch must turn back on"
+    assert backend.switch.enabled
+
+
+def test_gradients_reach_every_lora_factor_from_a_fresh_thread(sd15):
+    backend = make_backend(sd15)
+    cond = in_thread(lambda: backend.encode_prompts(["a cat", "a dog"]))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([800, 200])
+
+    def step():
+        assert not torch.is_inference_mode_enabled()
+        eps = backend.predict_eps(x, t, cond)
+        eps.pow(2).mean().backward()
+        return [p.grad for p in backend.trainable_parameters()]
+
+    grads = in_thread(step)
+    ups, downs = grads[0::2], grads[1::2]
+    assert len(downs) == len(backend.adapters) == 24   # 6 transformer blocks' to_q/k/v/out per attention x 2
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(g.abs().sum() > 0 for g in downs), "a lora_down got no gradient"
+    # lora_down starts at zero, so lora_up gradients are exactly zero on the first step
+    assert all(g.abs().sum() == 0 for g in ups)
+    base_grads = [n for n, p in backend.patcher.model.diffusion_model.named_parameters() if p.grad is not None]
+    assert base_grads == [], "base weights (shared with the user's MODEL) received gradients"
+
+
+def test_the_users_model_is_left_untouched(sd15):
+    model, clip, vae = sd15
+    cond = None
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([400])
+    patches_before = dict(model.patches)
+    weights_before = {k: v.clone() for k, v in list(model.model.diffusion_model.state_dict().items())[:40]}
+
+    backend = make_backend(sd15)
+    cond = in_thread(lambda: backend.encode_prompts(["a horse"]))
+    before = unet_output(model, x, t, cond["context"])
+    randomize_lora(backend)
+
+    def train_step():
+        backend.prepare_for_training()
+        backend.predict_eps(x, t, cond).pow(2).mean().backward()
+
+    in_thread(train_step)
+    backend.release()
+    after = unet_output(model, x, t, cond["context"])
+    assert torch.equal(before, after), "the user's model computes something else after training"
+    assert model.weight_wrapper_patches == {} and model.patches == patches_before
+    for key, value in weights_before.items():
+        assert torch.equal(model.model.diffusion_model.state_dict()[key], value), key
+    leftovers = [f for m in model.model.diffusion_model.modules()
+                 for f in getattr(m, "weight_function", []) + getattr(m, "bias_function", [])
+                 if f is identity_weight or hasattr(f, "switch")]
+    assert leftovers == [], "release() left the backend's weight wrappers on the shared modules"
+
+
+class LoraLogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_exported_lora_loads_in_comfyui_with_every_key_matched_and_the_same_effect(sd15, tmp_path):
+    model, clip, vae = sd15
+    backend = make_backend(sd15)
+    randomize_lora(backend, scale=0.05)
+    cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([600])
+    trained = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+
+    state = backend.lora_state_dict()
+    assert len(state) == 3 * len(backend.adapters)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in state
+    assert "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha" in state
+    path = save_lora(tmp_path / "trained.safetensors", state, {"format": "test"})
+    loaded, _ = load_lora(path)
+
+    capture = LoraLogCapture()
+    logging.getLogger().addHandler(capture)
+    try:
+        for lora in (comfy.utils.load_torch_file(str(path)), backend.lora_model()):  # file (LoraLoader), LORA_MODEL
+            capture.messages.clear()
+            with torch.inference_mode():
+                patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+            assert not [m for m in capture.messages if "lora key not loaded" in m], capture.messages
+            assert len(patched.patches) == len(backend.adapters)
+            base_x = x * (1 + backend._sigmas[t] ** 2).sqrt()
+            comfy.model_management.load_models_gpu([patched])
+            with torch.no_grad():
+                eps = patched.model.diffusion_model(x, t.float(), context=cond["context"]).float()
+            assert torch.allclose(eps, trained, atol=1e-3), (eps - trained).abs().max()
+            assert base_x is not None
+    finally:
+        logging.getLogger().removeHandler(capture)
+    assert set(loaded) == set(state)
+
+
+def test_lora_state_dict_round_trip_restores_the_same_model(sd15):
+    first = make_backend(sd15, seed=0)
+    randomize_lora(first, seed=7)
+    state = first.lora_state_dict()
+    second = make_backend(sd15, seed=123)
+    second.load_lora_state_dict(state)
+    for a, b in zip(first.trainable_parameters(), second.trainable_parameters()):
+        assert torch.equal(a, b)
+    second.load_lora_state_dict(first.lora_model())    # LORA_MODEL keys are read too
+    bad = dict(state)
+    bad["lora_unet_not_a_module.lora_down.weight"] = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="match no trained module"):
+        second.load_lora_state_dict(bad)
+    third = make_backend(sd15, rank=3)
+    with pytest.raises(ValueError, match="lora_rank"):
+        third.load_lora_state_dict(state)
+
+
+def test_prompts_of_different_lengths_batch_and_decode_gives_images(sd15):
+    backend = make_backend(sd15)
+    long_prompt = " ".join(["a very detailed photo of a cat"] * 20)    # > 75 tokens: 154-token conditioning
+    cond = in_thread(lambda: backend.encode_prompts(["a cat", long_prompt]))
+    assert cond["context"].shape == (2, 154, 768)
+    assert not cond["context"].is_inference()
+    single = in_thread(lambda: backend.encode_prompts(["a cat"]))
+    assert torch.equal(cond["context"][0, :77], single["context"][0])
+    assert torch.equal(cond["context"][0, 77:], single["context"][0])   # repeated, as ComfyUI batches it
+    images = in_thread(lambda: backend.decode(torch.randn(2, 4, 8, 8)))
+    assert images.shape == (2, HW, HW, 3) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
+
+
+def test_refuses_a_missing_clip_or_vae(sd15):
+    model, clip, vae = sd15
+    with pytest.raises(ValueError, match="clip is None"):
+        ComfyBackend(model, None, vae)
+    with pytest.raises(ValueError, match="vae is None"):
+        ComfyBackend(model, clip, None)
