@@ -296,3 +296,222 @@ def test_core_workflow_runs_on_the_tiny_checkpoint(server, object_info, checkpoi
     kinds = [kind for kind, _ in result.events]
     assert "execution_start" in kinds and "executed" in kinds and "progress" in kinds
     print(f"core workflow: {time.monotonic() - started:.1f} s")
+
+
+# --------------------------------------------------------------------------------------
+# Training inside the server (a graph built here, independent of workflows/)
+# --------------------------------------------------------------------------------------
+
+TINY_TRAINING = {"epochs": 2, "prompts_per_epoch": 1, "images_per_prompt": 2, "steps": 2,
+                 "width": IMAGE_SIZE, "height": IMAGE_SIZE, "lora_rank": 2, "learning_rate": 3e-3,
+                 "updates_per_epoch": 1, "seed": 5}
+COMPARE_PROMPT = "a photo of a cat"
+COMPARE_SEED = 123
+LORA_FOLDER_NAME = "prdp"  # LoRAs are written to models/loras/prdp/
+
+
+def _require_nodes(object_info):
+    missing = [name for name in PRDP_NODES if name not in object_info]
+    if missing:
+        pytest.skip(f"the server does not know {missing} (the nodes are not written yet?)")
+
+
+def _sampler(g, model_source, clip_source, latent, seed=COMPARE_SEED, text=COMPARE_PROMPT):
+    positive = g.node("CLIPTextEncode", {"text": text})
+    negative = g.node("CLIPTextEncode", {"text": ""})
+    sampler = g.node("KSampler", {"seed": seed, "steps": 2, "cfg": 4.0, "sampler_name": "euler",
+                                  "scheduler": "normal", "denoise": 1.0})
+    g.link(*clip_source, positive, "clip")
+    g.link(*clip_source, negative, "clip")
+    g.link(*model_source, sampler, "model")
+    g.link(positive, 0, sampler, "positive")
+    g.link(negative, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    return sampler
+
+
+def _decode(g, sampler, vae_source, name):
+    decode = g.node("VAEDecode", title=name)
+    g.link(sampler, 0, decode, "samples")
+    g.link(*vae_source, decode, "vae")
+    return decode
+
+
+def training_ui_workflow(object_info, lora_name: str, **train_settings) -> tuple[dict, dict]:
+    """Train, then sample base / trained MODEL / Apply LoRA(PRDP) with one seed.
+
+    Returns the UI workflow and {"base"|"trained"|"applied": VAEDecode node id}."""
+    g = UiWorkflowBuilder(object_info)
+    ckpt = g.node("CheckpointLoaderSimple", {"ckpt_name": harness.TINY_SD15_FILENAME})
+    reward = g.node("PRDPLoadRewardModel", {"reward": "jpeg-compressibility", "device": "cpu"})
+    train = g.node("PRDPTrainLoRA", {**TINY_TRAINING, "lora_name": lora_name, **train_settings})
+    for slot, name in enumerate(("model", "clip", "vae")):
+        g.link(ckpt, slot, train, name)
+    g.link(reward, 0, train, "reward_model")
+    curve = g.node("SaveImage", {"filename_prefix": f"harness/{lora_name}_curve"})
+    g.link(train, 2, curve, "images")
+    latent = g.node("EmptyLatentImage", {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1})
+    apply = g.node("PRDPApplyLoRA", {"strength": 1.0})
+    g.link(ckpt, 0, apply, "model")
+    g.link(train, 1, apply, "lora")
+    decodes = {}
+    for name, model_source in (("base", (ckpt, 0)), ("trained", (train, 0)), ("applied", (apply, 0))):
+        sampler = _sampler(g, model_source, (ckpt, 1), latent)
+        decodes[name] = _decode(g, sampler, (ckpt, 2), name)
+    return g.build(), {k: str(v) for k, v in decodes.items()}
+
+
+def _lora_files(server) -> set[Path]:
+    return set(server.loras_dir.rglob("*.safetensors"))
+
+
+def _mean_abs_diff(a, b) -> float:
+    return float(abs(a.astype("float64") - b.astype("float64")).mean())
+
+
+@pytest.fixture(scope="module")
+def trained(server, object_info):
+    """One short training run in the server, shared by the tests below."""
+    _require_nodes(object_info)
+    workflow, decodes = training_ui_workflow(object_info, "harness_trained")
+    prompt = workflow_to_api_prompt(workflow, object_info)
+    probes = add_image_probes(prompt, "trained")
+    before = _lora_files(server)
+    started = time.monotonic()
+    result = server.run(prompt, timeout=600)
+    seconds = time.monotonic() - started
+    _assert_success(server, result)
+    new_loras = sorted(_lora_files(server) - before)
+    images = probe_images(server, result, probes)
+    return {"prompt": prompt, "result": result, "seconds": seconds, "loras": new_loras,
+            "images": {name: images[decode_id] for name, decode_id in decodes.items()}}
+
+
+def test_training_writes_a_kohya_lora_and_changes_the_image(trained):
+    from safetensors import safe_open
+
+    print(f"training prompt: {trained['seconds']:.1f} s")
+    assert len(trained["loras"]) == 1, f"expected one new LoRA file, got {trained['loras']}"
+    path = trained["loras"][0]
+    assert path.parent.name == LORA_FOLDER_NAME and path.name.startswith("harness_trained")
+    with safe_open(str(path), "pt") as handle:
+        keys = list(handle.keys())
+        metadata = handle.metadata() or {}
+    assert keys and all(k.startswith("lora_unet_") for k in keys), keys[:5]
+    downs = {k[: -len(".lora_down.weight")] for k in keys if k.endswith(".lora_down.weight")}
+    assert downs and all(f"{m}.lora_up.weight" in keys and f"{m}.alpha" in keys for m in downs)
+    assert any("attn1_to_q" in m for m in downs), sorted(downs)[:5]
+    assert metadata, "the LoRA file has no metadata"
+
+    images = trained["images"]
+    assert all(len(images[name]) == 1 for name in ("base", "trained", "applied")), {k: len(v) for k, v in images.items()}
+    base, tuned, applied = images["base"][0], images["trained"][0], images["applied"][0]
+    changed = _mean_abs_diff(base, tuned)
+    assert changed > 0.5, f"the finetuned image equals the base one (mean |diff| {changed:.3f} of 255)"
+    # the LORA_MODEL output applied to the untouched MODEL gives the trained MODEL's image
+    assert _mean_abs_diff(applied, tuned) < 0.25 * changed, (_mean_abs_diff(applied, tuned), changed)
+
+
+def test_training_reports_progress_and_epoch_metrics(trained):
+    result, prompt = trained["result"], trained["prompt"]
+    train_id = harness.nodes_of_type(prompt, "PRDPTrainLoRA")[0]
+    progress = [d for d in result.events_of("progress") if d.get("node") == train_id]
+    assert progress, "no progress events from the training node"
+    assert progress[-1]["value"] == progress[-1]["max"]
+    epochs = result.events_of("prdp.epoch")
+    assert [e["epoch"] for e in epochs] == list(range(1, TINY_TRAINING["epochs"] + 1)), epochs
+    assert all("reward_mean" in e["metrics"] for e in epochs)
+    previews = [d for kind, d in result.events if kind == "binary"]
+    assert previews, "no preview images were sent while training"
+    curve = [n for n, entry in prompt.items() if entry["class_type"] == "SaveImage"
+             and entry["inputs"]["images"][0] == train_id]
+    assert result.outputs.get(curve[0], {}).get("images"), "no reward curve image"
+
+
+def _sample_through_lora_loader(server, relative: str):
+    """Checkpoint -> core LoraLoader(relative) -> sampler; returns (result, log lines, image)."""
+    fresh_info = server.object_info()  # the LoRA list is read again on each request
+    choices = fresh_info["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert relative in choices, f"LoraLoader does not list {relative}: {choices}"
+    g = UiWorkflowBuilder(fresh_info)
+    ckpt = g.node("CheckpointLoaderSimple", {"ckpt_name": harness.TINY_SD15_FILENAME})
+    loader = g.node("LoraLoader", {"lora_name": relative, "strength_model": 1.0, "strength_clip": 1.0})
+    g.link(ckpt, 0, loader, "model")
+    g.link(ckpt, 1, loader, "clip")
+    latent = g.node("EmptyLatentImage", {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1})
+    sampler = _sampler(g, (loader, 0), (loader, 1), latent)
+    decode = _decode(g, sampler, (ckpt, 2), "from file")
+    prompt = workflow_to_api_prompt(g.build(), fresh_info)
+    probes = add_image_probes(prompt, "lora_loader")
+    mark = server.log_mark()
+    result = server.run(prompt, timeout=300)
+    _assert_success(server, result)
+    return result, server.log_since(mark), probe_images(server, result, probes)[str(decode)][0]
+
+
+def _unmatched_key_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "lora key not loaded" in line or "NOT LOADED" in line]
+
+
+def test_saved_lora_loads_in_core_lora_loader_without_unmatched_keys(server, trained):
+    path = trained["loras"][0] if trained["loras"] else pytest.fail("training wrote no LoRA")
+    result, log, from_file = _sample_through_lora_loader(server, path.relative_to(server.loras_dir).as_posix())
+    assert not _unmatched_key_lines(log), log[-6000:]
+    assert "ERROR" not in log, log[-6000:]
+    base, tuned = trained["images"]["base"][0], trained["images"]["trained"][0]
+    changed = _mean_abs_diff(base, tuned)
+    assert _mean_abs_diff(from_file, tuned) < 0.25 * changed, (
+        f"the LoRA file gives another image than the trained model: |file - trained| "
+        f"{_mean_abs_diff(from_file, tuned):.3f}, |base - trained| {changed:.3f}")
+
+
+def test_unmatched_lora_keys_are_detected(server, object_info):
+    """Control for the test above: PEFT-style attention keys are dropped by ComfyUI and logged."""
+    import torch
+    from safetensors.torch import save_file
+
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{module}.lora_A.weight": torch.zeros(2, 320), f"{module}.lora_B.weight": torch.zeros(320, 2)},
+              str(server.loras_dir / "harness_peft_style.safetensors"))
+    _, log, _ = _sample_through_lora_loader(server, "harness_peft_style.safetensors")
+    assert _unmatched_key_lines(log), "ComfyUI logged no unmatched LoRA key for a PEFT-style file"
+
+
+def test_cancel_during_training_stops_and_keeps_a_checkpoint(server, object_info):
+    from safetensors.torch import load_file
+
+    _require_nodes(object_info)
+    g = UiWorkflowBuilder(object_info)
+    ckpt = g.node("CheckpointLoaderSimple", {"ckpt_name": harness.TINY_SD15_FILENAME})
+    reward = g.node("PRDPLoadRewardModel", {"reward": "jpeg-compressibility", "device": "cpu"})
+    train = g.node("PRDPTrainLoRA", {**TINY_TRAINING, "epochs": 500, "lora_name": "harness_cancelled"})
+    for slot, name in enumerate(("model", "clip", "vae")):
+        g.link(ckpt, slot, train, name)
+    g.link(reward, 0, train, "reward_model")
+    preview = g.node("PreviewImage")
+    g.link(train, 2, preview, "images")
+    prompt = workflow_to_api_prompt(g.build(), object_info)
+    runs = server.output_dir / "prdp_runs"
+    before = set(runs.rglob("*.safetensors")) if runs.exists() else set()
+    loras_before = _lora_files(server)
+
+    prompt_id = server.queue(prompt)
+    listener = harness.listener_for(server.base_url)
+    started = listener.wait_for_event(lambda e: e[0] == "prdp.epoch" and e[1].get("name", "").startswith("harness_cancelled"),
+                                      timeout=300)
+    assert started is not None, f"training never reported an epoch\n{server.log_tail()}"
+    server.interrupt()
+    pressed = time.monotonic()
+    result = harness.wait_for(server.base_url, prompt_id, timeout=120)
+    stop_seconds = time.monotonic() - pressed
+    print(f"cancel -> interrupted in {stop_seconds:.1f} s")
+    assert result.status == "interrupted", result.describe() + "\n" + server.log_tail()
+    assert stop_seconds < 30, f"the prompt took {stop_seconds:.1f} s to stop after Cancel"
+    epochs_done = len(result.events_of("prdp.epoch"))
+    assert epochs_done < 500
+    saved = sorted((set(runs.rglob("*.safetensors")) if runs.exists() else set()) - before)
+    saved += sorted(_lora_files(server) - loras_before)
+    assert saved, f"no checkpoint written on Cancel; files under output: {sorted(server.output_dir.rglob('*'))}"
+    for path in saved:
+        tensors = load_file(str(path))
+        assert tensors and any(k.endswith("lora_up.weight") or k.endswith("lora_B.weight") for k in tensors), path
