@@ -1,0 +1,207 @@
+"""The node forms, without running ComfyUI: the package loads the way ComfyUI loads it, every
+input is documented, bad settings are refused by VALIDATE_INPUTS with a message naming the
+problem, and the example workflows match the nodes' widget order."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_inprocess import REPO_ROOT, load_plugin_package
+
+WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
+NAMES = {
+    "PRDPLoadRewardModel": "Load Reward Model (PRDP)",
+    "PRDPTrainLoRA": "PRDP Train LoRA",
+    "PRDPApplyLoRA": "Apply LoRA (PRDP)",
+    "PRDPScoreImages": "Score Images (PRDP)",
+}
+#: widget counts of the core nodes the workflows use (ComfyUI 0.3.6x; seed adds its control)
+CORE_WIDGETS = {"CheckpointLoaderSimple": 1, "CLIPTextEncode": 1, "EmptyLatentImage": 3, "KSampler": 7,
+                "VAEDecode": 0, "ImageStitch": 4, "SaveImage": 1, "LoraLoader": 3, "MarkdownNote": 1}
+GOOD = dict(prompts="a cat\na dog", negative_prompt="", preset="cpu-smoke", epochs=2, prompts_per_epoch=2,
+            images_per_prompt=2, steps=2, cfg=3.0, beta=0.1, clip_range=0.01, updates_per_epoch=1,
+            learning_rate=3e-3, lora_rank=2, width=64, height=64, seed=0, lora_name="tiny")
+
+
+@pytest.fixture(scope="module")
+def package():
+    return load_plugin_package()
+
+
+@pytest.fixture(scope="module")
+def nodes(package):
+    return package.NODE_CLASS_MAPPINGS
+
+
+def test_entry_point_names_every_node_and_the_web_folder(package):
+    assert package.NODE_DISPLAY_NAME_MAPPINGS == NAMES
+    assert set(package.NODE_CLASS_MAPPINGS) == set(NAMES)
+    assert package.WEB_DIRECTORY == "./web"
+
+
+def test_importing_the_package_outside_comfyui_imports_no_comfyui_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'tests'); from comfy_inprocess import load_plugin_package; "
+            "p = load_plugin_package(); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'server', 'nodes', "
+            "'comfy_extras', 'execution')); print(len(p.NODE_CLASS_MAPPINGS), bad)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4 []", out.stdout
+
+
+def test_every_input_has_a_tooltip_and_nodes_are_in_the_prdp_category(nodes):
+    for name, cls in nodes.items():
+        assert cls.CATEGORY == "PRDP"
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for input_name, (kind, *options) in spec.get(section, {}).items():
+                assert options and options[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert callable(getattr(cls(), cls.FUNCTION))
+
+
+def test_types_connect_to_core_nodes(nodes):
+    train = nodes["PRDPTrainLoRA"]
+    assert train.RETURN_TYPES == ("MODEL", "LORA_MODEL", "IMAGE")
+    required = train.INPUT_TYPES()["required"]
+    assert [required[k][0] for k in ("model", "clip", "vae", "reward_model")] == ["MODEL", "CLIP", "VAE", "PRDP_REWARD"]
+    assert nodes["PRDPLoadRewardModel"].RETURN_TYPES == ("PRDP_REWARD",)
+    assert nodes["PRDPApplyLoRA"].INPUT_TYPES()["required"]["lora"][0] == "LORA_MODEL"
+    assert nodes["PRDPScoreImages"].RETURN_TYPES[:2] == ("FLOAT", "STRING")
+    assert nodes["PRDPScoreImages"].OUTPUT_NODE is True
+
+
+def test_train_widgets_are_named_as_documented(nodes):
+    spec = nodes["PRDPTrainLoRA"].INPUT_TYPES()
+    widgets = list(spec["required"]) + list(spec["optional"])
+    for name in ("prompts", "negative_prompt", "preset", "epochs", "prompts_per_epoch", "images_per_prompt",
+                 "steps", "cfg", "beta", "clip_range", "updates_per_epoch", "learning_rate", "lora_rank",
+                 "width", "height", "seed", "lora_name", "prompt_file", "checkpoint_every", "resume_from"):
+        assert name in widgets, name
+    assert spec["required"]["prompts"][1]["multiline"] is True
+    for small in ("beta", "clip_range", "learning_rate"):        # tiny values must not be rounded away
+        assert spec["required"][small][1]["round"] is False
+
+
+def test_good_settings_pass_validation(nodes):
+    assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**GOOD) is True
+    # prompts coming through a link are not known yet: checked at run time instead
+    assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, "prompts": None}) is True
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"prompts": "  \n# only a comment\n"}, "no prompts"),
+    ({"width": 100}, "width=100"),
+    ({"height": 60}, "height=60"),
+    ({"images_per_prompt": 1}, "images_per_prompt=1"),
+    ({"preset": "fast"}, "preset='fast'"),
+    ({"lora_name": "../escape"}, "lora_name"),
+    ({"lora_name": "sub/dir"}, "lora_name"),
+    ({"steps": 5000}, "steps=5000"),
+    ({"cfg": 0.5}, "cfg=0.5"),
+    ({"beta": -1.0}, "beta=-1.0"),
+    ({"epochs": 0}, "epochs=0"),
+    ({"prompt_file": "../../etc/passwd"}, "prompt_file"),
+    ({"resume_from": "/tmp/somewhere"}, "resume_from"),
+])
+def test_bad_settings_are_refused_with_a_message_naming_them(nodes, change, fragment):
+    message = nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, **change})
+    assert message is not True and fragment in message, message
+
+
+def test_several_problems_are_reported_together(nodes):
+    message = nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, "width": 65, "images_per_prompt": 1})
+    assert "width=65" in message and "images_per_prompt=1" in message
+
+
+def test_form_values_override_the_preset_and_the_preset_fills_the_rest(package):
+    form = __import__(f"{package.__name__}.nodes.train_form", fromlist=["build_config"])
+    config = form.build_config("consumer-gpu", epochs=3, learning_rate=1e-3, width=256, height=128, seed=5)
+    assert (config.epochs, config.learning_rate, config.width, config.height, config.seed) == (3, 1e-3, 256, 128, 5)
+    assert config.mixed_precision == "fp16" and config.gradient_checkpointing is True   # from the preset
+    assert form.parse_prompts("a cat\n\n  # note\n a dog  \n") == ["a cat", "a dog"]
+
+
+def test_load_reward_validation(nodes):
+    load = nodes["PRDPLoadRewardModel"]
+    assert load.VALIDATE_INPUTS("jpeg-compressibility", "(auto)") is True
+    assert "unknown reward" in load.VALIDATE_INPUTS("no-such-reward", "(auto)")
+    assert "uses no model" in load.VALIDATE_INPUTS("jpeg-compressibility", "some.safetensors")
+    assert "not in models/reward_models" in load.VALIDATE_INPUTS("pickscore", "missing.safetensors")
+    assert "components" in load.VALIDATE_INPUTS("weighted", "(auto)", components="pickscore:ten")
+    assert "unknown reward" in load.VALIDATE_INPUTS("weighted", "(auto)", components="pickscore:1, nope:2")
+    assert load.VALIDATE_INPUTS("weighted", "(auto)", components="pickscore:10, hpsv2:2, aesthetic:0.05") is True
+
+
+def test_load_reward_builds_a_jpeg_reward_and_scores_through_the_score_node(nodes):
+    reward, = nodes["PRDPLoadRewardModel"]().load("jpeg-incompressibility", "(auto)", "cpu", "auto")
+    flat = torch.full((1, 32, 32, 3), 0.5)
+    noisy = torch.rand((1, 32, 32, 3), generator=torch.Generator().manual_seed(0))
+    out = nodes["PRDPScoreImages"]().score(reward, torch.cat([flat, noisy]), "a cat", "base")
+    mean, text, annotated = out["result"]
+    scores = [float(s) for s in text.split("[")[1].rstrip("]").split(", ")]
+    assert scores[1] > scores[0]                    # noise compresses worse
+    assert mean == pytest.approx(sum(scores) / 2, abs=1e-4)
+    assert text.startswith("base: mean") and out["ui"]["text"] == [text]
+    assert annotated.shape == (2, 32, 32, 3)
+    assert not torch.equal(annotated[0], flat[0])   # the score is written on it
+    with pytest.raises(ValueError, match="one line per image"):
+        nodes["PRDPScoreImages"]().score(reward, torch.cat([flat, flat, flat]), "a\nb", "")
+
+
+def widget_count(spec: dict) -> int:
+    """Widgets the frontend creates for a V1 node spec (a seed INT adds its control widget)."""
+    count = 0
+    for section in ("required", "optional"):
+        for name, (kind, *options) in spec.get(section, {}).items():
+            options = options[0] if options else {}
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                if options.get("forceInput"):
+                    continue
+                count += 1
+                if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
+                    count += 1
+    return count
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflows_are_consistent_ui_graphs(nodes, path):
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    assert workflow["last_node_id"] == max(by_id) and workflow["last_link_id"] == max(l[0] for l in workflow["links"])
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        assert link_id in (by_id[src]["outputs"][src_slot]["links"] or [])
+        assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
+        assert by_id[src]["outputs"][src_slot]["type"] == by_id[dst]["inputs"][dst_slot]["type"] == kind
+    for node in workflow["nodes"]:
+        if node["type"] in nodes:
+            spec = nodes[node["type"]].INPUT_TYPES()
+            assert len(node["widgets_values"]) == widget_count(spec), node["type"]
+            sockets = [n for s in ("required", "optional") for n, (k, *_) in spec.get(s, {}).items()
+                       if not (isinstance(k, list) or k in ("INT", "FLOAT", "STRING", "BOOLEAN"))]
+            assert [i["name"] for i in node["inputs"]] == [s for s in sockets if s in {i["name"] for i in node["inputs"]}]
+            assert all(i["link"] is not None for i in node["inputs"] if i["name"] in spec["required"]), node["type"]
+        else:
+            assert len(node["widgets_values"]) == CORE_WIDGETS[node["type"]], node["type"]
+    train = [n for n in workflow["nodes"] if n["type"] == "PRDPTrainLoRA"]
+    for node in train:   # real-use defaults, and a seed that does not change on every queue
+        values = dict(zip([k for s in ("required", "optional") for k in nodes["PRDPTrainLoRA"].INPUT_TYPES()[s]
+                           if k not in ("model", "clip", "vae", "reward_model")], node["widgets_values"][:16]))
+        assert values["width"] == values["height"] == 512
+        assert node["widgets_values"][16] == "fixed"
+        assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(
+            **dict(zip(["prompts", "negative_prompt", "preset", "epochs", "prompts_per_epoch", "images_per_prompt",
+                        "steps", "cfg", "beta", "clip_range", "updates_per_epoch", "learning_rate", "lora_rank",
+                        "width", "height", "seed"], node["widgets_values"][:16])),
+            lora_name=node["widgets_values"][17]) is True
+    checkpoints = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    assert [n["widgets_values"] for n in checkpoints] == [["v1-5-pruned-emaonly.safetensors"]]
+
+
+def test_the_three_workflows_exist():
+    assert {p.name for p in WORKFLOWS} >= {"train_and_compare.json", "compare_saved_lora.json", "multi_reward.json"}
