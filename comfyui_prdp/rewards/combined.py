@@ -161,12 +161,23 @@ def _unique_label(name: str, taken: List[str]) -> str:
     return f"{name}_{index}"
 
 
-def paper_multi_reward(hps_version: str = "hpsv2", **shared: Any) -> WeightedReward:
-    """PickScore x10 + HPSv2 x2 + aesthetic x0.05 (Deng et al. 2024, multi-reward setting)."""
+def paper_multi_reward(hps_version: str = "hpsv2",
+                       component_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                       **shared: Any) -> WeightedReward:
+    """PickScore x10 + HPSv2 x2 + aesthetic x0.05 (Deng et al. 2024, multi-reward setting).
+
+    component_kwargs: per-component options by name, e.g. {"hpsv2": {"path": ...}}.
+    """
     if hps_version not in ("hpsv2", "hpsv2.1"):
         raise ValueError(f"hps_version={hps_version!r}: use 'hpsv2' or 'hpsv2.1'")
-    components = [(hps_version if name == "hpsv2" else name, weight)
-                  for name, weight in PAPER_MULTI_REWARD]
+    extra = dict(component_kwargs or {})
+    names = [hps_version if name == "hpsv2" else name for name, _ in PAPER_MULTI_REWARD]
+    unknown = set(extra) - set(names)
+    if unknown:
+        raise ValueError(f"component_kwargs for unknown component(s) {sorted(unknown)}; "
+                         f"the components are {names}")
+    components = [(name, weight, dict(extra.get(name, {})))
+                  for name, (_, weight) in zip(names, PAPER_MULTI_REWARD)]
     return create_weighted(components, **shared)
 
 
