@@ -515,3 +515,108 @@ def test_cancel_during_training_stops_and_keeps_a_checkpoint(server, object_info
     for path in saved:
         tensors = load_file(str(path))
         assert tensors and any(k.endswith("lora_up.weight") or k.endswith("lora_B.weight") for k in tensors), path
+
+
+# --------------------------------------------------------------------------------------
+# The example workflows in workflows/, as users load them, with tiny settings
+# --------------------------------------------------------------------------------------
+
+WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
+#: the paper's multi-reward weighting minus HPSv2, whose tiny stand-in needs an open_clip
+#: architecture registered inside the server process
+TINY_COMPONENTS = "pickscore:10, aesthetic:0.05"
+
+
+def tiny_workflow_overrides(prompt: dict, object_info: dict, lora_name: str,
+                            trained_lora: str | None = None) -> dict:
+    """Tiny CPU settings for a converted example workflow (only inputs the nodes have)."""
+    wanted = {
+        "CheckpointLoaderSimple": {"ckpt_name": harness.TINY_SD15_FILENAME},
+        "EmptyLatentImage": {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1},
+        "KSampler": {"steps": 2},
+        "KSamplerAdvanced": {"steps": 2},
+        "PRDPTrainLoRA": {**TINY_TRAINING, "lora_name": lora_name},
+        "LoraLoader": {"lora_name": trained_lora},
+        "LoraLoaderModelOnly": {"lora_name": trained_lora},
+    }
+    overrides = {}
+    for class_type, values in wanted.items():
+        if not harness.nodes_of_type(prompt, class_type):
+            continue
+        known = set(object_info[class_type]["input"].get("required", {})) | set(object_info[class_type]["input"].get("optional", {}))
+        values = {k: v for k, v in values.items() if k in known}
+        if None in values.values():
+            pytest.fail(f"{class_type} needs a trained LoRA and none was made")
+        overrides[class_type] = values
+    prompt = override_inputs(prompt, overrides)
+    for node_id in harness.nodes_of_type(prompt, "PRDPLoadRewardModel"):
+        inputs = prompt[node_id]["inputs"]
+        inputs.update({"weights": "(auto)", "device": "cpu", "allow_download": False})
+        if inputs.get("reward") == "weighted":
+            inputs["components"] = TINY_COMPONENTS
+        else:
+            inputs["reward"] = "jpeg-compressibility"
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_models(server):
+    """The tiny real-format reward models (tests/reward_fixtures.py) in the server's folder."""
+    reward_fixtures = pytest.importorskip("reward_fixtures")
+    source = reward_fixtures.reward_model_dir()
+    for entry in source.iterdir():
+        link = server.reward_models_dir / entry.name
+        if not link.exists():
+            link.symlink_to(entry, target_is_directory=entry.is_dir())
+    return server.reward_models_dir
+
+
+def _base_and_finetuned_decodes(prompt: dict) -> tuple[list[str], list[str]]:
+    base, tuned = [], []
+    for decode_id in harness.nodes_of_type(prompt, "VAEDecode"):
+        sampler = sampler_of(prompt, decode_id)
+        assert sampler is not None, f"VAEDecode {decode_id} is not fed by a sampler"
+        (tuned if FINETUNED_MARKERS & set(model_chain(prompt, sampler)) else base).append(decode_id)
+    return base, tuned
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
+def test_example_workflow_runs_with_tiny_settings(server, object_info, path, request):
+    _require_nodes(object_info)
+    workflow = json.loads(path.read_text())
+    prompt = workflow_to_api_prompt(workflow, object_info)
+    base, tuned = _base_and_finetuned_decodes(prompt)
+    assert base and tuned, f"{path.name}: expected a base and a finetuned image (base {base}, finetuned {tuned})"
+    seeds = {prompt[sampler_of(prompt, d)]["inputs"].get("seed") for d in base + tuned}
+    assert len(seeds) == 1, f"{path.name}: the base and finetuned samplers use different seeds {seeds}"
+
+    trained_lora = None
+    if harness.nodes_of_type(prompt, "LoraLoader") or harness.nodes_of_type(prompt, "LoraLoaderModelOnly"):
+        trained = request.getfixturevalue("trained")
+        trained_lora = trained["loras"][0].relative_to(server.loras_dir).as_posix()
+    if any(prompt[n]["inputs"].get("reward") == "weighted" for n in harness.nodes_of_type(prompt, "PRDPLoadRewardModel")):
+        request.getfixturevalue("tiny_reward_models")
+    prompt = tiny_workflow_overrides(prompt, object_info, f"harness_{path.stem}", trained_lora)
+    probes = add_image_probes(prompt, path.stem)
+    trains = harness.nodes_of_type(prompt, "PRDPTrainLoRA")
+    before = _lora_files(server)
+    started = time.monotonic()
+    result = server.run(prompt, timeout=600)
+    print(f"{path.name}: {time.monotonic() - started:.1f} s")
+    _assert_success(server, result)
+
+    if trains:
+        new = sorted(p.name for p in _lora_files(server) - before)
+        assert len(new) == len(trains) and all(n.startswith(f"harness_{path.stem}") for n in new), new
+    images = probe_images(server, result, probes)
+    for b in base:
+        for t in tuned:
+            assert images[b] and images[t], f"no image from VAEDecode {b} or {t}"
+            diff = _mean_abs_diff(images[b][0], images[t][0])
+            assert diff > 0.5, f"{path.name}: finetuned image (node {t}) equals the base one (node {b}): {diff:.3f}"
+    for node_id in harness.nodes_of_type(prompt, "PRDPScoreImages"):
+        shown = (result.outputs.get(node_id) or {}).get("text")
+        assert shown, f"Score Images {node_id} showed no scores"
+    saved = [n for n in harness.nodes_of_type(prompt, "SaveImage") if not n.startswith("probe_")]
+    for node_id in saved:
+        assert (result.outputs.get(node_id) or {}).get("images"), f"SaveImage {node_id} wrote nothing"
