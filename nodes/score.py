@@ -21,10 +21,14 @@ def prompts_for(prompt: str, count: int) -> List[str]:
     return lines
 
 
-def format_scores(scores: torch.Tensor, label: str = "") -> str:
+def format_scores(scores: torch.Tensor, label: str = "", components=None) -> str:
+    """'label: mean 0.1234 (n=2) [0.1, 0.2]' plus one line per component of a weighted reward."""
     head = f"{label}: " if label else ""
     values = ", ".join(f"{float(s):.4f}" for s in scores)
-    return f"{head}mean {float(scores.mean()):.4f} (n={len(scores)}) [{values}]"
+    text = f"{head}mean {float(scores.mean()):.4f} (n={len(scores)}) [{values}]"
+    for name, part in (components or {}).items():
+        text += f"\n  {name}: mean {float(part.float().mean()):.4f}"
+    return text
 
 
 def _font(size: int):
@@ -88,9 +92,11 @@ class PRDPScoreImages:
         reward_model.prepare()
         try:
             with torch.no_grad():
-                scores = reward_model.score(images[..., :3], prompts).detach().float().cpu()
+                scores, components = reward_model.score_with_components(images[..., :3], prompts)
         finally:
             reward_model.offload()
-        text = format_scores(scores, label)
+        scores = scores.detach().float().cpu()
+        parts = components if len(components) > 1 else None
+        text = format_scores(scores, label, parts)
         mean = float(scores.mean())
         return {"ui": {"text": [text]}, "result": (mean, text, annotate(images, scores, label))}

@@ -10,6 +10,7 @@ node ends as interrupted.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import numpy as np
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_UNITS = 1000
 PREVIEW_MAX_SIZE = 512
+PREVIEW_EVERY_SECONDS = 1.0     # the latest samples ride along with progress updates this often
 POLL_SECONDS = 0.1
 STOP_TIMEOUT_SECONDS = 600.0
 
@@ -47,16 +49,26 @@ class ComfyProgress:
         self.total_epochs = total_epochs
         self.bar = comfy.utils.ProgressBar(PROGRESS_UNITS, node_id=node_id)
         self.value = 0
+        self.preview = None
+        self.preview_sent = 0.0
+
+    def _preview(self, force: bool = False):
+        """The latest samples, at most every PREVIEW_EVERY_SECONDS (or now when forced)."""
+        if self.preview is None or (not force and time.monotonic() - self.preview_sent < PREVIEW_EVERY_SECONDS):
+            return None
+        self.preview_sent = time.monotonic()
+        return ("JPEG", self.preview, PREVIEW_MAX_SIZE)
 
     def forward(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "step":
             self.value = max(self.value, min(PROGRESS_UNITS, int(round(event.get("progress", 0) * PROGRESS_UNITS))))
-            self.bar.update_absolute(self.value, PROGRESS_UNITS)
+            self.bar.update_absolute(self.value, PROGRESS_UNITS, self._preview())
         elif kind == "epoch":
             image = preview_image(event.get("preview"))
-            preview = ("JPEG", image, PREVIEW_MAX_SIZE) if image is not None else None
-            self.bar.update_absolute(self.value, PROGRESS_UNITS, preview)
+            if image is not None:
+                self.preview = image
+            self.bar.update_absolute(self.value, PROGRESS_UNITS, self._preview(force=True))
             send_event("prdp.epoch", {"job_id": self.job.id, "node": self.node_id, "name": self.job.name,
                                       "epoch": event.get("epoch"), "epochs": self.total_epochs,
                                       "metrics": self.job.snapshot(with_metrics=False)["latest_metrics"]})
@@ -64,6 +76,9 @@ class ComfyProgress:
             send_event("prdp.checkpoint", {"job_id": self.job.id, "node": self.node_id,
                                            "epoch": event.get("epoch"), "path": event.get("path")})
         elif kind == "job_end":
+            if event.get("status") == "finished":
+                self.value = PROGRESS_UNITS
+                self.bar.update_absolute(self.value, PROGRESS_UNITS)
             send_event("prdp.job", {"job_id": self.job.id, "node": self.node_id, "status": event.get("status")})
 
 

@@ -270,3 +270,107 @@ def test_refuses_a_missing_clip_or_vae(sd15):
         ComfyBackend(model, None, vae)
     with pytest.raises(ValueError, match="vae is None"):
         ComfyBackend(model, clip, None)
+
+
+# --- the train node, in-process (ComfyUI's worker thread is this test's thread) ------------------
+TINY_TRAINING = dict(prompts="a cat\na dog", negative_prompt="", preset="cpu-smoke", epochs=1, prompts_per_epoch=2,
+                     images_per_prompt=2, steps=2, cfg=3.0, beta=0.1, clip_range=0.01, updates_per_epoch=1,
+                     learning_rate=3e-3, lora_rank=2, width=64, height=64, seed=3)
+
+
+@pytest.fixture()
+def comfy_dirs(tmp_path):
+    """ComfyUI's output/input/loras folders redirected to a temporary folder."""
+    import folder_paths
+
+    saved = (folder_paths.get_output_directory(), folder_paths.get_input_directory(),
+             folder_paths.folder_names_and_paths["loras"])
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], saved[2][1])
+    yield tmp_path
+    folder_paths.set_output_directory(saved[0])
+    folder_paths.set_input_directory(saved[1])
+    folder_paths.folder_names_and_paths["loras"] = saved[2]
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    from comfy_inprocess import load_plugin_package
+
+    return load_plugin_package()
+
+
+def run_train_node(plugin, sd15, **settings):
+    model, clip, vae = sd15
+    nodes = plugin.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():       # as ComfyUI's worker thread runs every node
+        reward, = nodes["PRDPLoadRewardModel"]().load("jpeg-incompressibility", "(auto)", "cpu", "auto")
+        return nodes["PRDPTrainLoRA"]().train(model, clip, vae, reward, **{**TINY_TRAINING, **settings},
+                                             unique_id="7")
+
+
+def test_train_node_saves_a_kohya_lora_and_returns_the_patched_model(plugin, sd15, comfy_dirs):
+    model, clip, vae = sd15
+    out = run_train_node(plugin, sd15, lora_name="inproc", checkpoint_every=1)
+    model_out, lora, curve = out["result"]
+    path = comfy_dirs / "loras" / "prdp" / "inproc.safetensors"
+    state, metadata = load_lora(path)
+    assert len(state) == 72 and all(k.startswith("lora_unet_") for k in state)
+    assert metadata["format"] == "comfyui-prdp" and metadata["epochs"] == "1"
+    assert set(lora) == {k for k in lora if k.startswith("diffusion_model.")} and len(lora) == 72
+    assert "prdp/inproc.safetensors" in out["ui"]["text"][0]
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.min() >= 0 and curve.max() <= 1
+    assert len(model_out.patches) == 24 and model.weight_wrapper_patches == {} and model.patches == {}
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(10))
+    t = torch.tensor([500])
+    assert (unet_output(model_out, x, t, context) - unet_output(model, x, t, context)).abs().max() > 1e-5
+    checkpoints = list((comfy_dirs / "output" / "prdp_runs").glob("inproc/checkpoints/epoch_00001/lora.safetensors"))
+    assert checkpoints, "checkpoint_every=1 wrote no checkpoint"
+    run_train_node(plugin, sd15, lora_name="inproc", epochs=1)
+    assert (comfy_dirs / "loras" / "prdp" / "inproc_00001.safetensors").is_file(), "a second run must not overwrite"
+    assert load_lora(path)[0].keys() == state.keys()
+
+
+def test_resume_continues_from_a_checkpoint(plugin, sd15, comfy_dirs):
+    run_train_node(plugin, sd15, lora_name="resumable", checkpoint_every=1, epochs=1)
+    train_cls = plugin.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]
+    choices = train_cls.INPUT_TYPES()["optional"]["resume_from"][0]
+    assert "resumable/checkpoints/epoch_00001" in choices
+    out = run_train_node(plugin, sd15, lora_name="resumed", epochs=2, resume_from="resumable/checkpoints/epoch_00001")
+    assert "after 2 epoch(s)" in out["ui"]["text"][0]
+    lines = (comfy_dirs / "output" / "prdp_runs" / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2       # epoch 1 from the checkpoint, epoch 2 trained now
+
+
+def test_cancel_ends_the_node_interrupted_within_seconds_and_keeps_a_checkpoint(plugin, sd15, comfy_dirs):
+    import time
+
+    events = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):   # what main.py installs
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        events.append((value, preview is not None))
+        if preview is not None and not comfy.model_management.processing_interrupted():
+            comfy.model_management.interrupt_current_processing(True)     # the user presses Cancel
+            events.append("cancel")
+            timing["cancel"] = time.monotonic()
+
+    timing = {}
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_train_node(plugin, sd15, lora_name="cancelled", epochs=50)
+        stopped_after = time.monotonic() - timing["cancel"]
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert "cancel" in events
+    assert stopped_after < 30, f"the node took {stopped_after:.1f} s to stop"
+    found = list((comfy_dirs / "output" / "prdp_runs").glob("cancelled/checkpoints/epoch_*_stopped"))
+    assert found, "no checkpoint after Cancel"
+    state, _ = load_lora(found[0] / "lora.safetensors")
+    assert len(state) == 72
+    job = [j for j in plugin.comfyui_prdp.jobs.JOBS.jobs() if j.name == "cancelled"][-1]
+    assert job.status == "stopped" and 1 <= len(job.metrics) < 50
