@@ -51,6 +51,7 @@ class ComfyProgress:
         self.value = 0
         self.preview = None
         self.preview_sent = 0.0
+        send_event("prdp.job", {"job_id": job.id, "node": node_id, "name": job.name, "status": "running"})
 
     def _preview(self, force: bool = False):
         """The latest samples, at most every PREVIEW_EVERY_SECONDS (or now when forced)."""
