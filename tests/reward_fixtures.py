@@ -6,6 +6,8 @@
     PickScore_v1/                        transformers CLIPModel + tokenizer built from open_clip's BPE
     HPS_v2_compressed.pt                 {"state_dict": ...} of a tiny open_clip model
     HPS_v2.1_compressed.pt               the same format, other weights
+    ImageReward.pt                       tiny BLIP ViT + BERT with cross-attention + MLP head
+    bert-base-uncased/vocab.txt          a small WordPiece vocabulary
 - `TINY_OPEN_CLIP`: a tiny open_clip architecture registered from a JSON config; the HPS
   rewards load with arch=TINY_OPEN_CLIP.
 Nothing here imports the code under test except to build the tokenizer files.
@@ -85,25 +87,69 @@ def tiny_transformers_clip(seed: int, projection_dim: int = 768, logit_scale: fl
 class ReferenceAestheticMLP(nn.Module):
     """Written from the predictor's published definition (not the code under test)."""
 
-    def __init__(self):
+    def __init__(self, input_size: int = 768):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
             nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
     def forward(self, x):
         return self.layers(x)
 
 
-def reference_aesthetic_mlp(seed: int = 3) -> ReferenceAestheticMLP:
+def reference_aesthetic_mlp(seed: int = 3, input_size: int = 768) -> ReferenceAestheticMLP:
     torch.manual_seed(seed)
-    mlp = ReferenceAestheticMLP().eval()
+    mlp = ReferenceAestheticMLP(input_size).eval()
     with torch.no_grad():  # spread outputs so differences between images are visible
         for layer in mlp.layers:
             if isinstance(layer, nn.Linear):
                 layer.weight.mul_(4.0)
                 layer.bias.normal_(0, 0.1)
     return mlp
+
+
+BERT_WORDS = sorted({w for p in PROMPTS for w in p.lower().replace(",", " ").split()} | {"dog", "##s", "!"})
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + BERT_WORDS
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_imagereward_parts(seed: int = 6):
+    """(vision, text, mlp) of a tiny ImageReward built from independent code: timm's
+    VisionTransformer (BLIP's ViT is timm's) and transformers' BlipTextModel (a port of BLIP's
+    med.py BERT with cross-attention), plus the MLP head."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BlipTextConfig, BlipTextModel
+
+    torch.manual_seed(seed)
+    vision = VisionTransformer(img_size=224, patch_size=32, embed_dim=128, depth=2, num_heads=2,
+                               mlp_ratio=2.0, qkv_bias=True, num_classes=0, global_pool="",
+                               class_token=True, norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    with torch.no_grad():
+        vision.pos_embed.normal_(0, 0.5)
+        vision.cls_token.normal_(0, 0.5)
+    config = BlipTextConfig(vocab_size=len(BERT_VOCAB) + 2, hidden_size=128, encoder_hidden_size=128,
+                            intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=64, layer_norm_eps=1e-12, hidden_act="gelu",
+                            is_decoder=True, pad_token_id=0, bos_token_id=None, sep_token_id=None,
+                            eos_token_id=None)
+    text = BlipTextModel(config, add_pooling_layer=False).eval()
+    mlp = reference_aesthetic_mlp(seed=seed, input_size=128)
+    return vision, text, mlp
+
+
+def imagereward_state(seed: int = 6) -> dict:
+    """ImageReward.pt's layout: blip.visual_encoder.*, blip.text_encoder.*, mlp.*, plus the
+    projections and position ids the real file also carries."""
+    vision, text, mlp = tiny_imagereward_parts(seed)
+    state = {f"blip.visual_encoder.{k}": v for k, v in vision.state_dict().items()}
+    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    state["blip.vision_proj.weight"] = torch.zeros(256, 128)
+    state["blip.text_proj.weight"] = torch.zeros(256, 128)
+    state.update({f"mlp.{k}": v for k, v in mlp.state_dict().items()})
+    return state
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,6 +169,9 @@ def reward_model_dir() -> Path:
     build_hf_clip_tokenizer().save_pretrained(pick)
     torch.save({"state_dict": tiny_open_clip_state(seed=4), "epoch": 1}, folder / "HPS_v2_compressed.pt")
     torch.save({"state_dict": tiny_open_clip_state(seed=5)}, folder / "HPS_v2.1_compressed.pt")
+    torch.save(imagereward_state(), folder / "ImageReward.pt")
+    (folder / "bert-base-uncased").mkdir()
+    (folder / "bert-base-uncased" / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
     return folder
 
 

@@ -8,7 +8,7 @@ import sys as _sys
 
 from .base import Reward, available_rewards, create_reward, register_reward
 from . import jpeg  # noqa: F401  (registers the JPEG rewards)
-from . import aesthetic, clipscore, hps, pickscore  # noqa: F401  (register the model rewards)
+from . import aesthetic, clipscore, hps, imagereward, pickscore  # noqa: F401  (register them)
 from .combined import WeightedReward, paper_multi_reward
 from .loading import RewardModelFileError, clear_model_cache
 from .model_files import RewardModelNotFoundError, register_comfy_folder

@@ -44,6 +44,7 @@ class ModelFiles:
     hf_repo / hf_filename: the Hugging Face source (hf_filename only for single files).
     is_dir: a transformers-style folder (config.json + model.safetensors or pytorch_model.bin).
     needs: a short description of the required files, for messages.
+    required_files: files a folder must hold to be used.
     """
 
     label: str
@@ -53,6 +54,10 @@ class ModelFiles:
     is_dir: bool = False
     needs: str = ""
     required_files: Tuple[str, ...] = ("config.json",)
+    #: folders only: whether a weight file (model.safetensors / pytorch_model.bin) is required,
+    #: and which repo files to download (None: json/txt files plus the weights)
+    needs_weights: bool = True
+    download_patterns: Optional[Tuple[str, ...]] = None
 
     def describe_needs(self) -> str:
         if self.needs:
@@ -117,9 +122,16 @@ def downloads_allowed(allow_download: Optional[bool]) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on")
 
 
+def _missing_in_folder(folder: Path, spec: ModelFiles) -> List[str]:
+    missing = [f for f in spec.required_files if not (folder / f).is_file()]
+    if not _has_weights(folder, spec):
+        missing.append(" or ".join(_WEIGHT_FILES))
+    return missing
+
+
 def _usable(candidate: Path, spec: ModelFiles) -> bool:
     if spec.is_dir:
-        return candidate.is_dir() and all((candidate / f).is_file() for f in spec.required_files)
+        return candidate.is_dir() and not _missing_in_folder(candidate, spec)
     return candidate.is_file()
 
 
@@ -131,7 +143,7 @@ def _check_explicit(candidate: Path, spec: ModelFiles) -> Path:
                 f"{spec.label}: {candidate} is not a folder; expected a folder holding "
                 f"{spec.describe_needs()} (a copy of https://huggingface.co/{spec.hf_repo})."
             )
-        missing = [f for f in spec.required_files if not (candidate / f).is_file()]
+        missing = _missing_in_folder(candidate, spec)
         if missing:
             raise RewardModelNotFoundError(
                 f"{spec.label}: folder {candidate} lacks {', '.join(missing)}; expected "
@@ -156,13 +168,8 @@ def _from_hf_cache(repo: str, spec: ModelFiles, download: bool) -> Tuple[Optiona
     for local_only in ((True, False) if download else (True,)):
         try:
             if spec.is_dir:
-                folder = Path(huggingface_hub.snapshot_download(
-                    repo, local_files_only=local_only,
-                    allow_patterns=None if local_only else ["*.json", "*.txt", "*.safetensors"]))
-                if not local_only and not any((folder / w).is_file() for w in _WEIGHT_FILES):
-                    folder = Path(huggingface_hub.snapshot_download(
-                        repo, allow_patterns=["*.json", "*.txt", "pytorch_model.bin"]))
-                if _usable(folder, spec) and any((folder / w).is_file() for w in _WEIGHT_FILES):
+                folder = _snapshot(huggingface_hub, repo, spec, local_only)
+                if _usable(folder, spec):
                     return folder, ""
                 reasons.append(f"the cached copy of {repo} is incomplete")
             else:
@@ -171,12 +178,30 @@ def _from_hf_cache(repo: str, spec: ModelFiles, download: bool) -> Tuple[Optiona
                 return Path(file), ""
         except Exception as error:  # noqa: BLE001  (offline, no cache, HTTP, network: all "not here")
             if local_only:
-                reasons.append(f"not in the Hugging Face cache")
+                reasons.append("not in the Hugging Face cache")
             else:
                 reasons.append(f"download failed ({type(error).__name__}: {str(error)[:200]})")
     if not download:
         reasons.append("downloading is off (allow_download=False or HF_HUB_OFFLINE=1)")
     return None, "; ".join(reasons)
+
+
+def _has_weights(folder: Path, spec: ModelFiles) -> bool:
+    return not spec.needs_weights or any((folder / w).is_file() for w in _WEIGHT_FILES)
+
+
+def _snapshot(huggingface_hub, repo: str, spec: ModelFiles, local_only: bool) -> Path:
+    """The repo's folder from the cache, or downloaded (safetensors preferred over .bin)."""
+    if local_only:
+        return Path(huggingface_hub.snapshot_download(repo, local_files_only=True))
+    if spec.download_patterns is not None:
+        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=list(spec.download_patterns)))
+    folder = Path(huggingface_hub.snapshot_download(
+        repo, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+    if not _has_weights(folder, spec):
+        folder = Path(huggingface_hub.snapshot_download(
+            repo, allow_patterns=["*.json", "*.txt", "pytorch_model.bin"]))
+    return folder
 
 
 def resolve_model_path(
