@@ -915,8 +915,9 @@ def workflow_to_api_prompt(workflow: Mapping[str, Any], object_info: Mapping[str
     linked to them; bypassed (mode 4) nodes pass a matching input through; Reroutes are
     followed; a PrimitiveNode's value is written into the widgets it feeds; Notes vanish.
     """
-    if workflow.get("definitions", {}).get("subgraphs"):
-        subgraph_ids = {s.get("id") for s in workflow["definitions"]["subgraphs"]}
+    subgraphs = (workflow.get("definitions") or {}).get("subgraphs") or []
+    if subgraphs:
+        subgraph_ids = {s.get("id") for s in subgraphs}
         used = [n["type"] for n in workflow.get("nodes", []) if n.get("type") in subgraph_ids]
         if used:
             raise WorkflowConversionError(f"subgraph nodes are not supported by this converter: {used}")

@@ -1,0 +1,189 @@
+"""The real ComfyUI frontend in headless Chromium: the example workflows load without missing
+node types, the frontend's own graph -> prompt conversion agrees with the harness converter,
+and a workflow queued from the page trains and finishes on the CPU.
+
+Needs ComfyUI, Debian's Chromium (/usr/bin/chromium, or env PRDP_CHROMIUM; see
+scripts/install_chromium.sh) and the `playwright` Python package, driven with
+executable_path (never `playwright install`); skipped with the reason otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import comfy_harness as harness
+from comfy_harness import workflow_to_api_prompt
+
+WORKFLOW_FILES = sorted((harness.REPO_ROOT / "workflows").glob("*.json"))
+PRDP_NODES = ("PRDPLoadRewardModel", "PRDPTrainLoRA", "PRDPApplyLoRA", "PRDPScoreImages")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+PAGE_TIMEOUT_MS = 120_000
+
+
+def _chromium() -> str:
+    path = os.environ.get("PRDP_CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).is_file():
+        pytest.skip(f"no Chromium at {path} (run scripts/install_chromium.sh or set PRDP_CHROMIUM)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _chromium()
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    with harness.comfy_test_server(tmp_path_factory, "comfy_frontend") as comfy:
+        yield comfy
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    """The ComfyUI page, loaded once for the module; console errors collected in page.errors."""
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(server.base_url, wait_until="domcontentloaded", timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
+                           "window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 100",
+                           timeout=PAGE_TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def load_workflow(page, workflow: dict) -> dict:
+    """Load a UI workflow into the page; returns {missing: [...], serialized: {...}}."""
+    return page.evaluate(
+        """async (workflow) => {
+            await window.app.loadGraphData(workflow, true, true, null);
+            await new Promise(r => setTimeout(r, 300));
+            const missing = window.app.graph.nodes
+                .filter(n => !(n.type in LiteGraph.registered_node_types))
+                .map(n => n.type);
+            return {missing, serialized: window.app.graph.serialize()};
+        }""", workflow)
+
+
+def frontend_prompt(page) -> dict:
+    return page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+
+def missing_nodes_dialog_text(page) -> str:
+    text = page.evaluate("() => document.body.innerText")
+    lines = [line for line in text.splitlines() if "missing" in line.lower()]
+    return "\n".join(lines)
+
+
+def _strip_meta(prompt: dict) -> dict:
+    return {nid: {"class_type": n["class_type"], "inputs": n["inputs"]} for nid, n in prompt.items()}
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
+def test_workflow_loads_in_the_frontend_and_converts_like_it(page, object_info, path):
+    missing_types = [n for n in PRDP_NODES if n not in object_info]
+    assert not missing_types, f"the server lacks {missing_types}"
+    loaded = load_workflow(page, json.loads(path.read_text()))
+    assert not loaded["missing"], f"{path.name}: missing node types in the frontend: {loaded['missing']}"
+    assert not missing_nodes_dialog_text(page), missing_nodes_dialog_text(page)
+    ours = workflow_to_api_prompt(loaded["serialized"], object_info)
+    theirs = frontend_prompt(page)
+    assert _strip_meta(ours) == _strip_meta(theirs)
+    # the file as saved in the repository converts to the same prompt as the frontend's re-save
+    assert _strip_meta(workflow_to_api_prompt(json.loads(path.read_text()), object_info)) == _strip_meta(theirs)
+
+
+def test_hand_made_graph_with_reroute_primitive_bypass_and_mute_converts_like_the_frontend(page, object_info):
+    from test_comfy_workflows import core_ui_workflow
+
+    loaded = load_workflow(page, core_ui_workflow(object_info, harness.TINY_SD15_FILENAME))
+    assert not loaded["missing"]
+    theirs = frontend_prompt(page)
+    assert _strip_meta(workflow_to_api_prompt(loaded["serialized"], object_info)) == _strip_meta(theirs)
+    sampler = harness.nodes_of_type(theirs, "KSampler")[0]
+    assert theirs[sampler]["inputs"]["seed"] == 11  # the PrimitiveNode's value
+
+
+def set_widgets(page, values_by_type: dict) -> list[str]:
+    """Set widget values on every node of each type through the graph API; returns problems."""
+    return page.evaluate(
+        """(valuesByType) => {
+            const problems = [];
+            for (const [type, values] of Object.entries(valuesByType)) {
+                const nodes = window.app.graph.nodes.filter(n => n.type === type);
+                for (const node of nodes) {
+                    for (const [name, value] of Object.entries(values)) {
+                        const widget = (node.widgets || []).find(w => w.name === name);
+                        if (!widget) { problems.push(`${type}.${name}: no such widget`); continue; }
+                        widget.value = value;
+                        widget.callback?.(value);
+                    }
+                }
+            }
+            window.app.graph.setDirtyCanvas(true, true);
+            return problems;
+        }""", values_by_type)
+
+
+def test_train_and_compare_queued_from_the_frontend(server, page, object_info, tmp_path):
+    from test_comfy_workflows import IMAGE_SIZE, TINY_TRAINING
+
+    name = "train_and_compare"
+    if name not in {p.stem for p in WORKFLOW_FILES}:
+        pytest.skip(f"workflows/{name}.json does not exist")
+    # as the template browser does: fetch the served template, then load it
+    workflow = page.evaluate(
+        """async (url) => { const r = await fetch(url); if (!r.ok) throw new Error(r.status); return await r.json(); }""",
+        f"/api/workflow_templates/{harness.PACKAGE_LINK_NAME}/{name}.json")
+    loaded = load_workflow(page, workflow)
+    assert not loaded["missing"], loaded["missing"]
+    problems = set_widgets(page, {
+        "CheckpointLoaderSimple": {"ckpt_name": harness.TINY_SD15_FILENAME},
+        "EmptyLatentImage": {"width": IMAGE_SIZE, "height": IMAGE_SIZE},
+        "KSampler": {"steps": 2},
+        "PRDPLoadRewardModel": {"reward": "jpeg-compressibility", "weights": "(auto)", "device": "cpu"},
+        "PRDPTrainLoRA": {**TINY_TRAINING, "lora_name": "harness_frontend"},
+    })
+    assert not problems, problems
+    known = set(harness.get_json(server.base_url, "/history"))
+    loras_before = set(server.loras_dir.rglob("*.safetensors"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.monotonic() + 60
+    new_ids: list[str] = []
+    while not new_ids and time.monotonic() < deadline:
+        queue = harness.get_json(server.base_url, "/queue")
+        running = [item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])]
+        new_ids = [pid for pid in running if pid not in known] or \
+                  [pid for pid in harness.get_json(server.base_url, "/history") if pid not in known]
+        time.sleep(0.25)
+    assert new_ids, f"the frontend queued nothing; page errors: {page.errors}\n{server.log_tail()}"
+    result = harness.wait_for(server.base_url, new_ids[0], timeout=600)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(tmp_path / "train_and_compare.png"), full_page=True)
+    assert result.status == "success", result.describe() + "\n" + server.log_tail()
+    assert set(server.loras_dir.rglob("*.safetensors")) - loras_before, "no LoRA written"
+    queued = result.history.get("prompt", [None, None, {}])[2]
+    trains = harness.nodes_of_type(queued, "PRDPTrainLoRA")
+    assert trains and queued[trains[0]]["inputs"]["epochs"] == TINY_TRAINING["epochs"]
+    assert (tmp_path / "train_and_compare.png").stat().st_size > 10_000
+    print(f"screenshot: {tmp_path / 'train_and_compare.png'}")
