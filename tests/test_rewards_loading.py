@@ -159,6 +159,9 @@ def test_wrong_kind_of_path(tmp_path, empty_hf_cache):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(RewardModelNotFoundError, match="is not a folder"):
         create_reward("pickscore", path=tmp_path / "weights.bin")
+    # a file inside a model folder (what ComfyUI's file list offers) means that folder
+    inside = F.reward_model_dir() / "PickScore_v1" / "model.safetensors"
+    assert resolve_model_path(PICKSCORE, inside) == inside.parent
     empty = tmp_path / "PickScore_v1"
     empty.mkdir()
     with pytest.raises(RewardModelNotFoundError, match="lacks config.json"):

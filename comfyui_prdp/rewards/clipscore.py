@@ -54,13 +54,16 @@ def create_clipscore(
             raise ValueError(f"clipscore with arch={arch!r} needs path= to its weight file")
         spec = ModelFiles(label=f"open_clip {arch} weights", local_names=(str(path),))
         weights = resolve_model_path(spec, path, model_dir=model_dir, allow_download=False)
+
         def load_clip(dtype):
             return load_open_clip(arch, weights, dtype, f"open_clip {arch} weights")
     else:
         folder = resolve_model_path(OPENAI_CLIP_L14, path, model_dir=model_dir,
                                     allow_download=allow_download)
+
         def load_clip(dtype):
             return load_transformers_clip(folder, dtype, "a transformers CLIP model")
+
     return CLIPScoreReward(load_clip, device=device, dtype=dtype, batch_size=batch_size)
 
 

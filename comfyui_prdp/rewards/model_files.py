@@ -135,19 +135,25 @@ def _usable(candidate: Path, spec: ModelFiles) -> bool:
     return candidate.is_file()
 
 
+def _copy_of(spec: ModelFiles) -> str:
+    return f" (a copy of https://huggingface.co/{spec.hf_repo})" if spec.hf_repo else ""
+
+
 def _check_explicit(candidate: Path, spec: ModelFiles) -> Path:
     """An explicit path must be of the right kind; say what is wrong otherwise."""
     if spec.is_dir:
+        if candidate.is_file() and _usable(candidate.parent, spec):
+            return candidate.parent  # a file inside a model folder (what ComfyUI's lists show)
         if not candidate.is_dir():
             raise RewardModelNotFoundError(
                 f"{spec.label}: {candidate} is not a folder; expected a folder holding "
-                f"{spec.describe_needs()} (a copy of https://huggingface.co/{spec.hf_repo})."
+                f"{spec.describe_needs()}{_copy_of(spec)}."
             )
         missing = _missing_in_folder(candidate, spec)
         if missing:
             raise RewardModelNotFoundError(
                 f"{spec.label}: folder {candidate} lacks {', '.join(missing)}; expected "
-                f"{spec.describe_needs()} (a copy of https://huggingface.co/{spec.hf_repo})."
+                f"{spec.describe_needs()}{_copy_of(spec)}."
             )
         return candidate
     if candidate.is_dir():
