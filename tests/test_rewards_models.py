@@ -257,5 +257,8 @@ def test_input_validation(model_dir, images224):
         _make("pickscore", model_dir, batch_size=0)
     with pytest.raises(ValueError, match="dtype"):
         _make("pickscore", model_dir, dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            create_reward("pickscore", model_dir=model_dir, device="cuda")
     # the aesthetic score ignores prompts: None is fine
     assert _make("aesthetic", model_dir).score(images224[:1], None).shape == (1,)

@@ -29,7 +29,11 @@ def resolve_device(device: Union[None, str, torch.device] = None) -> torch.devic
     """None: the GPU when there is one, else the CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but no CUDA GPU is available; use device='cpu' "
+                         "(or leave it unset to pick the GPU only when there is one)")
+    return resolved
 
 
 def resolve_dtype(dtype: DtypeLike, device: torch.device) -> torch.dtype:
