@@ -1,0 +1,196 @@
+"""Command line: `python -m comfyui_prdp train --out DIR [...]`.
+
+With no --base it finetunes the embedded tiny model (no download, no GPU) so the whole loop
+can be watched on two CPU cores in minutes. Writes metrics.jsonl, lora.safetensors,
+reward_curve.png and before_after.png (the same held-out seeds before and after).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .config import PRESETS, TrainConfig, preset
+
+DEFAULT_PROMPTS = [f"a painting of a {animal}" for animal in (
+    "cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "lion", "turtle", "goat", "duck")]
+HELD_OUT_PROMPTS = ["a painting of a wolf", "a painting of a frog"]
+HELD_OUT_SEEDS = [1000, 1001, 1002, 1003]
+
+# CLI flag -> TrainConfig field, for the common overrides
+OVERRIDES = {
+    "epochs": int, "prompts_per_epoch": int, "images_per_prompt": int, "updates_per_epoch": int,
+    "minibatch_prompts": int, "steps": int, "cfg": float, "eta": float, "width": int, "height": int,
+    "beta": float, "clip_range": float, "learning_rate": float, "weight_decay": float, "grad_clip": float,
+    "lora_rank": int, "lora_alpha": float, "sample_batch_size": int, "train_batch_size": int,
+    "checkpoint_every": int, "timestep_fraction": float, "algorithm": str, "mixed_precision": str,
+    "negative_prompt": str, "logprob_reduce": str, "step_reduce": str,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m comfyui_prdp",
+                                     description="PRDP reward finetuning of a diffusion model's LoRA")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="run a PRDP finetune",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--out", required=True, type=Path, help="output folder (new, or an earlier run with --resume)")
+    train.add_argument("--base", default=None,
+                       help="diffusers folder, single-file SD checkpoint or cached hub id; "
+                            "default: the embedded tiny model")
+    train.add_argument("--reward", default="jpeg-compressibility",
+                       help="reward name (see --list-rewards) or 'weighted' with --reward-spec")
+    train.add_argument("--reward-spec", default=None,
+                       help="for --reward weighted: e.g. 'pickscore:10, hpsv2:2, aesthetic:0.05'")
+    train.add_argument("--reward-path", default=None, help="weights file or folder of the reward model")
+    train.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line")
+    train.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="hyperparameter preset (default: cpu-smoke without --base, consumer-gpu with it)")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--no-eval", action="store_true", help="skip the before/after held-out images")
+    train.add_argument("--list-rewards", action="store_true", help="print the reward names and exit")
+    for name, kind in OVERRIDES.items():
+        train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
+    train.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. to_q,to_k,to_v,to_out.0")
+    return parser
+
+
+def read_prompts(path: Optional[Path]) -> List[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    if not path.is_file():
+        raise SystemExit(f"error: prompt file {path} not found; give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise SystemExit(f"error: prompt file {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def make_config(args) -> TrainConfig:
+    name = args.preset or ("cpu-smoke" if args.base is None else "consumer-gpu")
+    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.lora_targets:
+        overrides["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    try:
+        return preset(name, **overrides)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            raise SystemExit(f"error: --resume: {out} has no checkpoints/ folder; run without --resume first "
+                             "(use --checkpoint-every N to write checkpoints)")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} already contains files; choose a new --out folder, or pass --resume "
+                         "to continue the run that is there (nothing is overwritten)")
+
+
+def make_reward(args):
+    from .rewards import create_reward
+    kwargs = {}
+    if args.reward == "weighted":
+        if not args.reward_spec:
+            raise SystemExit("error: --reward weighted needs --reward-spec, e.g. 'pickscore:10, hpsv2:2'")
+        kwargs["components"] = args.reward_spec
+    if args.reward_path:
+        kwargs["path"] = args.reward_path
+    try:
+        return create_reward(args.reward, **kwargs)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}")
+
+
+class ProgressPrinter:
+    """A tqdm bar over the whole run plus one line of metrics per epoch."""
+
+    def __init__(self, epochs: int):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=1000, desc="PRDP", unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
+                        file=sys.stderr)
+
+    def __call__(self, event: dict) -> None:
+        if event["type"] == "step":
+            self.bar.n = int(event["progress"] * 1000)
+            self.bar.set_description(f"PRDP epoch {event['epoch']} {event['phase']}")
+            self.bar.refresh()
+        elif event["type"] == "epoch":
+            m = event["metrics"]
+            self.bar.write(f"epoch {m['epoch']:4d}  reward {m['reward_mean']:+.4f} ± {m['reward_std']:.4f}  "
+                           f"loss {m['loss']:.4g}  clip {m['clip_frac']:.3f}  kl {m['kl']:.4g}  "
+                           f"on-policy diff {m['onpolicy_max_diff']:.1e}")
+        elif event["type"] == "checkpoint":
+            self.bar.write(f"checkpoint: {event['path']}")
+        elif event["type"] == "done":
+            self.bar.n = 1000 if not event["stopped"] else self.bar.n
+            self.bar.close()
+
+
+def train(args) -> int:
+    from .evaluation import evaluate_reward
+    from .plots import comparison_grid, reward_curve
+    from .trainer import Trainer, latest_checkpoint
+
+    if args.list_rewards:
+        from .rewards import available_rewards
+        print("\n".join(available_rewards()))
+        return 0
+    config = make_config(args)
+    prompts = read_prompts(args.prompts)
+    check_out_dir(args.out, args.resume)
+    reward = make_reward(args)
+    from .model_loading import load_backend
+    try:
+        backend = load_backend(args.base, config, device=args.device)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").exists() or (args.out / "config.json").write_text(
+        json.dumps({"config": config.to_dict(), "base": args.base or "embedded-tiny-sd", "reward": args.reward,
+                    "prompts": len(prompts)}, indent=2, default=str))
+    evaluate = not args.no_eval
+    if evaluate:
+        before, before_images = evaluate_reward(backend, reward, HELD_OUT_PROMPTS, HELD_OUT_SEEDS, config, lora=False)
+    printer = ProgressPrinter(config.epochs)
+    trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer)
+    resume_from = latest_checkpoint(args.out) if args.resume else None
+    start = time.perf_counter()
+    try:
+        result = trainer.run(resume_from=resume_from)
+    except KeyboardInterrupt:
+        printer.bar.close()
+        print("interrupted: saving a checkpoint", file=sys.stderr)
+        trainer.stop_event.set()
+        path = trainer.save_checkpoint(partial=True)
+        print(f"checkpoint: {path} (continue with --resume)", file=sys.stderr)
+        return 130
+    elapsed = time.perf_counter() - start
+    reward_curve(trainer.metrics, title=f"{reward.name}: reward per epoch (mean ± std)").save(args.out / "reward_curve.png")
+    print(f"trained {result.epochs_done} epochs in {elapsed:.0f} s; LoRA: {result.lora_path}")
+    if evaluate:
+        after, after_images = evaluate_reward(backend, reward, HELD_OUT_PROMPTS, HELD_OUT_SEEDS, config)
+        grid = comparison_grid([before_images, after_images], ["before", "after"], [before, after])
+        grid.save(args.out / "before_after.png")
+        summary = {"held_out_reward_before": before.mean().item(), "held_out_reward_after": after.mean().item()}
+        (args.out / "held_out.json").write_text(json.dumps(summary, indent=2))
+        print(f"held-out reward ({len(before)} images, same seeds): before {summary['held_out_reward_before']:+.4f} "
+              f"-> after {summary['held_out_reward_after']:+.4f}")
+    print(f"wrote {args.out}/metrics.jsonl, reward_curve.png" + (", before_after.png" if evaluate else ""))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return train(args)
+    return 2

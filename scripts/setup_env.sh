@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install what the engine
+# needs. Idempotent. torch is installed only when missing and never pinned by the package:
+# ComfyUI users already have the torch that fits their GPU.
+# Usage: scripts/setup_env.sh [--test]   (--test adds pytest, playwright and ComfyUI's requirements)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${PRDP_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup_env: installing torch (none in $VENV)"
+    "${PIP[@]}" torch torchvision
+fi
+if ! "$PY" -c "import comfyui_prdp, diffusers, transformers, peft, open_clip, safetensors, aiohttp" 2>/dev/null \
+   || ! "$PY" -m pip show -q comfyui-prdp >/dev/null 2>&1; then
+    echo "setup_env: installing comfyui-prdp and its dependencies"
+    "${PIP[@]}" -e .
+fi
+if [ "${1:-}" = "--test" ]; then
+    "$PY" -c "import pytest, playwright, websocket" 2>/dev/null || "${PIP[@]}" -e ".[test]"
+    bash scripts/setup_comfyui.sh "$PY"
+    bash scripts/install_chromium.sh
+fi
+echo "setup_env: ready ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
