@@ -338,7 +338,11 @@ class EventListener:
     ``("binary", {"bytes": n, "event": code})``.
     """
 
-    def __init__(self, base_url: str, client_id: str | None = None, connect_timeout: float = 30):
+    def __init__(self, base_url: str, client_id: str | None = None, connect_timeout: float = 30,
+                 backend: str = "auto"):
+        if backend not in ("auto", "websocket-client", "aiohttp"):
+            raise ValueError(f"backend={backend!r}: use auto, websocket-client or aiohttp")
+        self.backend = backend
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id or uuid.uuid4().hex
         self.events: list[tuple[str, dict]] = []
@@ -370,10 +374,13 @@ class EventListener:
 
     def _run(self) -> None:
         try:
-            try:
-                import websocket  # websocket-client
-            except ImportError:
-                websocket = None
+            websocket = None
+            if self.backend != "aiohttp":
+                try:
+                    import websocket  # websocket-client
+                except ImportError:
+                    if self.backend == "websocket-client":
+                        raise
             if websocket is not None:
                 self._run_websocket_client(websocket)
             else:
@@ -1141,6 +1148,46 @@ class UiWorkflowBuilder:
         return {"id": str(uuid.uuid4()), "revision": 0, "last_node_id": len(self.nodes),
                 "last_link_id": len(self.links), "nodes": copy.deepcopy(self.nodes),
                 "links": copy.deepcopy(self.links), "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+#: Tiny CPU settings shared by the tests: 64x64 images, and a PRDP run of seconds.
+TINY_IMAGE_SIZE = 64
+TINY_TRAINING = {"epochs": 2, "prompts_per_epoch": 1, "images_per_prompt": 2, "steps": 2,
+                 "width": TINY_IMAGE_SIZE, "height": TINY_IMAGE_SIZE, "lora_rank": 2, "learning_rate": 3e-3,
+                 "updates_per_epoch": 1, "seed": 5}
+
+
+def core_ui_workflow(object_info, ckpt_name: str) -> dict:
+    """Checkpoint -> text encode x2 -> (bypassed upscale) -> KSampler -> VAEDecode -> SaveImage,
+    with a Reroute, a PrimitiveNode seed, a Note and a muted node, as a user would save it."""
+    g = UiWorkflowBuilder(object_info)
+    ckpt = g.node("CheckpointLoaderSimple", {"ckpt_name": ckpt_name})
+    positive = g.node("CLIPTextEncode", {"text": "a red apple on a table"})
+    negative = g.node("CLIPTextEncode", {"text": "blurry"})
+    latent = g.node("EmptyLatentImage", {"width": TINY_IMAGE_SIZE, "height": TINY_IMAGE_SIZE, "batch_size": 1})
+    upscale = g.node("LatentUpscaleBy", {"upscale_method": "nearest-exact", "scale_by": 2.0}, mode=MODE_BYPASS)
+    sampler = g.node("KSampler", {"seed": 7, "steps": 2, "cfg": 4.0, "sampler_name": "euler",
+                                  "scheduler": "normal", "denoise": 1.0}, control="randomize")
+    decode = g.node("VAEDecode")
+    save = g.node("SaveImage", {"filename_prefix": "harness/core"})
+    reroute = g.node("Reroute")
+    seed = g.node("PrimitiveNode", {"value": 11})
+    g.node("Note", {"text": "tiny CPU test graph"})
+    muted_save = g.node("SaveImage", {"filename_prefix": "harness/muted"}, mode=MODE_NEVER)
+    g.link(ckpt, 0, reroute, 0)
+    g.link(reroute, 0, sampler, "model")
+    g.link(ckpt, 1, positive, "clip")
+    g.link(ckpt, 1, negative, "clip")
+    g.link(positive, 0, sampler, "positive")
+    g.link(negative, 0, sampler, "negative")
+    g.link(latent, 0, upscale, "samples")
+    g.link(upscale, 0, sampler, "latent_image")
+    g.link(seed, 0, sampler, "seed")
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    g.link(decode, 0, save, "images")
+    g.link(decode, 0, muted_save, "images")
+    return g.build()
 
 
 # --------------------------------------------------------------------------------------

@@ -114,9 +114,7 @@ def test_workflow_loads_in_the_frontend_and_converts_like_it(page, object_info, 
 
 
 def test_hand_made_graph_with_reroute_primitive_bypass_and_mute_converts_like_the_frontend(page, object_info):
-    from test_comfy_workflows import core_ui_workflow
-
-    loaded = load_workflow(page, core_ui_workflow(object_info, harness.TINY_SD15_FILENAME))
+    loaded = load_workflow(page, harness.core_ui_workflow(object_info, harness.TINY_SD15_FILENAME))
     assert not loaded["missing"]
     theirs = frontend_prompt(page)
     assert _strip_meta(workflow_to_api_prompt(loaded["serialized"], object_info)) == _strip_meta(theirs)
@@ -146,8 +144,6 @@ def set_widgets(page, values_by_type: dict) -> list[str]:
 
 
 def test_train_and_compare_queued_from_the_frontend(server, page, object_info, tmp_path):
-    from test_comfy_workflows import IMAGE_SIZE, TINY_TRAINING
-
     name = "train_and_compare"
     if name not in {p.stem for p in WORKFLOW_FILES}:
         pytest.skip(f"workflows/{name}.json does not exist")
@@ -159,10 +155,10 @@ def test_train_and_compare_queued_from_the_frontend(server, page, object_info, t
     assert not loaded["missing"], loaded["missing"]
     problems = set_widgets(page, {
         "CheckpointLoaderSimple": {"ckpt_name": harness.TINY_SD15_FILENAME},
-        "EmptyLatentImage": {"width": IMAGE_SIZE, "height": IMAGE_SIZE},
+        "EmptyLatentImage": {"width": harness.TINY_IMAGE_SIZE, "height": harness.TINY_IMAGE_SIZE},
         "KSampler": {"steps": 2},
         "PRDPLoadRewardModel": {"reward": "jpeg-compressibility", "weights": "(auto)", "device": "cpu"},
-        "PRDPTrainLoRA": {**TINY_TRAINING, "lora_name": "harness_frontend"},
+        "PRDPTrainLoRA": {**harness.TINY_TRAINING, "epochs": 1, "lora_name": "harness_frontend"},
     })
     assert not problems, problems
     known = set(harness.get_json(server.base_url, "/history"))
@@ -184,6 +180,6 @@ def test_train_and_compare_queued_from_the_frontend(server, page, object_info, t
     assert set(server.loras_dir.rglob("*.safetensors")) - loras_before, "no LoRA written"
     queued = result.history.get("prompt", [None, None, {}])[2]
     trains = harness.nodes_of_type(queued, "PRDPTrainLoRA")
-    assert trains and queued[trains[0]]["inputs"]["epochs"] == TINY_TRAINING["epochs"]
+    assert trains and queued[trains[0]]["inputs"]["epochs"] == 1
     assert (tmp_path / "train_and_compare.png").stat().st_size > 10_000
     print(f"screenshot: {tmp_path / 'train_and_compare.png'}")

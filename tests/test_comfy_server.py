@@ -167,3 +167,17 @@ def test_http_routes_answer_and_refuse_unknown_jobs(server):
         with pytest.raises(urllib.error.HTTPError) as error:
             harness.http_json(method, server.base_url + path, {} if method == "POST" else None)
         assert error.value.code in (400, 404), (path, error.value.code)
+
+
+@pytest.mark.parametrize("backend", ["websocket-client", "aiohttp"])
+def test_event_listener_backends_receive_the_status_event(server, backend):
+    if backend == "websocket-client":
+        pytest.importorskip("websocket", reason="websocket-client is not installed")
+    listener = harness.EventListener(server.base_url, backend=backend)
+    try:
+        found = listener.wait_for_event(lambda e: e[0] == "status", timeout=20)
+        assert found is not None, listener.events
+        assert found[1][1].get("sid") == listener.client_id
+    finally:
+        listener.close()
+    assert not listener.alive

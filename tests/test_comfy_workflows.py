@@ -21,7 +21,7 @@ from comfy_harness import (MODE_BYPASS, MODE_NEVER, UiWorkflowBuilder, WorkflowC
 WORKFLOWS_DIR = harness.REPO_ROOT / "workflows"
 PRDP_NODES = ("PRDPLoadRewardModel", "PRDPTrainLoRA", "PRDPApplyLoRA", "PRDPScoreImages")
 FINETUNED_MARKERS = {"PRDPTrainLoRA", "PRDPApplyLoRA", "LoraLoader", "LoraLoaderModelOnly", "LoraModelLoader"}
-IMAGE_SIZE = 64
+IMAGE_SIZE = harness.TINY_IMAGE_SIZE
 
 # --------------------------------------------------------------------------------------
 # Converter, on a synthetic /object_info (no ComfyUI needed)
@@ -242,41 +242,8 @@ def _assert_success(server, result):
     assert result.status == "success", f"{result.describe()}\n--- server log ---\n{server.log_tail()}"
 
 
-def core_ui_workflow(object_info, ckpt_name: str) -> dict:
-    """Checkpoint -> text encode x2 -> (bypassed upscale) -> KSampler -> VAEDecode -> SaveImage,
-    with a Reroute, a PrimitiveNode seed, a Note and a muted node, as a user would save it."""
-    g = UiWorkflowBuilder(object_info)
-    ckpt = g.node("CheckpointLoaderSimple", {"ckpt_name": ckpt_name})
-    positive = g.node("CLIPTextEncode", {"text": "a red apple on a table"})
-    negative = g.node("CLIPTextEncode", {"text": "blurry"})
-    latent = g.node("EmptyLatentImage", {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1})
-    upscale = g.node("LatentUpscaleBy", {"upscale_method": "nearest-exact", "scale_by": 2.0}, mode=MODE_BYPASS)
-    sampler = g.node("KSampler", {"seed": 7, "steps": 2, "cfg": 4.0, "sampler_name": "euler",
-                                  "scheduler": "normal", "denoise": 1.0}, control="randomize")
-    decode = g.node("VAEDecode")
-    save = g.node("SaveImage", {"filename_prefix": "harness/core"})
-    reroute = g.node("Reroute")
-    seed = g.node("PrimitiveNode", {"value": 11})
-    g.node("Note", {"text": "tiny CPU test graph"})
-    muted_save = g.node("SaveImage", {"filename_prefix": "harness/muted"}, mode=MODE_NEVER)
-    g.link(ckpt, 0, reroute, 0)
-    g.link(reroute, 0, sampler, "model")
-    g.link(ckpt, 1, positive, "clip")
-    g.link(ckpt, 1, negative, "clip")
-    g.link(positive, 0, sampler, "positive")
-    g.link(negative, 0, sampler, "negative")
-    g.link(latent, 0, upscale, "samples")
-    g.link(upscale, 0, sampler, "latent_image")
-    g.link(seed, 0, sampler, "seed")
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    g.link(decode, 0, save, "images")
-    g.link(decode, 0, muted_save, "images")
-    return g.build()
-
-
 def test_core_workflow_runs_on_the_tiny_checkpoint(server, object_info, checkpoint_name):
-    workflow = core_ui_workflow(object_info, checkpoint_name)
+    workflow = harness.core_ui_workflow(object_info, checkpoint_name)
     prompt = workflow_to_api_prompt(workflow, object_info)
     assert sorted(n["class_type"] for n in prompt.values()) == sorted(
         ["CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
@@ -302,9 +269,7 @@ def test_core_workflow_runs_on_the_tiny_checkpoint(server, object_info, checkpoi
 # Training inside the server (a graph built here, independent of workflows/)
 # --------------------------------------------------------------------------------------
 
-TINY_TRAINING = {"epochs": 2, "prompts_per_epoch": 1, "images_per_prompt": 2, "steps": 2,
-                 "width": IMAGE_SIZE, "height": IMAGE_SIZE, "lora_rank": 2, "learning_rate": 3e-3,
-                 "updates_per_epoch": 1, "seed": 5}
+TINY_TRAINING = harness.TINY_TRAINING
 COMPARE_PROMPT = "a photo of a cat"
 COMPARE_SEED = 123
 LORA_FOLDER_NAME = "prdp"  # LoRAs are written to models/loras/prdp/
@@ -535,7 +500,7 @@ def tiny_workflow_overrides(prompt: dict, object_info: dict, lora_name: str,
         "EmptyLatentImage": {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1},
         "KSampler": {"steps": 2},
         "KSamplerAdvanced": {"steps": 2},
-        "PRDPTrainLoRA": {**TINY_TRAINING, "lora_name": lora_name},
+        "PRDPTrainLoRA": {**TINY_TRAINING, "epochs": 1, "lora_name": lora_name},
         "LoraLoader": {"lora_name": trained_lora},
         "LoraLoaderModelOnly": {"lora_name": trained_lora},
     }
