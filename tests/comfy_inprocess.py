@@ -20,7 +20,7 @@ PACKAGE_NAME = "comfyui_prdp_custom_node"     # ComfyUI also imports custom node
 #: the tiny UNet layout (ComfyUI detects SD15 from model_channels 320 + context_dim 768)
 TINY_UNET = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1, 1],
                  channel_mult=[1, 1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
-                 transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=-1,
+                 transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=1,
                  context_dim=768, use_linear_in_transformer=False, legacy=False)
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}

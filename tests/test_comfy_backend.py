@@ -24,6 +24,8 @@ from comfyui_prdp.backends.comfy_backend import ComfyBackend, identity_weight  #
 from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
 
 HW = 64
+#: 4 transformer blocks in the tiny UNet (input, middle, 2 output) x attn1/attn2 x to_q/k/v/out.0
+ADAPTERS = 32
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +150,39 @@ def test_gradients_reach_every_lora_factor_from_a_fresh_thread(sd15):
 
     grads = in_thread(step)
     ups, downs = grads[0::2], grads[1::2]
-    assert len(downs) == len(backend.adapters) == 24   # 6 transformer blocks' to_q/k/v/out per attention x 2
+    assert len(downs) == len(backend.adapters) == ADAPTERS
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(g.abs().sum() > 0 for g in downs), "a lora_down got no gradient"
     # lora_down starts at zero, so lora_up gradients are exactly zero on the first step
     assert all(g.abs().sum() == 0 for g in ups)
     base_grads = [n for n, p in backend.patcher.model.diffusion_model.named_parameters() if p.grad is not None]
     assert base_grads == [], "base weights (shared with the user's MODEL) received gradients"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_is_removed_on_release(sd15):
+    model, clip, vae = sd15
+    unet = model.model.diffusion_model
+    cond = in_thread(lambda: make_backend(sd15).encode_prompts(["a cat"]))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([300])
+    grads = {}
+    for checkpointing in (False, True):
+        backend = make_backend(sd15, gradient_checkpointing=checkpointing)
+        randomize_lora(backend, seed=5)
+
+        def step():
+            backend.prepare_for_training()
+            backend.predict_eps(x, t, cond).pow(2).mean().backward()
+            return [p.grad.clone() for p in backend.trainable_parameters()]
+
+        grads[checkpointing] = in_thread(step)
+        patched = [m for m in unet.modules() if "forward" in m.__dict__]
+        assert bool(patched) == checkpointing
+        backend.release()
+        assert not [m for m in unet.modules() if "forward" in m.__dict__], "checkpointing left on the user's UNet"
+    for plain, checkpointed in zip(grads[False], grads[True]):
+        assert torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads[True])
 
 
 def test_the_users_model_is_left_untouched(sd15):
@@ -230,6 +258,35 @@ def test_exported_lora_loads_in_comfyui_with_every_key_matched_and_the_same_effe
     finally:
         logging.getLogger().removeHandler(capture)
     assert set(loaded) == set(state)
+
+
+def test_exported_lora_loads_in_diffusers_with_the_same_effect(sd15):
+    """The same UNet as a diffusers model (weights mapped with ComfyUI's own table), the LoRA
+    file loaded through diffusers' kohya reader: identical output."""
+    diffusers = pytest.importorskip("diffusers")
+    model, clip, vae = sd15
+    backend = make_backend(sd15)
+    randomize_lora(backend, scale=0.05, seed=11)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(320, 320), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=768, attention_head_dim=8)
+    comfy.model_management.load_models_gpu([model])   # undo weight patches other models left in place
+    ldm = model.model.diffusion_model.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    unet.load_state_dict({d: ldm[k].detach().float().clone() for d, k in mapping.items() if k in ldm}, strict=True)
+    lora, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(backend.lora_state_dict())
+    assert len(lora) == 2 * ADAPTERS and all(".processor." in k for k in lora)   # every module understood
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(lora, alphas, unet)
+    generator = torch.Generator().manual_seed(12)
+    x, context, t = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 768, generator=generator), torch.tensor([500])
+    with torch.no_grad():
+        with_lora = unet(x, t, encoder_hidden_states=context).sample
+        unet.disable_adapters()
+        without = unet(x, t, encoder_hidden_states=context).sample
+    ours = in_thread(lambda: backend.predict_eps(x, t, {"context": context}).detach())
+    assert (with_lora - without).abs().max() > 1e-3, "the LoRA had no effect in diffusers"
+    assert torch.allclose(with_lora, ours, atol=1e-4), (with_lora - ours).abs().max()
 
 
 def test_lora_state_dict_round_trip_restores_the_same_model(sd15):
@@ -316,12 +373,12 @@ def test_train_node_saves_a_kohya_lora_and_returns_the_patched_model(plugin, sd1
     model_out, lora, curve = out["result"]
     path = comfy_dirs / "loras" / "prdp" / "inproc.safetensors"
     state, metadata = load_lora(path)
-    assert len(state) == 72 and all(k.startswith("lora_unet_") for k in state)
+    assert len(state) == 3 * ADAPTERS and all(k.startswith("lora_unet_") for k in state)
     assert metadata["format"] == "comfyui-prdp" and metadata["epochs"] == "1"
-    assert set(lora) == {k for k in lora if k.startswith("diffusion_model.")} and len(lora) == 72
+    assert set(lora) == {k for k in lora if k.startswith("diffusion_model.")} and len(lora) == 3 * ADAPTERS
     assert "prdp/inproc.safetensors" in out["ui"]["text"][0]
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.min() >= 0 and curve.max() <= 1
-    assert len(model_out.patches) == 24 and model.weight_wrapper_patches == {} and model.patches == {}
+    assert len(model_out.patches) == ADAPTERS and model.weight_wrapper_patches == {} and model.patches == {}
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
     context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(10))
     t = torch.tensor([500])
@@ -371,6 +428,6 @@ def test_cancel_ends_the_node_interrupted_within_seconds_and_keeps_a_checkpoint(
     found = list((comfy_dirs / "output" / "prdp_runs").glob("cancelled/checkpoints/epoch_*_stopped"))
     assert found, "no checkpoint after Cancel"
     state, _ = load_lora(found[0] / "lora.safetensors")
-    assert len(state) == 72
+    assert len(state) == 3 * ADAPTERS
     job = [j for j in plugin.comfyui_prdp.jobs.JOBS.jobs() if j.name == "cancelled"][-1]
     assert job.status == "stopped" and 1 <= len(job.metrics) < 50

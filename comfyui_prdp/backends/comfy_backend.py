@@ -32,6 +32,7 @@ import uuid
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from .. import comfy_lora
 from .base import Backend, Cond
@@ -78,6 +79,50 @@ class SwitchableAdapter(torch.nn.Module):
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
 
+class BlockCheckpointing:
+    """Activation checkpointing of the UNet's blocks (each layer of input_blocks, middle_block,
+    output_blocks): activations are recomputed in backward instead of kept, for memory.
+
+    The UNet is shared with the user's MODEL, so the patch is an instance-level `forward`
+    that checkpoints only while `enabled` and gradients are on, and `remove()` restores
+    exactly what was there before.
+    """
+
+    _MISSING = object()
+
+    def __init__(self, unet: torch.nn.Module):
+        self.enabled = True
+        self._patched: List[tuple] = []
+        blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + \
+            list(getattr(unet, "output_blocks", []))
+        for block in blocks:
+            if block is None:
+                continue
+            for layer in block.children():
+                self._patch(layer)
+
+    def _patch(self, layer: torch.nn.Module) -> None:
+        previous = layer.__dict__.get("forward", self._MISSING)
+        original = layer.forward
+        gate = self
+
+        def forward(*args, **kwargs):
+            if gate.enabled and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+            return original(*args, **kwargs)
+
+        layer.forward = forward
+        self._patched.append((layer, previous))
+
+    def remove(self) -> None:
+        for layer, previous in reversed(self._patched):
+            if previous is self._MISSING:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = previous
+        self._patched.clear()
+
+
 def is_target_module(name: str, targets: Sequence[str]) -> bool:
     """Attention projections of transformer blocks, e.g. `...transformer_blocks.0.attn1.to_q`."""
     if ".transformer_blocks." not in f".{name}":
@@ -104,7 +149,7 @@ class ComfyBackend(Backend):
 
     def __init__(self, model, clip, vae, *, rank: int = 8, alpha: Optional[float] = None,
                  targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0,
-                 model_name: Optional[str] = None):
+                 model_name: Optional[str] = None, gradient_checkpointing: bool = False):
         import comfy.model_management
         import comfy.weight_adapter
 
@@ -135,6 +180,9 @@ class ComfyBackend(Backend):
         self.switch = AdapterSwitch()
         self.adapters: Dict[str, SwitchableAdapter] = {}
         self._wrappers: List[object] = []
+        self._loaded_batch = 0
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self._checkpointing: Optional[BlockCheckpointing] = None
 
         with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -207,18 +255,23 @@ class ComfyBackend(Backend):
 
         return (self.patcher.model.current_patcher is self.patcher
                 and any(m is self.patcher for m in comfy.model_management.loaded_models())
-                and batch <= getattr(self, "_loaded_batch", 0))
+                and batch <= self._loaded_batch)
 
     def prepare_for_sampling(self) -> None:
         self._load()
 
     def prepare_for_training(self) -> None:
         self._load()
+        if self.gradient_checkpointing and self._checkpointing is None:
+            self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model)
 
     def release(self) -> None:
         """Unload the clone and take this backend's wrappers off the shared modules."""
         import comfy.model_management
 
+        if self._checkpointing is not None:
+            self._checkpointing.remove()
+            self._checkpointing = None
         for loaded in list(comfy.model_management.current_loaded_models):
             if loaded.model is self.patcher:
                 loaded.model_unload()
