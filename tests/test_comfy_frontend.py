@@ -183,3 +183,13 @@ def test_train_and_compare_queued_from_the_frontend(server, page, object_info, t
     assert trains and queued[trains[0]]["inputs"]["epochs"] == 1
     assert (tmp_path / "train_and_compare.png").stat().st_size > 10_000
     print(f"screenshot: {tmp_path / 'train_and_compare.png'}")
+
+
+def test_web_extension_is_registered_without_page_errors(page):
+    web_files = sorted((harness.REPO_ROOT / "web").glob("*.js"))
+    if not web_files:
+        pytest.skip("the package has no web/*.js extension")
+    names = page.evaluate("() => (window.app.extensions || []).map(e => e.name)")
+    assert any("prdp" in name.lower() for name in names), names
+    ours = [e for e in page.errors if "prdp" in e.lower() or "comfyui-prdp" in e]
+    assert not ours, ours

@@ -181,3 +181,18 @@ def test_event_listener_backends_receive_the_status_event(server, backend):
     finally:
         listener.close()
     assert not listener.alive
+
+
+def test_web_extension_files_are_served(server):
+    _require_package_entry_point()
+    import urllib.request
+
+    web_files = sorted((harness.REPO_ROOT / "web").glob("*.js"))
+    if not web_files:
+        pytest.skip("the package has no web/*.js extension")
+    listed = harness.get_json(server.base_url, "/extensions")
+    for path in web_files:
+        url = f"/extensions/{harness.PACKAGE_LINK_NAME}/{path.name}"
+        assert url in listed, (url, listed)
+        with urllib.request.urlopen(server.base_url + url, timeout=30) as response:
+            assert response.read() == path.read_bytes()
