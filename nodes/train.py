@@ -153,7 +153,8 @@ class PRDPTrainLoRA:
         with torch.inference_mode(False):
             backend = ComfyBackend(model, clip, vae, rank=config.lora_rank, alpha=config.lora_alpha,
                                    targets=config.lora_targets, seed=config.seed,
-                                   gradient_checkpointing=config.gradient_checkpointing)
+                                   gradient_checkpointing=config.gradient_checkpointing,
+                                   mixed_precision=config.mixed_precision)
             if len(prompt_list) < PROMPT_CACHE_SIZE:   # encode here: errors show before the job starts
                 backend.encode_prompts(prompt_list + [config.negative_prompt])
 

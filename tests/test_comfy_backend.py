@@ -321,6 +321,17 @@ def test_prompts_of_different_lengths_batch_and_decode_gives_images(sd15):
     assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
 
 
+def test_training_compute_dtype_policy():
+    from comfyui_prdp.backends.comfy_backend import training_compute_dtype
+
+    assert training_compute_dtype("fp16", "cpu", False) is None          # the CPU keeps ComfyUI's fp32
+    assert training_compute_dtype("fp16", "cuda", True) == torch.bfloat16
+    assert training_compute_dtype("fp16", "cuda", False) == torch.float16
+    assert training_compute_dtype("no", "cuda", True) == torch.float32
+    with pytest.raises(ValueError, match="mixed_precision"):
+        training_compute_dtype("fp8", "cuda", True)
+
+
 def test_refuses_a_missing_clip_or_vae(sd15):
     model, clip, vae = sd15
     with pytest.raises(ValueError, match="clip is None"):

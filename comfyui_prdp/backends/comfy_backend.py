@@ -123,6 +123,23 @@ class BlockCheckpointing:
         self._patched.clear()
 
 
+def training_compute_dtype(mixed_precision: Optional[str], device_type: str,
+                           bf16_supported: bool) -> Optional[torch.dtype]:
+    """The UNet compute dtype while training, or None to keep ComfyUI's choice.
+
+    Only GPUs change: 'no' -> fp32; 'bf16' or 'fp16' -> bf16 where the GPU has it (its range
+    needs no loss scaling, which this LoRA training does not do), else fp16. On the CPU (or
+    MPS) ComfyUI's choice stays.
+    """
+    if device_type != "cuda" or mixed_precision is None:
+        return None
+    if mixed_precision == "no":
+        return torch.float32
+    if mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if bf16_supported else torch.float16
+    raise ValueError(f"mixed_precision={mixed_precision!r}: use 'no', 'fp16' or 'bf16'")
+
+
 def is_target_module(name: str, targets: Sequence[str]) -> bool:
     """Attention projections of transformer blocks, e.g. `...transformer_blocks.0.attn1.to_q`."""
     if ".transformer_blocks." not in f".{name}":
@@ -149,7 +166,8 @@ class ComfyBackend(Backend):
 
     def __init__(self, model, clip, vae, *, rank: int = 8, alpha: Optional[float] = None,
                  targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0,
-                 model_name: Optional[str] = None, gradient_checkpointing: bool = False):
+                 model_name: Optional[str] = None, gradient_checkpointing: bool = False,
+                 mixed_precision: Optional[str] = None):
         import comfy.model_management
         import comfy.weight_adapter
 
@@ -172,6 +190,11 @@ class ComfyBackend(Backend):
         self.model_name = model_name or type(base.model_config).__name__
         self.device = self.patcher.load_device
         self.dtype = torch.float32   # inputs; ComfyUI casts to the model's compute dtype itself
+        compute = training_compute_dtype(
+            mixed_precision, self.device.type,
+            self.device.type == "cuda" and comfy.model_management.should_use_bf16(self.device))
+        if compute is not None:
+            self.patcher.set_model_compute_dtype(compute)
         self._sigmas = self._discrete_sigmas()
         self._alphas = 1.0 / (1.0 + self._sigmas.double() ** 2)
         self._needs_pooled = bool(getattr(base, "adm_channels", 0))
