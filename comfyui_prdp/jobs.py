@@ -178,6 +178,7 @@ class Job:
         finally:
             with self._lock:
                 self.finished = time.time()
+                self.preview = None          # finished jobs stay listed; their images need not
             self._put({"type": "job_end", "status": self.status})
             self._done.set()
 

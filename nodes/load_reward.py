@@ -47,8 +47,9 @@ def factory_options(name: str) -> set:
     return {p.name for p in parameters}
 
 
-def reward_kwargs(reward: str, weights: str, device: str, dtype: str, components: str,
+def reward_kwargs(reward: str, device: str, dtype: str, components: str,
                   allow_download: bool, weights_path: str | None) -> Dict[str, Any]:
+    """The options the node passes to the reward's factory (only those it accepts)."""
     accepted = factory_options(reward)
     wanted: Dict[str, Any] = {
         "device": (comfy_device_name() or None) if device == "auto" else device,
@@ -130,5 +131,5 @@ class PRDPLoadRewardModel:
         if weights != AUTO_WEIGHTS:
             folder_paths = folder_paths_module()
             weights_path = folder_paths.get_full_path_or_raise(REWARD_FOLDER, weights)
-        kwargs = reward_kwargs(reward, weights, device, dtype, components, allow_download, weights_path)
+        kwargs = reward_kwargs(reward, device, dtype, components, allow_download, weights_path)
         return (rewards.create_reward(reward, **kwargs),)

@@ -64,7 +64,8 @@ def test_events_are_recorded_in_order_and_the_snapshot_is_json_safe():
     assert snap["metrics"][0]["reward_mean"] == 1.5 and snap["epoch"] == 1
     assert snap["checkpoints"] == ["/runs/x/checkpoints/epoch_00001"]
     assert snap["progress"] == 1.0 and snap["info"] == {"lr": 1e-4}
-    assert job.preview.shape == (2, 8, 8, 3)
+    assert events[2]["preview"].shape == (2, 8, 8, 3)
+    assert job.preview is None     # dropped when the job ends (finished jobs stay in the registry)
 
 
 def test_stop_request_reaches_the_target_and_marks_the_job_stopped():
