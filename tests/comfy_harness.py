@@ -1066,18 +1066,6 @@ def nodes_of_type(prompt: Mapping[str, Any], class_type: str) -> list[str]:
     return [nid for nid, n in prompt.items() if n.get("class_type") == class_type]
 
 
-def upstream_classes(prompt: Mapping[str, Any], node_id: str, input_name: str) -> list[str]:
-    """Class types met walking up from ``node_id``'s ``input_name`` link (first input links)."""
-    seen: list[str] = []
-    value = prompt[node_id]["inputs"].get(input_name)
-    while isinstance(value, list) and len(value) == 2 and value[0] in prompt:
-        upstream = prompt[value[0]]
-        seen.append(upstream["class_type"])
-        value = next((v for v in upstream["inputs"].values() if isinstance(v, list) and len(v) == 2
-                      and v[0] in prompt), None)
-    return seen
-
-
 class UiWorkflowBuilder:
     """Build a UI-format (version 0.4) workflow by hand, shaped like the frontend saves it.
 
