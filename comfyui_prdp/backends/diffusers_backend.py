@@ -1,0 +1,253 @@
+"""A `Backend` over Stable-Diffusion-style diffusers components with a peft LoRA on the UNet.
+
+The base model is the same UNet with its adapters disabled, so no second copy is held. The
+LoRA starts with lora_B = 0 (no effect) and is the only trainable tensor; every other weight
+is frozen and the model stays in eval mode (no dropout), so sampling and re-evaluation of the
+same transition agree exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Sequence, Union
+
+import torch
+
+from .. import lora_keys
+from ..config import TrainConfig
+from .base import Backend, Cond
+
+ADAPTER_NAME = "prdp"
+_HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """`device`, or cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def frozen_weight_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
+    """Half precision for frozen weights only on CUDA with mixed precision; float32 otherwise."""
+    if device.type == "cuda" and mixed_precision in _HALF_DTYPES:
+        return _HALF_DTYPES[mixed_precision]
+    return torch.float32
+
+
+class DiffusersBackend(Backend):
+    """UNet2DConditionModel + CLIP text encoder + AutoencoderKL + a scheduler's schedule."""
+
+    def __init__(self, unet, text_encoder, tokenizer, vae, scheduler, config: TrainConfig,
+                 device: Union[str, torch.device, None] = None, model_name: str = "unknown"):
+        self.device = resolve_device(device)
+        self.mixed_precision = config.mixed_precision
+        self.dtype = frozen_weight_dtype(self.device, config.mixed_precision)
+        self.model_name = model_name
+        self.unet, self.text_encoder, self.tokenizer, self.vae = unet, text_encoder, tokenizer, vae
+        self.decode_batch_size = max(1, config.sample_batch_size)
+
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in _PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type={self.prediction_type!r} is not supported; "
+                             f"use a model trained with one of {', '.join(_PREDICTION_TYPES)}")
+        self._alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod).detach().to("cpu", torch.float64)
+        self._alphas_on_device = self._alphas_cumprod.to(self.device, torch.float32)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
+        if int(unet.config.in_channels) != self.latent_channels:
+            raise ValueError(f"UNet takes {unet.config.in_channels} channels but the VAE makes "
+                             f"{self.latent_channels}: these components do not belong together")
+
+        for module in (unet, text_encoder, vae):
+            module.requires_grad_(False)
+            module.eval()
+        self._add_lora(config)
+        for module, dtype in ((text_encoder, self.dtype), (unet, self.dtype),
+                              (vae, torch.float32)):  # the VAE is small; float32 avoids fp16 overflow
+            _move(module, self.device, dtype)
+        for parameter in self.trainable_parameters():
+            parameter.data = parameter.data.float()  # LoRA weights stay float32
+        self.set_gradient_checkpointing(config.gradient_checkpointing)
+        self._adapters_off = False
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_components(cls, unet, text_encoder, tokenizer, vae, scheduler, config: TrainConfig,
+                        device=None, model_name: str = "unknown") -> "DiffusersBackend":
+        return cls(unet, text_encoder, tokenizer, vae, scheduler, config, device=device, model_name=model_name)
+
+    @classmethod
+    def from_pipeline(cls, pipe, config: TrainConfig, device=None, model_name: str = "unknown") -> "DiffusersBackend":
+        """From a `StableDiffusionPipeline` (or anything with the same five components)."""
+        missing = [name for name in ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+                   if getattr(pipe, name, None) is None]
+        if missing:
+            raise ValueError(f"pipeline {type(pipe).__name__} lacks {', '.join(missing)}: "
+                             "a Stable-Diffusion-style pipeline is needed")
+        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, config,
+                   device=device, model_name=model_name)
+
+    def _add_lora(self, config: TrainConfig) -> None:
+        from peft import LoraConfig
+
+        self.lora_rank = int(config.lora_rank)
+        self.lora_alpha = float(config.effective_lora_alpha)
+        self.lora_targets = list(config.lora_targets)
+        lora_config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha,
+                                 target_modules=self.lora_targets, init_lora_weights=True, lora_dropout=0.0)
+        try:
+            self.unet.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
+        except ValueError as error:
+            raise ValueError(f"LoRA targets {self.lora_targets} do not name layers of this UNet "
+                             f"({error}); use module names such as to_q, to_k, to_v, to_out.0") from error
+        self._lora_layers = self._find_lora_layers()
+        if not self._lora_layers:
+            raise ValueError(f"LoRA targets {self.lora_targets} matched no layer of this UNet")
+
+    def _find_lora_layers(self) -> Dict[str, torch.nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return {name: module for name, module in self.unet.named_modules()
+                if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A}
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute UNet activations in the backward pass (less memory, ~30% more time)."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+        self.gradient_checkpointing = bool(enabled)
+
+    # --- schedule -----------------------------------------------------------------------
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    def latent_shape(self, height: int, width: int) -> Sequence[int]:
+        factor = self.vae_scale_factor
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise ValueError(f"image size {width}x{height} must be a positive multiple of {factor} "
+                             f"for this model (e.g. {max(factor, width // factor * factor)}x"
+                             f"{max(factor, height // factor * factor)})")
+        return (self.latent_channels, height // factor, width // factor)
+
+    # --- model verbs --------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.mixed_precision in _HALF_DTYPES:
+            return torch.autocast("cuda", dtype=_HALF_DTYPES[self.mixed_precision])
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: List[str]) -> Cond:
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+        max_length = min(int(self.tokenizer.model_max_length),
+                         int(self.text_encoder.config.max_position_embeddings))
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=max_length,
+                                truncation=True, return_tensors="pt")
+        with self._autocast():
+            hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return {"context": hidden.to(self.dtype)}
+
+    def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        x = x.to(self.device)
+        with self._autocast():
+            out = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond["context"].to(self.device)).sample
+        if self.prediction_type == "epsilon":
+            return out
+        alpha = self._alphas_on_device[t.long()].view(-1, *([1] * (x.dim() - 1)))
+        out, x = out.float(), x.float()
+        if self.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
+            return alpha.sqrt() * out + (1 - alpha).sqrt() * x
+        return (x - alpha.sqrt() * out) / (1 - alpha).sqrt()  # "sample": the model predicts x0
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        scaling = float(self.vae.config.scaling_factor)
+        shift = self.vae.config.get("shift_factor", None) or 0.0
+        images = []
+        for chunk in latents.split(self.decode_batch_size):
+            z = chunk.to(self.device, torch.float32) / scaling + shift
+            pixels = self.vae.decode(z).sample
+            images.append(((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+        return torch.cat(images).contiguous()
+
+    # --- the LoRA -----------------------------------------------------------------------
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        parameters = []
+        for layer in self._lora_layers.values():
+            parameters.extend(layer.lora_A[ADAPTER_NAME].parameters())
+            parameters.extend(layer.lora_B[ADAPTER_NAME].parameters())
+        return parameters
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        if self._adapters_off:  # nested: already the base model
+            yield
+            return
+        self.unet.disable_adapters()
+        self._adapters_off = True
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            self._adapters_off = False
+            for parameter in self.trainable_parameters():
+                parameter.requires_grad_(True)
+
+    def lora_state_dict(self) -> Dict[str, torch.Tensor]:
+        state: Dict[str, torch.Tensor] = {}
+        for module_name, layer in self._lora_layers.items():
+            down = layer.lora_A[ADAPTER_NAME].weight
+            up = layer.lora_B[ADAPTER_NAME].weight
+            state[lora_keys.kohya_key(module_name, lora_keys.DOWN)] = _export(down)
+            state[lora_keys.kohya_key(module_name, lora_keys.UP)] = _export(up)
+            state[lora_keys.kohya_key(module_name, lora_keys.ALPHA)] = torch.tensor(
+                float(layer.lora_alpha[ADAPTER_NAME]), dtype=torch.float32)
+        return state
+
+    @torch.no_grad()
+    def load_lora_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load a kohya LoRA made for this model and LoRA layout (same modules and rank).
+
+        An `.alpha` different from this backend's is folded into lora_up, so the loaded
+        LoRA has exactly the effect it had where it was saved.
+        """
+        grouped = lora_keys.group_by_module(state, self._lora_layers)
+        missing = sorted(set(self._lora_layers) - set(grouped))
+        if missing:
+            raise ValueError(f"the LoRA lacks {len(missing)} of this model's adapted modules "
+                             f"(e.g. {missing[0]}): it was made with other lora_targets")
+        for module_name, parts in grouped.items():
+            layer = self._lora_layers[module_name]
+            down_param = layer.lora_A[ADAPTER_NAME].weight
+            up_param = layer.lora_B[ADAPTER_NAME].weight
+            down, up = parts[lora_keys.DOWN], parts[lora_keys.UP]
+            if tuple(down.shape) != tuple(down_param.shape) or tuple(up.shape) != tuple(up_param.shape):
+                raise ValueError(f"LoRA shapes for {module_name} are down {tuple(down.shape)}, up {tuple(up.shape)}; "
+                                 f"this model needs {tuple(down_param.shape)}, {tuple(up_param.shape)} "
+                                 f"(rank {self.lora_rank}): set lora_rank to the file's rank")
+            rank = down.shape[0]
+            file_scale = float(parts[lora_keys.ALPHA]) / rank if lora_keys.ALPHA in parts else 1.0
+            own_scale = float(layer.scaling[ADAPTER_NAME])
+            down_param.copy_(down.to(down_param.device, down_param.dtype))
+            up_param.copy_((up.double() * (file_scale / own_scale)).to(up_param.device, up_param.dtype))
+
+    def lora_info(self) -> Dict[str, object]:
+        return {"rank": self.lora_rank, "alpha": self.lora_alpha, "targets": list(self.lora_targets),
+                "adapted_modules": len(self._lora_layers),
+                "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    module.to(device)
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module.to(dtype=dtype)
+
+
+def _export(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float32).contiguous().clone()
