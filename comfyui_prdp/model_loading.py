@@ -1,0 +1,196 @@
+"""Resolve `--base` to a `DiffusersBackend`, never downloading anything.
+
+- None (or "embedded-tiny-sd"): the embedded tiny model, built from configs.
+- a diffusers directory (has model_index.json): `StableDiffusionPipeline.from_pretrained`.
+- a single-file checkpoint (.safetensors/.ckpt/.pt/.pth): `from_single_file`, with the component
+  configs from `base_config` (a local diffusers directory) or from the local Hugging Face cache.
+- a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5": the local Hugging Face cache.
+Anything else gets an error that says what to pass instead.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from .backends.diffusers_backend import DiffusersBackend
+from .config import TrainConfig
+from .embedded import MODEL_NAME as EMBEDDED_NAME, build_embedded_pipeline
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+# single-file model types (diffusers' names) whose layout the diffusers backend runs
+SUPPORTED_SINGLE_FILE_TYPES = ("v1", "v2")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
+
+
+class ModelLoadError(ValueError):
+    """The base model cannot be loaded as given; the message says what to do instead."""
+
+
+def load_backend(base: Optional[str], config: TrainConfig, device: Union[str, torch.device, None] = None,
+                 base_config: Optional[str] = None) -> DiffusersBackend:
+    """A `DiffusersBackend` for `base` (see the module docstring), LoRA set up from `config`."""
+    components, name = load_components(base, base_config=base_config)
+    return DiffusersBackend.from_components(**components, config=config, device=device, model_name=name)
+
+
+def load_components(base: Optional[str], base_config: Optional[str] = None) -> Tuple[Dict[str, object], str]:
+    """({unet, text_encoder, tokenizer, vae, scheduler}, model name) for `base`, on the CPU."""
+    if base is None or str(base).strip() in ("", EMBEDDED_NAME):
+        return build_embedded_pipeline(0), EMBEDDED_NAME
+    base = str(base)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return _pipeline_components(_from_diffusers_dir(path)), path.resolve().name
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{path} is not a model checkpoint: pass a diffusers directory or a single-file "
+                                 f"checkpoint ending in {', '.join(SINGLE_FILE_SUFFIXES)}")
+        return _pipeline_components(_from_single_file(path, base_config)), path.stem
+    if _HUB_ID.match(base) and not base.startswith((".", "~")):
+        return _pipeline_components(_from_hub_cache(base)), base
+    raise FileNotFoundError(f"base model {base!r} not found: pass an existing diffusers directory, a single-file "
+                            "checkpoint (.safetensors/.ckpt), a hub id already in the local Hugging Face cache, "
+                            "or nothing for the embedded tiny model")
+
+
+def _pipeline_components(pipe) -> Dict[str, object]:
+    return {name: getattr(pipe, name) for name in COMPONENTS}
+
+
+def _sd_pipeline_class():
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline
+
+
+_NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def check_diffusers_dir(path: Path) -> None:
+    """Raise ModelLoadError unless `path` holds a Stable-Diffusion-style diffusers model."""
+    import json
+
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{path} is a directory without model_index.json, so not a diffusers model: pass the "
+                             "folder a pipeline was saved to with save_pretrained, or a single-file checkpoint")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{index_file} is not readable JSON ({error}): the model folder is damaged") from error
+    if "text_encoder_2" in index or "transformer" in index:
+        raise ModelLoadError(f"{path} is a {index.get('_class_name', 'non-SD1/SD2')} model; the diffusers backend "
+                             "runs Stable Diffusion 1.x/2.x-style models (one CLIP text encoder and a UNet)")
+    missing = [name for name in COMPONENTS if name not in index]
+    if missing:
+        raise ModelLoadError(f"{path} lacks the component(s) {', '.join(missing)} a Stable Diffusion pipeline needs")
+
+
+def _from_diffusers_dir(path: Path):
+    check_diffusers_dir(path)
+    try:
+        return _sd_pipeline_class().from_pretrained(str(path), local_files_only=True, **_NO_SAFETY_CHECKER)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load the diffusers model in {path}: {error}") from error
+
+
+def _from_hub_cache(repo_id: str):
+    try:
+        return _sd_pipeline_class().from_pretrained(repo_id, local_files_only=True, **_NO_SAFETY_CHECKER)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{repo_id!r} is not in the local Hugging Face cache and nothing is downloaded here. On a machine "
+            f"with network run `huggingface-cli download {repo_id}` (or `hf download {repo_id}`) and copy the cache "
+            f"(~/.cache/huggingface) here, or pass a local diffusers directory or a single-file checkpoint "
+            f"as the base model (if {repo_id!r} was meant as a local path: it does not exist). "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
+
+
+def _from_single_file(path: Path, base_config: Optional[str]):
+    if base_config is not None:
+        config_dir = Path(base_config).expanduser()
+        if not config_dir.is_dir():
+            raise FileNotFoundError(f"base config {base_config!r} is not a directory: pass a local diffusers model "
+                                    "directory whose configs match the checkpoint")
+        check_diffusers_dir(config_dir)
+    else:
+        config_dir = _cached_default_config(path)
+    try:
+        return _sd_pipeline_class().from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                                     **_NO_SAFETY_CHECKER)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load {path} with the configs in {config_dir}: {error}. Check that the "
+                             "config directory describes the same architecture as the checkpoint") from error
+
+
+class _LazySafetensors:
+    """A read-only mapping over a .safetensors file that loads only the tensors asked for."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = set(self._file.keys())
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def keys(self):
+        return self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _checkpoint_view(path: Path):
+    if path.suffix.lower() == ".safetensors":
+        return _LazySafetensors(path)
+    state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+def single_file_model_type(path: Path) -> str:
+    """diffusers' name for the architecture of a single-file checkpoint ("v1", "v2", "xl_base", ...)."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    try:
+        return infer_diffusers_model_type(_checkpoint_view(path))
+    except Exception as error:  # a damaged or foreign file: say so instead of a deep traceback
+        raise ModelLoadError(f"{path} could not be read as a Stable Diffusion checkpoint: {error}") from error
+
+
+def _cached_default_config(path: Path) -> Path:
+    """The diffusers configs for the checkpoint's architecture from the local HF cache, or a clear error."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
+    from huggingface_hub import snapshot_download
+
+    model_type = single_file_model_type(path)
+    if model_type not in SUPPORTED_SINGLE_FILE_TYPES:
+        raise ModelLoadError(f"{path} looks like a {model_type!r} checkpoint; the diffusers backend runs Stable "
+                             "Diffusion 1.x/2.x checkpoints (use the ComfyUI nodes for other models)")
+    repo_id = DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_CONFIG_PATTERNS))
+    except Exception as error:
+        raise ModelLoadError(
+            f"{path} is a single-file SD {model_type} checkpoint; building it needs the diffusers configs of "
+            f"{repo_id!r} (component configs and tokenizer, a few kB), which are not in the local Hugging Face "
+            "cache, and nothing is downloaded here. Do one of: (1) pass a local diffusers directory of the same "
+            "architecture as the base config (Python: load_backend(..., base_config=DIR); CLI: --base-config DIR), "
+            f"(2) on a machine with network run `huggingface-cli download {repo_id} --include '*.json' '*.txt'` "
+            "and copy ~/.cache/huggingface here, or (3) convert the checkpoint to a diffusers directory and pass "
+            f"that directory as the base. ({type(error).__name__})") from error
