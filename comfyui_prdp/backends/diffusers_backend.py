@@ -101,6 +101,7 @@ class DiffusersBackend(Backend):
         except ValueError as error:
             raise ValueError(f"LoRA targets {self.lora_targets} do not name layers of this UNet "
                              f"({error}); use module names such as to_q, to_k, to_v, to_out.0") from error
+        self.unet.eval()  # peft creates the new LoRA modules in training mode
         self._lora_layers = self._find_lora_layers()
         if not self._lora_layers:
             raise ValueError(f"LoRA targets {self.lora_targets} matched no layer of this UNet")
