@@ -136,6 +136,34 @@ def test_adapters_switch_the_lora_on_and_off(sd15):
     assert backend.switch.enabled
 
 
+def test_a_lora_applied_upstream_stays_in_the_base_model(sd15):
+    """MODEL -> LoraLoader -> PRDP: the base of the log-ratio includes the user's LoRA."""
+    model, clip, vae = sd15
+    donor = make_backend(sd15)
+    randomize_lora(donor, seed=21)
+    with torch.inference_mode():
+        upstream, _ = comfy.sd.load_lora_for_models(model, None, donor.lora_state_dict(), 1.0, 0)
+    backend = make_backend((upstream, clip, vae))
+    randomize_lora(backend, seed=22)
+    cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(23))
+    t = torch.tensor([450])
+
+    def off_and_on():
+        with torch.no_grad(), backend.adapters_disabled():
+            off = backend.predict_eps(x, t, cond)
+        with torch.no_grad():
+            on = backend.predict_eps(x, t, cond)
+        return off, on
+
+    off, on = in_thread(off_and_on)
+    with_user_lora = unet_output(upstream, x, t, cond["context"])
+    plain = unet_output(model, x, t, cond["context"])
+    assert (with_user_lora - plain).abs().max() > 1e-3
+    assert torch.allclose(off, with_user_lora, atol=2e-4), (off - with_user_lora).abs().max()
+    assert (on - off).abs().max() > 1e-3
+
+
 def test_gradients_reach_every_lora_factor_from_a_fresh_thread(sd15):
     backend = make_backend(sd15)
     cond = in_thread(lambda: backend.encode_prompts(["a cat", "a dog"]))
