@@ -120,10 +120,12 @@ def _from_single_file(path: Path, base_config: Optional[str]):
         check_diffusers_dir(config_dir)
     else:
         config_dir = _cached_default_config(path)
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     try:
         return _sd_pipeline_class().from_single_file(str(path), config=str(config_dir), local_files_only=True,
                                                      **_NO_SAFETY_CHECKER)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as error:
         raise ModelLoadError(f"could not load {path} with the configs in {config_dir}: {error}. Check that the "
                              "config directory describes the same architecture as the checkpoint") from error
 
