@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base", default=None,
                        help="diffusers folder, single-file SD checkpoint or cached hub id; "
                             "default: the embedded tiny model")
+    train.add_argument("--base-config", default=None,
+                       help="for a single-file --base: a local diffusers folder of the same architecture "
+                            "whose configs and tokenizer are used (needed when they are not in the HF cache)")
     train.add_argument("--reward", default="jpeg-compressibility",
                        help="reward name (see --list-rewards) or 'weighted' with --reward-spec")
     train.add_argument("--reward-spec", default=None,
@@ -151,7 +154,7 @@ def train(args) -> int:
     reward = make_reward(args)
     from .model_loading import load_backend
     try:
-        backend = load_backend(args.base, config, device=args.device)
+        backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
     args.out.mkdir(parents=True, exist_ok=True)
