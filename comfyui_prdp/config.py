@@ -142,8 +142,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                          lora_rank=8, width=512, height=512, sample_batch_size=4, train_batch_size=4,
                          mixed_precision="fp16", gradient_checkpointing=True),
     # two CPU cores, the embedded tiny model: minutes, not hours
-    "cpu-smoke": dict(epochs=10, updates_per_epoch=2, prompts_per_epoch=4, images_per_prompt=4,
-                      beta=0.05, clip_range=0.05, steps=8, cfg=3.0, learning_rate=0.05,
+    "cpu-smoke": dict(epochs=10, updates_per_epoch=4, prompts_per_epoch=4, images_per_prompt=4,
+                      beta=0.05, clip_range=0.05, steps=8, cfg=3.0, learning_rate=0.02,
                       lora_rank=4, width=64, height=64, sample_batch_size=16, train_batch_size=16),
 }
 

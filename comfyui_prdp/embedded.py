@@ -41,10 +41,12 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def build_embedded_pipeline(seed: int = 0) -> Dict[str, object]:
+def build_embedded_pipeline(seed: int = 0, pretrained: bool = True) -> Dict[str, object]:
     """The components {unet, text_encoder, tokenizer, vae, scheduler} of the embedded model.
 
-    Weights depend only on `seed`; the global torch RNG is left untouched.
+    Weights depend only on `seed`; the global torch RNG is left untouched. With `pretrained`
+    (the default) the UNet gets a short denoising pretraining on synthetic latents, cached on
+    disk (see embedded_pretrain.py): without it a LoRA has nothing meaningful to steer.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -58,6 +60,11 @@ def build_embedded_pipeline(seed: int = 0) -> Dict[str, object]:
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     components = dict(unet=unet.eval(), text_encoder=text_encoder.eval(), vae=vae.eval(),
                       tokenizer=offline_clip_tokenizer(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+    if pretrained:
+        from .embedded_pretrain import load_or_pretrain
+
+        side = UNET_CONFIG["sample_size"]
+        load_or_pretrain(components, UNET_CONFIG, (UNET_CONFIG["in_channels"], side, side), seed)
     return components
 
 
