@@ -278,3 +278,29 @@ def test_mixed_precision_on_cuda(mixed_precision):
     assert (out.detach().float().cpu() - expected).abs().max() < 0.05 * expected.abs().max()
     images = backend.decode(torch.randn(2, 4, 8, 8))
     assert images.dtype == torch.float32 and images.device.type == "cpu"
+
+
+def test_sampled_images_of_the_embedded_model_are_varied():
+    """cpu-smoke sampling (8 steps, cfg 3, 8 trajectories) through the engine's sampler: images
+    must not be constant, saturated or identical, and the prompt must matter."""
+    from comfyui_prdp.rewards import create_reward
+    from comfyui_prdp.sampling import sample_trajectories
+
+    config = preset("cpu-smoke")
+    backend = make_backend()
+    prompts = ["a red apple"] * 4 + ["a city at night"] * 4
+    cond, uncond = backend.encode_prompts(prompts), backend.encode_prompts([""] * 8)
+    run = dict(steps=config.steps, cfg=config.cfg, eta=config.eta,
+               latent_shape=backend.latent_shape(config.height, config.width))
+    trajectories = sample_trajectories(backend, cond, uncond, generator=torch.Generator().manual_seed(0), **run)
+    images = backend.decode(trajectories.final)
+    assert torch.isfinite(trajectories.logp).all()
+    assert 0.2 < images.mean() < 0.8
+    assert images.flatten(1).std(dim=1).min() > 0.05
+    assert ((images < 0.01) | (images > 0.99)).float().mean() < 0.2
+    assert (images[0] - images[1]).abs().mean() > 0.02            # seeds differ
+    same_noise = sample_trajectories(backend, backend.encode_prompts(["a city at night"] * 8), uncond,
+                                     generator=torch.Generator().manual_seed(0), **run)
+    assert (backend.decode(same_noise.final)[0] - images[0]).abs().mean() > 1e-3   # prompts matter
+    sizes = create_reward("jpeg-incompressibility").score(images, prompts)
+    assert sizes.std() > 0   # the JPEG reward separates images of one batch
