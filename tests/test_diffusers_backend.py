@@ -192,7 +192,7 @@ def test_decode_maps_vae_output_to_0_1_images(backend):
     expected = ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
     assert torch.allclose(images, expected, atol=1e-6)
     backend.decode_batch_size = 2   # chunked decoding gives the same images
-    assert torch.allclose(backend.decode(latents), images, atol=1e-6)
+    assert torch.allclose(backend.decode(latents), images, atol=1e-5)
 
 
 def test_embedded_model_is_deterministic_and_not_degenerate():
