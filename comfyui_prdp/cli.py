@@ -17,7 +17,7 @@ from .config import PRESETS, TrainConfig, preset
 
 DEFAULT_PROMPTS = [f"a painting of a {animal}" for animal in (
     "cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "lion", "turtle", "goat", "duck")]
-HELD_OUT_PROMPTS = ["a painting of a wolf", "a painting of a frog"]
+HELD_OUT_PROMPTS = ["a painting of a wolf", "a painting of a frog", "a painting of a crow", "a painting of a seal"]
 HELD_OUT_SEEDS = [1000, 1001, 1002, 1003]
 
 # CLI flag -> TrainConfig field, for the common overrides

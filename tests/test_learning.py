@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from comfyui_prdp.backends.diffusers_backend import DiffusersBackend
-from comfyui_prdp.cli import DEFAULT_PROMPTS, HELD_OUT_PROMPTS
+from comfyui_prdp.cli import DEFAULT_PROMPTS
 from comfyui_prdp.config import preset
 from comfyui_prdp.embedded import build_embedded_pipeline
 from comfyui_prdp.evaluation import evaluate_reward
 from comfyui_prdp.rewards import create_reward
 from comfyui_prdp.trainer import Trainer
 
+HELD_OUT_PROMPTS = ["a painting of a wolf", "a painting of a frog"]
 HELD_OUT_SEEDS = list(range(2000, 2008))
 # JPEG size in kB of a 64x64 image; the embedded model's held-out images average ~3.5 kB with a
 # per-image spread of ~0.2 kB. The margin is a mean paired change over 16 held-out images
