@@ -158,9 +158,10 @@ def train(args) -> int:
     except (FileNotFoundError, ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").exists() or (args.out / "config.json").write_text(
-        json.dumps({"config": config.to_dict(), "base": args.base or "embedded-tiny-sd", "reward": args.reward,
-                    "prompts": len(prompts)}, indent=2, default=str))
+    run_info = args.out / "config.json"
+    if not run_info.exists():   # a resumed run keeps the first run's record
+        run_info.write_text(json.dumps({"config": config.to_dict(), "base": args.base or "embedded-tiny-sd",
+                                        "reward": args.reward, "prompts": len(prompts)}, indent=2, default=str))
     evaluate = not args.no_eval
     if evaluate:
         before, before_images = evaluate_reward(backend, reward, HELD_OUT_PROMPTS, HELD_OUT_SEEDS, config, lora=False)

@@ -8,7 +8,7 @@ import torch
 
 from .backends.base import Backend
 from .config import TrainConfig
-from .sampling import cond_like, index_cond, repeat_cond, sample_trajectories
+from .sampling import broadcast_row, index_cond, repeat_cond, sample_trajectories
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def sample_images(backend: Backend, prompts: Sequence[str], seeds: Sequence[int]
     backend.prepare_for_sampling()
     cond = repeat_cond(backend.encode_prompts(prompts), len(seeds))
     total = len(prompts) * len(seeds)
-    uncond = cond_like(cond, total, backend.encode_prompts([config.negative_prompt]))
+    uncond = broadcast_row(backend.encode_prompts([config.negative_prompt]), total)
     shape = tuple(backend.latent_shape(config.height, config.width))
     row_seeds = [s for _ in prompts for s in seeds]
     images = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -165,7 +165,6 @@ def repeat_cond(cond: Cond, repeats: int) -> Cond:
     return {key: value.repeat_interleave(repeats, dim=0) for key, value in cond.items()}
 
 
-def cond_like(cond: Cond, n: int, source: Optional[Cond] = None) -> Cond:
-    """`source` (one row) broadcast to n rows; used for the negative prompt."""
-    source = source if source is not None else cond
-    return {key: value[:1].expand(n, *value.shape[1:]).contiguous() for key, value in source.items()}
+def broadcast_row(row: Cond, n: int) -> Cond:
+    """The first row of `row` repeated to n rows; used for the negative prompt."""
+    return {key: value[:1].expand(n, *value.shape[1:]).contiguous() for key, value in row.items()}

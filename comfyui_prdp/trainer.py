@@ -25,7 +25,7 @@ from .backends.base import Backend
 from .config import TrainConfig
 from .lora import atomic_write, load_lora, lora_metadata, save_lora, unique_path
 from .objective import LOSSES, clip_fraction, logp_gradient_weights
-from .sampling import (Trajectories, cond_like, index_cond, repeat_cond, sample_trajectories,
+from .sampling import (Trajectories, broadcast_row, index_cond, repeat_cond, sample_trajectories,
                        transition_logprob)
 
 Callback = Callable[[dict], None]
@@ -118,7 +118,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> dict:
-        cfg = self.config
         timings: Dict[str, float] = {}
         self._progress_units = 0
 
@@ -173,7 +172,7 @@ class Trainer:
         prompts = [self.prompts[i] for i in order.tolist()]
         self.backend.prepare_for_sampling()
         cond = repeat_cond(self.backend.encode_prompts(prompts), cfg.images_per_prompt)
-        uncond = cond_like(cond, len(prompts) * cfg.images_per_prompt, self._negative_cond())
+        uncond = broadcast_row(self._negative_cond(), len(prompts) * cfg.images_per_prompt)
         total = len(prompts) * cfg.images_per_prompt
         chunks = []
         for start in range(0, total, cfg.sample_batch_size):
