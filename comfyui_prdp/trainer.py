@@ -21,16 +21,17 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from . import checkpoints
 from .backends.base import Backend
 from .config import TrainConfig
-from .lora import atomic_write, load_lora, lora_metadata, save_lora, unique_path
+from .lora import atomic_write, lora_metadata, save_lora, unique_path
 from .objective import LOSSES, clip_fraction, logp_gradient_weights
 from .sampling import (Trajectories, broadcast_row, index_cond, repeat_cond, sample_trajectories,
                        transition_logprob)
 
 Callback = Callable[[dict], None]
-CHECKPOINT_STATE = "trainer_state.pt"
-CHECKPOINT_LORA = "lora.safetensors"
+CHECKPOINT_STATE = checkpoints.STATE_FILE
+CHECKPOINT_LORA = checkpoints.LORA_FILE
 
 
 class StopRequested(Exception):
@@ -91,6 +92,13 @@ class Trainer:
         self.epoch = 0
         self._progress_units = 0
         self._uncond_one = None
+
+    def _extra_state(self) -> dict:
+        """JSON-serialisable trainer state beyond weights and optimizer (saved in checkpoints)."""
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
 
     # ------------------------------------------------------------------ public entry
     def run(self, resume_from: Optional[Path] = None) -> TrainResult:
@@ -338,36 +346,31 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save_checkpoint(self, partial: bool = False) -> Optional[Path]:
-        """LoRA + optimizer + epoch + metrics into out_dir/checkpoints/epoch_NNNNN[_partial]/."""
+        """LoRA, optimizer, RNG, epoch, metrics and extra state into
+        out_dir/checkpoints/epoch_NNNNN[_stopped]/ (format: checkpoints.py)."""
         if self.out_dir is None:
             return None
-        name = f"epoch_{self.epoch:05d}" + ("_stopped" if partial else "")
-        target = unique_path(self._checkpoint_root() / name)
-        staging = target.with_name(f".{target.name}.tmp")
-        staging.mkdir(parents=True, exist_ok=True)
-        save_lora(staging / CHECKPOINT_LORA, self.backend.lora_state_dict(), self._metadata(), overwrite=True)
-        state = {"epoch": self.epoch, "partial": partial, "metrics": self.metrics,
-                 "optimizer": self.optimizer.state_dict(), "config": self.config.to_dict(),
-                 "torch_rng": torch.get_rng_state()}
-        atomic_write(staging / CHECKPOINT_STATE, lambda tmp: torch.save(state, tmp))
-        staging.rename(target)
+        target = checkpoints.write_checkpoint(
+            self._checkpoint_root(), self.epoch, partial, lora=self.backend.lora_state_dict(),
+            lora_metadata=self._metadata(), optimizer_state_dict=self.optimizer.state_dict(),
+            metrics=self.metrics, config=self.config.to_dict(), extra=self._extra_state(),
+            rng=torch.get_rng_state())
         self.callback({"type": "checkpoint", "epoch": self.epoch, "path": str(target)})
         return target
 
     def load_checkpoint(self, path: Path) -> None:
-        path = Path(path)
-        if path.is_dir() and (path / "checkpoints").is_dir() and not (path / CHECKPOINT_STATE).exists():
-            path = latest_checkpoint(path)
-        state_file = path / CHECKPOINT_STATE
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{path} is not a PRDP checkpoint (no {CHECKPOINT_STATE}); pass a "
-                                    "checkpoints/epoch_NNNNN folder or the run's output folder")
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        lora, _ = load_lora(path / CHECKPOINT_LORA)
-        self.backend.load_lora_state_dict(lora)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch = int(state["epoch"])
-        self.metrics = list(state["metrics"])[: self.epoch]
+        """Restore a checkpoint folder (or a run folder's latest); everything is validated and
+        checked against this model's LoRA before anything is changed."""
+        data = checkpoints.read_checkpoint(Path(path))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        checkpoints.check_fits(data, self.backend.lora_state_dict(), params)
+        self.backend.load_lora_state_dict(data.lora)
+        self.optimizer.load_state_dict(checkpoints.optimizer_state_dict(data, self.optimizer))
+        if data.rng is not None:
+            torch.set_rng_state(data.rng)
+        self.epoch = data.epoch
+        self.metrics = list(data.metrics)[: self.epoch]
+        self._load_extra_state(data.extra)
         if self.out_dir is not None:
             self._rewrite_metrics()
 
@@ -426,9 +429,5 @@ class Trainer:
 
 
 def latest_checkpoint(out_dir: Path) -> Path:
-    """The newest checkpoint folder of a run directory (highest epoch, then newest)."""
-    root = Path(out_dir) / "checkpoints"
-    candidates = [p for p in root.glob("epoch_*") if (p / CHECKPOINT_STATE).is_file()]
-    if not candidates:
-        raise FileNotFoundError(f"no checkpoint in {root}")
-    return max(candidates, key=lambda p: (int(p.name.split("_")[1]), p.stat().st_mtime))
+    """The newest checkpoint folder of a run directory (see checkpoints.latest_checkpoint)."""
+    return checkpoints.latest_checkpoint(out_dir)
