@@ -2,7 +2,9 @@
 
 What is here, in the order a test needs it:
 
-* ``find_comfyui_root`` / ``require_comfyui_root``: where a ComfyUI source tree is.
+* ``find_comfyui_trees`` / ``require_comfyui_root``: the ComfyUI source trees to test
+  against (COMFYUI_ROOTS, colon-separated, else COMFYUI_ROOT, else ~/ComfyUI), each with its
+  version (tests/conftest.py parametrises the server fixtures over them).
 * ``build_tiny_sd15_checkpoint`` / ``cached_tiny_sd15_checkpoint``: a random-weight,
   single-file checkpoint that ComfyUI's ``CheckpointLoaderSimple`` detects as SD1.5
   (built with ComfyUI's own model classes in a subprocess; never committed).
@@ -10,7 +12,7 @@ What is here, in the order a test needs it:
   repository linked in as a custom node; it never writes into the ComfyUI tree.
 * ``queue_prompt`` / ``wait_for`` / ``interrupt``: the HTTP + websocket protocol.
 * ``workflow_to_api_prompt`` / ``override_inputs``: turn a UI-format workflow (what
-  ``workflows/*.json`` hold) into the API prompt the frontend would queue.
+  ``example_workflows/*.json`` hold) into the API prompt the frontend would queue.
 
 The module imports only the standard library at import time, so collecting tests on a
 machine without ComfyUI, torch or a websocket client costs nothing. Run it as a script to
@@ -39,6 +41,16 @@ from typing import Any, Iterable, Mapping
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_LINK_NAME = "comfyui-prdp"
 
+
+def workflow_files() -> list[Path]:
+    """The shipped example workflows: ``example_workflows/`` (what ComfyUI's template browser
+    reads), else the legacy ``workflows/``."""
+    for name in ("example_workflows", "workflows"):
+        files = sorted((REPO_ROOT / name).glob("*.json"))
+        if files:
+            return files
+    return []
+
 # --------------------------------------------------------------------------------------
 # Locating ComfyUI
 # --------------------------------------------------------------------------------------
@@ -48,42 +60,103 @@ def _is_comfyui_root(path: Path) -> bool:
     return (path / "main.py").is_file() and (path / "comfy").is_dir() and (path / "folder_paths.py").is_file()
 
 
-def find_comfyui_root() -> Path | None:
-    """The ComfyUI source tree to test against, or None.
+@dataclass(frozen=True)
+class ComfyTree:
+    """One ComfyUI source tree to test against; ``root`` is None when ``problem`` says why not."""
 
-    Order: env ``COMFYUI_ROOT``; the ComfyUI whose ``custom_nodes/`` holds this repository;
-    ``~/ComfyUI``. A set but wrong ``COMFYUI_ROOT`` gives None (it is never silently
-    replaced by another tree).
+    requested: str
+    root: Path | None
+    problem: str | None = None
+
+    @property
+    def version(self) -> str:
+        return comfyui_version(self.root) if self.root else "missing"
+
+
+def comfyui_version(root: Path) -> str:
+    """ComfyUI's version from ``comfyui_version.py`` ("unknown" when the tree has none)."""
+    import re
+
+    file = Path(root) / "comfyui_version.py"
+    text = file.read_text(errors="replace") if file.is_file() else ""
+    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return found.group(1) if found else "unknown"
+
+
+def _tree(requested: str) -> ComfyTree:
+    path = Path(requested).expanduser()
+    if _is_comfyui_root(path):
+        return ComfyTree(requested, path.resolve())
+    return ComfyTree(requested, None, f"{requested} is not a ComfyUI source tree (no main.py / comfy/ there)")
+
+
+def find_comfyui_trees() -> list[ComfyTree]:
+    """Every ComfyUI tree to test against, in order; never empty.
+
+    Order: env ``COMFYUI_ROOTS`` (colon-separated), else env ``COMFYUI_ROOT``, else the
+    ComfyUI whose ``custom_nodes/`` holds this repository, else ``~/ComfyUI``. A listed but
+    wrong folder stays in the list with its problem (it is never silently replaced by
+    another tree); with nothing found the one entry says how to provide a tree.
     """
+    many = os.environ.get("COMFYUI_ROOTS")
+    if many and many.strip(":"):
+        trees, seen = [], set()
+        for entry in (e.strip() for e in many.split(":")):
+            if entry and entry not in seen:
+                seen.add(entry)
+                trees.append(_tree(entry))
+        return trees
     env = os.environ.get("COMFYUI_ROOT")
     if env:
-        path = Path(env).expanduser()
-        return path.resolve() if _is_comfyui_root(path) else None
+        return [_tree(env)]
     here = Path(__file__).absolute()
     for candidate in (here, here.resolve()):
         for parent in candidate.parents:
             if parent.name == "custom_nodes" and _is_comfyui_root(parent.parent):
-                return parent.parent.resolve()
+                return [ComfyTree(str(parent.parent), parent.parent.resolve())]
     home = Path.home() / "ComfyUI"
-    return home.resolve() if _is_comfyui_root(home) else None
+    if _is_comfyui_root(home):
+        return [ComfyTree(str(home), home.resolve())]
+    return [ComfyTree("", None, comfyui_missing_reason())]
+
+
+def tree_ids(trees: Iterable[ComfyTree]) -> list[str]:
+    """Test ids naming each tree's version ("comfyui-0.3.64"; "-2" etc. for repeats)."""
+    ids: list[str] = []
+    for tree in trees:
+        base = f"comfyui-{tree.version}" if tree.root else "no-comfyui"
+        name, n = base, 1
+        while name in ids:
+            n += 1
+            name = f"{base}-{n}"
+        ids.append(name)
+    return ids
+
+
+def find_comfyui_root() -> Path | None:
+    """The first ComfyUI tree (see ``find_comfyui_trees``), or None when it is unusable."""
+    return find_comfyui_trees()[0].root
 
 
 def comfyui_missing_reason() -> str:
+    many = os.environ.get("COMFYUI_ROOTS")
     env = os.environ.get("COMFYUI_ROOT")
+    if many and many.strip(":"):
+        return f"COMFYUI_ROOTS={many} names no usable ComfyUI source tree"
     if env:
         return f"COMFYUI_ROOT={env} is not a ComfyUI source tree (no main.py / comfy/ there)"
-    return ("no ComfyUI found: set COMFYUI_ROOT, or put this repository in ComfyUI/custom_nodes/, "
-            "or clone ComfyUI to ~/ComfyUI (then run scripts/setup_comfyui.sh)")
+    return ("no ComfyUI found: set COMFYUI_ROOTS (colon-separated) or COMFYUI_ROOT, or put this repository "
+            "in ComfyUI/custom_nodes/, or clone ComfyUI to ~/ComfyUI (then run scripts/setup_comfyui.sh)")
 
 
-def require_comfyui_root() -> Path:
-    """The ComfyUI root, or skip the calling test with the reason."""
-    root = find_comfyui_root()
-    if root is None:
+def require_comfyui_root(tree: ComfyTree | None = None) -> Path:
+    """The tree's root (default: the first tree), or skip the calling test with the reason."""
+    tree = tree or find_comfyui_trees()[0]
+    if tree.root is None:
         import pytest
 
-        pytest.skip(comfyui_missing_reason())
-    return root
+        pytest.skip(tree.problem or comfyui_missing_reason())
+    return tree.root
 
 
 NON_ESSENTIAL_MARKER = "non essential"
@@ -119,9 +192,10 @@ def missing_requirements(comfyui_root: Path) -> list[str]:
     return missing
 
 
-def require_runnable_comfyui() -> Path:
-    """The ComfyUI root, or skip when there is none or its requirements are missing."""
-    root = require_comfyui_root()
+def require_runnable_comfyui(tree: ComfyTree | None = None) -> Path:
+    """The tree's root (default: the first tree), or skip when it is unusable or its
+    requirements are missing."""
+    root = require_comfyui_root(tree)
     missing = missing_requirements(root)
     if missing:
         import pytest
@@ -195,13 +269,15 @@ def build_tiny_sd15_checkpoint(path: str | os.PathLike, comfyui_root: str | os.P
 def cached_tiny_sd15_checkpoint(cache_dir: str | os.PathLike, comfyui_root: str | os.PathLike | None = None) -> Path:
     """The tiny checkpoint, built once per process (test session) under ``cache_dir``.
 
-    Env ``COMFY_HARNESS_CACHE_DIR`` overrides ``cache_dir`` to keep it across sessions.
+    Each ComfyUI version builds (and verifies) its own file, so the builder is exercised on
+    every tree tested. Env ``COMFY_HARNESS_CACHE_DIR`` overrides ``cache_dir`` to keep it
+    across sessions.
     """
     root = Path(comfyui_root) if comfyui_root else find_comfyui_root()
     if root is None:
         raise FileNotFoundError(comfyui_missing_reason())
     base = Path(os.environ.get("COMFY_HARNESS_CACHE_DIR") or cache_dir)
-    target = base / f"tiny_sd15_v{TINY_SD15_BUILDER_VERSION}" / TINY_SD15_FILENAME
+    target = base / f"tiny_sd15_v{TINY_SD15_BUILDER_VERSION}" / f"comfyui-{comfyui_version(root)}" / TINY_SD15_FILENAME
     key = f"{root}|{target}"
     with _CHECKPOINT_LOCK:
         cached = _CHECKPOINT_CACHE.get(key)
@@ -234,6 +310,23 @@ def _reset_all_parameters(module) -> None:
                 break
 
 
+def checkpoint_state_dict(base_model, clip_state_dict: dict, vae_state_dict: dict) -> dict:
+    """``BaseModel.state_dict_for_saving`` on either signature: before 2026-02 it took
+    ``(clip_state_dict, vae_state_dict, ...)`` and read the UNet itself; since then it takes
+    ``(unet_state_dict, clip_state_dict, vae_state_dict, ...)``. Passed by keyword either way."""
+    import inspect
+
+    parameters = inspect.signature(base_model.state_dict_for_saving).parameters
+    parts = {"clip_state_dict": clip_state_dict, "vae_state_dict": vae_state_dict}
+    if "unet_state_dict" in parameters:
+        parts["unet_state_dict"] = base_model.diffusion_model.state_dict()
+    missing = [name for name in parts if name not in parameters]
+    if missing:
+        raise TypeError(f"this ComfyUI's state_dict_for_saving{inspect.signature(base_model.state_dict_for_saving)} "
+                        f"takes none of {missing}; update comfy_harness.checkpoint_state_dict")
+    return base_model.state_dict_for_saving(**parts)
+
+
 def _build_tiny_sd15_here(out: Path, comfyui_root: Path, verify: bool) -> None:
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +347,7 @@ def _build_tiny_sd15_here(out: Path, comfyui_root: Path, verify: bool) -> None:
     vae = AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
     _reset_all_parameters(vae)
 
-    state = base_model.state_dict_for_saving(clip.get_sd(), vae.state_dict())
+    state = checkpoint_state_dict(base_model, clip.get_sd(), vae.state_dict())
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise RuntimeError(f"non-finite tensors after initialisation: {bad[:10]}")
@@ -625,6 +718,38 @@ def _events_of_prompt(all_events: Iterable[tuple[str, dict]], prompt_id: str) ->
 # --------------------------------------------------------------------------------------
 
 
+def pinned_frontend_version(comfyui_root: Path) -> str | None:
+    """The exact comfyui-frontend-package version the tree's requirements.txt pins, if any."""
+    import re
+
+    requirements = Path(comfyui_root) / "requirements.txt"
+    text = requirements.read_text(errors="replace") if requirements.is_file() else ""
+    found = re.search(r"^comfyui-frontend-package==([0-9][0-9.]*)", text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def frontend_root_for(comfyui_root: Path, python: str | None = None) -> Path | None:
+    """The tree's pinned frontend unpacked by scripts/setup_comfyui.sh, when the installed
+    package has another version; None means the installed package is the right one (or no
+    matching copy exists, and ComfyUI serves the installed one with its own warning)."""
+    import importlib.metadata
+
+    pin = pinned_frontend_version(comfyui_root)
+    if pin is None:
+        return None
+    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+        try:
+            if importlib.metadata.version("comfyui-frontend-package") == pin:
+                return None
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        prefix = Path(sys.prefix)
+    else:
+        prefix = Path(python).resolve().parent.parent
+    static = prefix / "comfyui-frontends" / pin / "comfyui_frontend_package" / "static"
+    return static if (static / "index.html").is_file() else None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -711,6 +836,9 @@ class ComfyServer:
             "    reward_models: models/reward_models\n"
             "    custom_nodes: custom_nodes\n")
         self.port = free_port()
+        frontend = frontend_root_for(self.comfyui_root, self._python)
+        if frontend is not None and "--front-end-root" not in self._extra_args:
+            self._extra_args = ["--front-end-root", str(frontend), *self._extra_args]
         return [self._python, str(self.comfyui_root / "main.py"), "--cpu", "--listen", "127.0.0.1",
                 "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes",
                 "--base-directory", str(self.base_dir), "--output-directory", str(self.output_dir),
@@ -821,17 +949,20 @@ class ComfyServer:
 
 
 @contextlib.contextmanager
-def comfy_test_server(tmp_path_factory, name: str = "comfy", with_checkpoint: bool = True, **kwargs):
-    """A started ``ComfyServer`` for a pytest module (skips when ComfyUI is unavailable).
+def comfy_test_server(tmp_path_factory, name: str = "comfy", with_checkpoint: bool = True,
+                      tree: ComfyTree | None = None, **kwargs):
+    """A started ``ComfyServer`` of ``tree`` (default: the first tree) for a pytest module;
+    skips when that tree is unusable.
 
     ``tmp_path_factory`` is pytest's; the tiny checkpoint is built once per session and
-    linked into the server's checkpoints folder when ``with_checkpoint``.
+    ComfyUI version and linked into the server's checkpoints folder when ``with_checkpoint``.
     """
-    root = require_runnable_comfyui()
+    root = require_runnable_comfyui(tree)
     checkpoints = list(kwargs.pop("checkpoints", ()))
     if with_checkpoint:
         checkpoints.append(cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "comfy_harness_cache", root))
-    server = ComfyServer(tmp_path_factory.mktemp(name), root, checkpoints=checkpoints, **kwargs)
+    server = ComfyServer(tmp_path_factory.mktemp(f"{name}-{comfyui_version(root)}"), root,
+                         checkpoints=checkpoints, **kwargs)
     with server:
         yield server
 

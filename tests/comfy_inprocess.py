@@ -1,18 +1,26 @@
 """ComfyUI imported into the test process (CPU only), a tiny random SD1.5 model, and the
 plugin package loaded the way ComfyUI loads a custom node (by path, under another name).
 
-Used by test_comfy_backend.py and test_nodes_validate.py. Skips with a clear message when no
-ComfyUI source tree is found (COMFYUI_ROOT, or ~/ComfyUI).
+Used by test_comfy_backend.py and test_nodes_validate.py. A test module that needs ComfyUI
+calls ``import_comfy()`` at import time: without a usable tree the whole module is skipped
+with the reason (a module-level skip, so collection never fails).
+
+One process can import only one ComfyUI (``comfy`` is a global package), so in-process tests
+use the first usable tree of ``comfy_harness.find_comfyui_trees()`` (COMFYUI_ROOTS, else
+COMFYUI_ROOT, else ~/ComfyUI). ``scripts/test.sh`` runs them again for every further tree,
+one pytest process per tree selecting ``-m comfy_inprocess`` (the marker tests/conftest.py
+puts on every test of a module holding ComfyUI's ``comfy`` package, or marked by hand).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
+
+import comfy_harness
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_NAME = "comfyui_prdp_custom_node"     # ComfyUI also imports custom nodes under a made-up name
@@ -26,19 +34,23 @@ SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
+def inprocess_tree() -> comfy_harness.ComfyTree:
+    """The tree imported in-process: the first usable one, else the first (with its problem)."""
+    trees = comfy_harness.find_comfyui_trees()
+    return next((tree for tree in trees if tree.root is not None), trees[0])
+
+
 def comfyui_root() -> Path | None:
-    env = os.environ.get("COMFYUI_ROOT")
-    candidate = Path(env).expanduser() if env else Path.home() / "ComfyUI"
-    if (candidate / "comfy").is_dir() and (candidate / "folder_paths.py").is_file():
-        return candidate.resolve()
-    return None
+    return inprocess_tree().root
 
 
 def import_comfy():
-    """Import ComfyUI's modules in-process on the CPU, or skip the test."""
-    root = comfyui_root()
+    """Import ComfyUI's modules in-process on the CPU and return its root; without a usable
+    tree skip the calling test, or the whole module when called at import time."""
+    tree = inprocess_tree()
+    root = tree.root
     if root is None:
-        pytest.skip("ComfyUI not found: set COMFYUI_ROOT to a ComfyUI source tree (or clone it to ~/ComfyUI)")
+        pytest.skip(f"in-process ComfyUI tests: {tree.problem}", allow_module_level=True)
     if str(root) not in sys.path:
         sys.path.append(str(root))   # appended: ComfyUI's top-level `nodes` must not shadow ours
     try:
@@ -50,7 +62,8 @@ def import_comfy():
         import comfy.sd  # noqa: F401
         import folder_paths  # noqa: F401
     except ImportError as error:
-        pytest.skip(f"ComfyUI at {root} cannot be imported here ({error}); install its requirements")
+        pytest.skip(f"ComfyUI at {root} cannot be imported here ({error}); run scripts/setup_comfyui.sh",
+                    allow_module_level=True)
     return root
 
 

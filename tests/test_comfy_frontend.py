@@ -18,7 +18,7 @@ import pytest
 import comfy_harness as harness
 from comfy_harness import workflow_to_api_prompt
 
-WORKFLOW_FILES = sorted((harness.REPO_ROOT / "workflows").glob("*.json"))
+WORKFLOW_FILES = harness.workflow_files()
 PRDP_NODES = ("PRDPLoadRewardModel", "PRDPTrainLoRA", "PRDPApplyLoRA", "PRDPScoreImages")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -33,10 +33,10 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, comfyui_tree):
     _chromium()
     pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    with harness.comfy_test_server(tmp_path_factory, "comfy_frontend") as comfy:
+    with harness.comfy_test_server(tmp_path_factory, "comfy_frontend", tree=comfyui_tree) as comfy:
         yield comfy
 
 
@@ -146,7 +146,7 @@ def set_widgets(page, values_by_type: dict) -> list[str]:
 def test_train_and_compare_queued_from_the_frontend(server, page, object_info, tmp_path):
     name = "train_and_compare"
     if name not in {p.stem for p in WORKFLOW_FILES}:
-        pytest.skip(f"workflows/{name}.json does not exist")
+        pytest.skip(f"no example workflow named {name}.json")
     # as the template browser does: fetch the served template, then load it
     workflow = page.evaluate(
         """async (url) => { const r = await fetch(url); if (!r.ok) throw new Error(r.status); return await r.json(); }""",

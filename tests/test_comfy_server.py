@@ -18,7 +18,7 @@ REWARD_TYPE = "PRDP_REWARD"
 TRAIN_WIDGETS = ("prompts", "negative_prompt", "preset", "epochs", "prompts_per_epoch", "images_per_prompt",
                  "steps", "cfg", "beta", "clip_range", "updates_per_epoch", "learning_rate", "lora_rank",
                  "width", "height", "seed", "lora_name")
-WORKFLOW_FILES = sorted((harness.REPO_ROOT / "workflows").glob("*.json"))
+WORKFLOW_FILES = harness.workflow_files()
 
 
 def _require_package_entry_point():
@@ -27,8 +27,8 @@ def _require_package_entry_point():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with harness.comfy_test_server(tmp_path_factory, "comfy_server", with_checkpoint=True) as comfy:
+def server(tmp_path_factory, comfyui_tree):
+    with harness.comfy_test_server(tmp_path_factory, "comfy_server", tree=comfyui_tree) as comfy:
         yield comfy
 
 

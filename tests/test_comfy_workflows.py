@@ -18,7 +18,6 @@ import comfy_harness as harness
 from comfy_harness import (MODE_BYPASS, MODE_NEVER, UiWorkflowBuilder, WorkflowConversionError,
                            override_inputs, workflow_to_api_prompt)
 
-WORKFLOWS_DIR = harness.REPO_ROOT / "workflows"
 PRDP_NODES = ("PRDPLoadRewardModel", "PRDPTrainLoRA", "PRDPApplyLoRA", "PRDPScoreImages")
 FINETUNED_MARKERS = {"PRDPTrainLoRA", "PRDPApplyLoRA", "LoraLoader", "LoraLoaderModelOnly", "LoraModelLoader"}
 IMAGE_SIZE = harness.TINY_IMAGE_SIZE
@@ -176,8 +175,8 @@ def test_override_inputs_by_class_and_id_never_replaces_links():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with harness.comfy_test_server(tmp_path_factory, "comfy_workflows") as comfy:
+def server(tmp_path_factory, comfyui_tree):
+    with harness.comfy_test_server(tmp_path_factory, "comfy_workflows", tree=comfyui_tree) as comfy:
         yield comfy
 
 
@@ -486,7 +485,7 @@ def test_cancel_during_training_stops_and_keeps_a_checkpoint(server, object_info
 # The example workflows in workflows/, as users load them, with tiny settings
 # --------------------------------------------------------------------------------------
 
-WORKFLOW_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
+WORKFLOW_FILES = harness.workflow_files()
 #: the paper's multi-reward weighting minus HPSv2, whose tiny stand-in needs an open_clip
 #: architecture registered inside the server process
 TINY_COMPONENTS = "pickscore:10, aesthetic:0.05"
