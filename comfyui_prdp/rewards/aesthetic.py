@@ -16,10 +16,11 @@ from torch import nn
 from .base import register_reward
 from .clip_backbones import load_transformers_clip
 from .loading import (
-    RewardModelFileError, cached_model, freeze, load_weights_into, read_state_dict,
+    RewardModelFileError, RewardOptions, cached_model, freeze, load_weights_into,
+    read_state_dict, reward_factory,
 )
-from .model_files import ModelFiles, resolve_model_path
-from .model_reward import DEFAULT_BATCH_SIZE, ModelReward, normalised
+from .model_files import ModelFiles
+from .model_reward import ModelReward, normalised
 
 AESTHETIC_MLP = ModelFiles(
     label="LAION aesthetic predictor v2 head",
@@ -92,22 +93,12 @@ class AestheticReward(ModelReward):
         return self.mlp(embedding).squeeze(-1)
 
 
-def create_aesthetic(
-    path: Optional[str] = None,
-    *,
-    clip_path: Optional[str] = None,
-    model_dir=None,
-    allow_download: Optional[bool] = None,
-    device=None,
-    dtype=None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> AestheticReward:
+@reward_factory
+def create_aesthetic(path: Optional[str] = None, *, clip_path: Optional[str] = None,
+                     options: RewardOptions) -> AestheticReward:
     """path: the MLP .pth; clip_path: a transformers CLIP ViT-L/14 folder (or repo id)."""
-    mlp_path = resolve_model_path(AESTHETIC_MLP, path, model_dir=model_dir,
-                                  allow_download=allow_download)
-    clip = resolve_model_path(OPENAI_CLIP_L14, clip_path, model_dir=model_dir,
-                              allow_download=allow_download)
-    return AestheticReward(mlp_path, clip, device=device, dtype=dtype, batch_size=batch_size)
+    return AestheticReward(options.locate(AESTHETIC_MLP, path),
+                           options.locate(OPENAI_CLIP_L14, clip_path), **options.scoring)
 
 
 register_reward("aesthetic", create_aesthetic)

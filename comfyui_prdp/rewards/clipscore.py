@@ -10,18 +10,18 @@ from __future__ import annotations
 from typing import Callable, List, Optional
 
 import torch
-from torch import nn
 
 from .aesthetic import OPENAI_CLIP_L14
 from .base import register_reward
 from .clip_backbones import ClipBackbone, load_open_clip, load_transformers_clip
-from .model_files import ModelFiles, resolve_model_path
-from .model_reward import DEFAULT_BATCH_SIZE, ModelReward, normalised
+from .loading import RewardOptions, reward_factory
+from .model_files import ModelFiles
+from .model_reward import ClipReward
 
 CLIPSCORE_WEIGHT = 2.5
 
 
-class CLIPScoreReward(ModelReward):
+class CLIPScoreReward(ClipReward):
     name = "clipscore"
 
     def __init__(self, load_clip: Callable[[torch.dtype], ClipBackbone], **options):
@@ -29,42 +29,29 @@ class CLIPScoreReward(ModelReward):
         super().__init__(**options)
         self.clip = load_clip(self.dtype)
 
-    def modules(self) -> List[nn.Module]:
-        return [self.clip.model]
-
     def _score_batch(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
-        image = normalised(self.clip.image_features(images))
-        text = normalised(self.clip.text_features(prompts))
-        return CLIPSCORE_WEIGHT * (image * text).sum(-1).clamp_min(0)
+        return CLIPSCORE_WEIGHT * self.cosine(images, prompts).clamp_min(0)
 
 
-def create_clipscore(
-    path: Optional[str] = None,
-    *,
-    arch: Optional[str] = None,
-    model_dir=None,
-    allow_download: Optional[bool] = None,
-    device=None,
-    dtype=None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> CLIPScoreReward:
+@reward_factory
+def create_clipscore(path: Optional[str] = None, *, arch: Optional[str] = None,
+                     options: RewardOptions) -> CLIPScoreReward:
     """path: a transformers CLIP folder/repo id, or (with arch=) an open_clip weight file."""
     if arch is not None:
         if path is None:
             raise ValueError(f"clipscore with arch={arch!r} needs path= to its weight file")
         spec = ModelFiles(label=f"open_clip {arch} weights", local_names=(str(path),))
-        weights = resolve_model_path(spec, path, model_dir=model_dir, allow_download=False)
+        weights = options.locate(spec, path, local_only=True)
 
         def load_clip(dtype):
             return load_open_clip(arch, weights, dtype, f"open_clip {arch} weights")
     else:
-        folder = resolve_model_path(OPENAI_CLIP_L14, path, model_dir=model_dir,
-                                    allow_download=allow_download)
+        folder = options.locate(OPENAI_CLIP_L14, path)
 
         def load_clip(dtype):
             return load_transformers_clip(folder, dtype, "a transformers CLIP model")
 
-    return CLIPScoreReward(load_clip, device=device, dtype=dtype, batch_size=batch_size)
+    return CLIPScoreReward(load_clip, **options.scoring)
 
 
 register_reward("clipscore", create_clipscore)

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from torch import nn
 
 from .base import register_reward
 from .clip_backbones import load_open_clip
-from .model_files import ModelFiles, resolve_model_path
-from .model_reward import DEFAULT_BATCH_SIZE, ModelReward, normalised
+from .loading import RewardOptions, reward_factory
+from .model_files import ModelFiles
+from .model_reward import ClipReward
 
 HPS_ARCH = "ViT-H-14"
 HPS_FILES = {
@@ -28,38 +28,24 @@ HPS_FILES = {
 }
 
 
-class HPSReward(ModelReward):
+class HPSReward(ClipReward):
     def __init__(self, checkpoint: Path, version: str = "hpsv2", arch: str = HPS_ARCH, **options):
         super().__init__(**options)
         self.name = version
         self.clip = load_open_clip(arch, checkpoint, self.dtype,
                                    f"an {version} checkpoint for open_clip {arch}")
 
-    def modules(self) -> List[nn.Module]:
-        return [self.clip.model]
-
     def _score_batch(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
-        image = normalised(self.clip.image_features(images))
-        text = normalised(self.clip.text_features(prompts))
-        return (image * text).sum(-1)
+        return self.cosine(images, prompts)
 
 
 def _factory(version: str):
-    def create_hps(
-        path: Optional[str] = None,
-        *,
-        arch: str = HPS_ARCH,
-        model_dir=None,
-        allow_download: Optional[bool] = None,
-        device=None,
-        dtype=None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> HPSReward:
+    @reward_factory
+    def create_hps(path: Optional[str] = None, *, arch: str = HPS_ARCH,
+                   options: RewardOptions) -> HPSReward:
         """path: the checkpoint file; arch: the open_clip architecture (ViT-H-14 for HPS)."""
-        checkpoint = resolve_model_path(HPS_FILES[version], path, model_dir=model_dir,
-                                        allow_download=allow_download)
-        return HPSReward(checkpoint, version, arch, device=device, dtype=dtype,
-                         batch_size=batch_size)
+        return HPSReward(options.locate(HPS_FILES[version], path), version, arch,
+                         **options.scoring)
 
     create_hps.__name__ = f"create_{version.replace('.', '_')}"
     return create_hps

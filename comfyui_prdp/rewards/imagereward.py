@@ -24,11 +24,11 @@ from .blip import (
 )
 from .clip_preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 from .loading import (
-    RewardModelFileError, cached_model, dtype_name, freeze, load_weights_into, read_state_dict,
-    skip_weight_init,
+    RewardModelFileError, RewardOptions, cached_model, dtype_name, freeze, load_weights_into,
+    read_state_dict, reward_factory, skip_weight_init,
 )
-from .model_files import ModelFiles, resolve_model_path
-from .model_reward import DEFAULT_BATCH_SIZE, ModelReward
+from .model_files import ModelFiles
+from .model_reward import ModelReward
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
@@ -148,23 +148,12 @@ class ImageRewardReward(ModelReward):
         return self.model(pixels, ids.to(self.device), mask.to(self.device))
 
 
-def create_imagereward(
-    path: Optional[str] = None,
-    *,
-    tokenizer_path: Optional[str] = None,
-    model_dir=None,
-    allow_download: Optional[bool] = None,
-    device=None,
-    dtype=None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> ImageRewardReward:
+@reward_factory
+def create_imagereward(path: Optional[str] = None, *, tokenizer_path: Optional[str] = None,
+                       options: RewardOptions) -> ImageRewardReward:
     """path: ImageReward.pt; tokenizer_path: a folder with bert-base-uncased's vocab.txt."""
-    checkpoint = resolve_model_path(IMAGEREWARD, path, model_dir=model_dir,
-                                    allow_download=allow_download)
-    vocabulary = resolve_model_path(BERT_VOCABULARY, tokenizer_path, model_dir=model_dir,
-                                    allow_download=allow_download)
-    return ImageRewardReward(checkpoint, vocabulary, device=device, dtype=dtype,
-                             batch_size=batch_size)
+    return ImageRewardReward(options.locate(IMAGEREWARD, path),
+                             options.locate(BERT_VOCABULARY, tokenizer_path), **options.scoring)
 
 
 register_reward("imagereward", create_imagereward)

@@ -1,13 +1,19 @@
-"""Reading weight files with clear errors, the model cache, and the device/dtype policy."""
+"""Reading weight files with clear errors, the model cache, the device/dtype policy, and the
+options every model reward's factory takes."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Hashable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
+
+from .model_files import ModelFiles, PathLike, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,72 @@ def resolve_dtype(dtype: DtypeLike, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+# --- the options every model reward takes -----------------------------------------------------
+
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class RewardOptions:
+    """Where a model reward looks for its files (model_dir, allow_download) and how it scores
+    (device, dtype, batch_size: checked by ModelReward)."""
+
+    model_dir: Any = None
+    allow_download: Optional[bool] = None
+    device: Any = None
+    dtype: DtypeLike = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def locate(self, files: ModelFiles, path: Optional[PathLike] = None, *,
+               local_only: bool = False) -> Path:
+        """The local file or folder for `files` (see model_files.resolve_model_path).
+
+        local_only: never download (for files that have no known source)."""
+        return resolve_model_path(files, path, model_dir=self.model_dir,
+                                  allow_download=False if local_only else self.allow_download)
+
+    @property
+    def scoring(self) -> Dict[str, Any]:
+        """device, dtype and batch_size, as keyword arguments for ModelReward."""
+        return {"device": self.device, "dtype": self.dtype, "batch_size": self.batch_size}
+
+
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+_SHARED_PARAMETERS = (
+    inspect.Parameter("model_dir", _KEYWORD, default=None),
+    inspect.Parameter("allow_download", _KEYWORD, default=None, annotation="Optional[bool]"),
+    inspect.Parameter("device", _KEYWORD, default=None),
+    inspect.Parameter("dtype", _KEYWORD, default=None),
+    inspect.Parameter("batch_size", _KEYWORD, default=DEFAULT_BATCH_SIZE, annotation="int"),
+)
+
+
+def reward_factory(build: Callable[..., Any]) -> Callable[..., Any]:
+    """A model reward's factory from `build(<its own parameters>, *, options: RewardOptions)`.
+
+    The factory takes build's own parameters followed by the shared keyword options
+    (model_dir, allow_download, device, dtype, batch_size) and shows them all in its signature
+    (the Load Reward node reads it); unknown options raise TypeError as for any function.
+    """
+    own = inspect.signature(build)
+    if "options" not in own.parameters:
+        raise TypeError(f"{build.__name__} must take a keyword-only 'options' parameter")
+    parameters = [p for name, p in own.parameters.items() if name != "options"]
+    public = own.replace(parameters=parameters + list(_SHARED_PARAMETERS))
+    shared_names = [p.name for p in _SHARED_PARAMETERS]
+
+    @functools.wraps(build)
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        bound = public.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        options = RewardOptions(**{name: values.pop(name) for name in shared_names})
+        return build(**values, options=options)
+
+    factory.__signature__ = public
+    return factory
 
 
 # --- reading files ----------------------------------------------------------------------------

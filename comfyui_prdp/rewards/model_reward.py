@@ -16,9 +16,7 @@ import torch
 
 from .base import Reward
 from .clip_preprocess import check_images
-from .loading import DtypeLike, resolve_device, resolve_dtype
-
-DEFAULT_BATCH_SIZE = 16
+from .loading import DEFAULT_BATCH_SIZE, DtypeLike, resolve_device, resolve_dtype
 
 
 def check_prompts(prompts: Optional[Sequence[str]], count: int, needed: bool) -> List[str]:
@@ -93,6 +91,19 @@ class ModelReward(Reward):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, device={self.device}, "
                 f"dtype={self.dtype}, batch_size={self.batch_size})")
+
+
+class ClipReward(ModelReward):
+    """A reward on one CLIP backbone, `self.clip` (a clip_backbones.ClipBackbone)."""
+
+    def modules(self) -> List[torch.nn.Module]:
+        return [self.clip.model]
+
+    def cosine(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
+        """cos(image embedding, text embedding), float32 [b]."""
+        image = normalised(self.clip.image_features(images))
+        text = normalised(self.clip.text_features(prompts))
+        return (image * text).sum(-1)
 
 
 def normalised(features: torch.Tensor) -> torch.Tensor:

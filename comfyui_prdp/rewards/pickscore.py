@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from torch import nn
 
 from .base import register_reward
 from .clip_backbones import load_transformers_clip
-from .model_files import ModelFiles, resolve_model_path
-from .model_reward import DEFAULT_BATCH_SIZE, ModelReward, normalised
+from .loading import RewardOptions, reward_factory
+from .model_files import ModelFiles
+from .model_reward import ClipReward
 
 PICKSCORE = ModelFiles(
     label="PickScore model (transformers folder)",
@@ -27,34 +27,22 @@ PICKSCORE = ModelFiles(
 )
 
 
-class PickScoreReward(ModelReward):
+class PickScoreReward(ClipReward):
     name = "pickscore"
 
     def __init__(self, model_path: Path, **options):
         super().__init__(**options)
         self.clip = load_transformers_clip(model_path, self.dtype, "the PickScore CLIP model")
 
-    def modules(self) -> List[nn.Module]:
-        return [self.clip.model]
-
     def _score_batch(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
-        image = normalised(self.clip.image_features(images))
-        text = normalised(self.clip.text_features(prompts))
-        return self.clip.logit_scale().to(image.device) * (image * text).sum(-1)
+        cosine = self.cosine(images, prompts)
+        return self.clip.logit_scale().to(cosine.device) * cosine
 
 
-def create_pickscore(
-    path: Optional[str] = None,
-    *,
-    model_dir=None,
-    allow_download: Optional[bool] = None,
-    device=None,
-    dtype=None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> PickScoreReward:
+@reward_factory
+def create_pickscore(path: Optional[str] = None, *, options: RewardOptions) -> PickScoreReward:
     """path: the PickScore_v1 folder (config.json + weights) or a repo id."""
-    folder = resolve_model_path(PICKSCORE, path, model_dir=model_dir, allow_download=allow_download)
-    return PickScoreReward(folder, device=device, dtype=dtype, batch_size=batch_size)
+    return PickScoreReward(options.locate(PICKSCORE, path), **options.scoring)
 
 
 register_reward("pickscore", create_pickscore)
