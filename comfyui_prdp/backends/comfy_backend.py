@@ -1,7 +1,9 @@
 """The Backend over ComfyUI's own MODEL / CLIP / VAE objects.
 
 How the LoRA is attached (ComfyUI's own training machinery, as in comfy_extras/nodes_train.py):
-- the user's ModelPatcher is cloned; nothing is ever registered on the original;
+- the user's ModelPatcher is cloned (a deep copy with its own weights, reloaded from the
+  checkpoint, where the ComfyUI version and the loader support `clone(force_deepcopy=True)`);
+  nothing is ever registered on the original;
 - every target projection (to_q/to_k/to_v/to_out.0 of the transformer blocks) gets a
   `comfy.weight_adapter` LoRA as a *weight wrapper*: ComfyUI calls it with the (cast) weight on
   every forward, so the LoRA is live and differentiable, and lowvram/offload, dtype casting and
@@ -9,12 +11,22 @@ How the LoRA is attached (ComfyUI's own training machinery, as in comfy_extras/n
 - every other module's weight and bias gets an identity wrapper. Weights loaded by ComfyUI are
   inference tensors; a wrapper makes ComfyUI copy the weight per forward, which is what lets
   autograd save it for backward;
+- every wrapper returns a fresh tensor, never one sharing storage with its input: under dynamic
+  VRAM and low-VRAM offload the input is a view of a cast buffer that ComfyUI reuses for the
+  next layer while autograd still holds what the wrapper returned for backward;
 - the adapters share one switch: `adapters_disabled()` turns the LoRA off without re-patching,
   so the base model of the log-ratio is the same patcher.
 
 Model calls go through `comfy.samplers.calc_cond_batch` with the patcher's model options, the
 path ComfyUI's samplers take, so model patches (attention patches, model function wrappers,
 patcher wrappers) apply.
+
+Cancel: since ComfyUI 0.3.65 every op raises InterruptProcessingException when the interrupt
+flag is set, in whatever thread runs the model, and clears the flag. Model calls turn it into
+`ModelInterrupted` (a `StopRequested`: the trainer drops the partial step, saves a checkpoint and
+returns) and set `interrupted`, so the node can end as interrupted.
+
+Only discrete VP schedules (eps / v-prediction) are trained: flow / CONST samplings are refused.
 
 Conventions (see base.py): latents are VP latents in the space the sampler works in
 (`process_latent_in`, e.g. x 0.18215 for SD1.x); ComfyUI's sigma space is x_vp / sqrt(a_t);
@@ -35,16 +47,85 @@ import torch
 import torch.utils.checkpoint
 
 from .. import comfy_lora
+from ..trainer import StopRequested
 from .base import Backend, Cond
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PROMPT_CACHE_SIZE = 64
 
 
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors live in the same storage (True when it cannot be told)."""
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return True
+
+
+def fresh(result: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`result`, copied when it shares storage with `source` (a buffer ComfyUI may reuse)."""
+    return result.clone() if shares_storage(result, source) else result
+
+
 def identity_weight(weight: torch.Tensor) -> torch.Tensor:
     """A weight wrapper that changes nothing (its presence makes ComfyUI copy the weight).
-    Detached: the base weights never receive gradients, whatever their requires_grad says."""
-    return weight.detach()
+    Detached: the base weights never receive gradients, whatever their requires_grad says.
+    A copy: the input may be a reused cast buffer (dynamic VRAM, low-VRAM offload)."""
+    return weight.detach().clone()
+
+
+class ModelInterrupted(StopRequested):
+    """ComfyUI's Cancel, raised inside a model call: the trainer stops gracefully on it."""
+
+
+#: flow-matching parameterisations and schedules of comfy.model_sampling (CONST: SD3, Flux, ...)
+FLOW_SAMPLING_CLASSES = ("CONST", "COSMOS_RFLOW", "ModelSamplingDiscreteFlow", "ModelSamplingFlux",
+                         "ModelSamplingAV", "ModelSamplingCosmosRFlow")
+
+
+def flow_sampling_base(sampling) -> Optional[str]:
+    """The name of the flow-matching class `sampling` derives from, or None.
+
+    ComfyUI builds every model-sampling object as a class named `ModelSampling` mixing a
+    schedule and a parameterisation, so the test is isinstance, never the class name.
+    """
+    import comfy.model_sampling
+
+    for name in FLOW_SAMPLING_CLASSES:
+        cls = getattr(comfy.model_sampling, name, None)   # not every class exists in every version
+        if cls is not None and isinstance(sampling, cls):
+            return name
+    return None
+
+
+def vp_sigmas(sampling) -> torch.Tensor:
+    """The discrete sigma schedule of an eps / v-prediction model sampling (CPU float32), or a
+    ValueError for flow models and anything else that is not a discrete DDPM schedule."""
+    bases = " + ".join(c.__name__ for c in type(sampling).__bases__) or type(sampling).__name__
+    if flow_sampling_base(sampling) is not None:
+        raise ValueError(f"this model samples with flow matching ({bases}: SD3, Flux, Qwen-Image, LTXV, ... "
+                         "or a ModelSamplingSD3/Flux node upstream), which PRDP training does not support yet; "
+                         "connect an eps / v-prediction UNet model (SD1.x/SD2.x/SDXL) without a flow "
+                         "model-sampling node")
+    sigmas = getattr(sampling, "sigmas", None)
+    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or len(sigmas) < 2:
+        raise ValueError(f"this model's sampling ({bases}) is not a discrete "
+                         "DDPM schedule; PRDP training supports SD1.x/SD2.x/SDXL-style UNet models")
+    with torch.inference_mode(False):
+        return sigmas.detach().to("cpu", torch.float32).clone()
+
+
+def training_clone(model):
+    """A clone of the user's ModelPatcher to train on: a deep copy with its own (non-inference)
+    weights where this ComfyUI and the model's loader support it, as ComfyUI's own trainer
+    clones, else an ordinary clone sharing the modules (wrappers are removed on release)."""
+    import inspect
+
+    with torch.inference_mode(False):
+        if "force_deepcopy" in inspect.signature(model.clone).parameters and \
+                getattr(model, "cached_patcher_init", None) is not None:
+            return model.clone(force_deepcopy=True)
+        return model.clone()
 
 
 class AdapterSwitch:
@@ -68,7 +149,7 @@ class SwitchableAdapter(torch.nn.Module):
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         weight = weight.detach()     # gradients go to the LoRA factors only
-        return self.adapter(weight) if self.switch.enabled else weight
+        return fresh(self.adapter(weight) if self.switch.enabled else weight, weight)
 
     def move_to(self, device=None) -> int:
         if device is not None:
@@ -83,15 +164,17 @@ class BlockCheckpointing:
     """Activation checkpointing of the UNet's blocks (each layer of input_blocks, middle_block,
     output_blocks): activations are recomputed in backward instead of kept, for memory.
 
-    The UNet is shared with the user's MODEL, so the patch is an instance-level `forward`
+    The UNet may be shared with the user's MODEL, so the patch is an instance-level `forward`
     that checkpoints only while `enabled` and gradients are on, and `remove()` restores
-    exactly what was there before.
+    exactly what was there before. `guard` wraps the recomputation in backward (which runs
+    the model's ops again, so it may meet ComfyUI's interrupt).
     """
 
     _MISSING = object()
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, guard=contextlib.nullcontext):
         self.enabled = True
+        self.guard = guard
         self._patched: List[tuple] = []
         blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + \
             list(getattr(unet, "output_blocks", []))
@@ -106,9 +189,13 @@ class BlockCheckpointing:
         original = layer.forward
         gate = self
 
+        def guarded(*args, **kwargs):
+            with gate.guard():
+                return original(*args, **kwargs)
+
         def forward(*args, **kwargs):
             if gate.enabled and torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+                return torch.utils.checkpoint.checkpoint(guarded, *args, use_reentrant=False, **kwargs)
             return original(*args, **kwargs)
 
         layer.forward = forward
@@ -185,7 +272,9 @@ class ComfyBackend(Backend):
         self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.targets = tuple(targets)
-        self.patcher = model.clone()
+        self._sigmas = vp_sigmas(model.get_model_object("model_sampling"))   # before any expensive work
+        self.interrupted = False
+        self.patcher = training_clone(model)
         base = self.patcher.model
         self.model_name = model_name or type(base.model_config).__name__
         self.device = self.patcher.load_device
@@ -195,7 +284,6 @@ class ComfyBackend(Backend):
             self.device.type == "cuda" and comfy.model_management.should_use_bf16(self.device))
         if compute is not None:
             self.patcher.set_model_compute_dtype(compute)
-        self._sigmas = self._discrete_sigmas()
         self._alphas = 1.0 / (1.0 + self._sigmas.double() ** 2)
         self._needs_pooled = bool(getattr(base, "adm_channels", 0))
         self._prompt_cache: "collections.OrderedDict[str, Dict[str, torch.Tensor]]" = collections.OrderedDict()
@@ -233,16 +321,6 @@ class ComfyBackend(Backend):
         self._ldm_to_diffusers = comfy_lora.ldm_to_diffusers_names(base.model_config.unet_config)
 
     # --- schedule ----------------------------------------------------------------------
-    def _discrete_sigmas(self) -> torch.Tensor:
-        sampling = self.patcher.get_model_object("model_sampling")
-        sigmas = getattr(sampling, "sigmas", None)
-        kind = type(sampling).__name__
-        if sigmas is None or sigmas.dim() != 1 or len(sigmas) < 2 or "Flow" in kind or "CONST" in kind:
-            raise ValueError(f"this model's sampling ({kind}) is not a discrete DDPM schedule; PRDP "
-                             "training supports SD1.x/SD2.x/SDXL-style UNet models")
-        with torch.inference_mode(False):
-            return sigmas.detach().to("cpu", torch.float32).clone()
-
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas
@@ -286,7 +364,7 @@ class ComfyBackend(Backend):
     def prepare_for_training(self) -> None:
         self._load()
         if self.gradient_checkpointing and self._checkpointing is None:
-            self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model)
+            self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model, self.interrupts_as_stop)
 
     def release(self) -> None:
         """Unload the clone and take this backend's wrappers off the shared modules."""
@@ -309,8 +387,20 @@ class ComfyBackend(Backend):
             self.patcher.model.current_patcher = None
 
     # --- model verbs -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def interrupts_as_stop(self) -> Iterator[None]:
+        """ComfyUI's interrupt raised by a model call -> ModelInterrupted, and `interrupted` set."""
+        import comfy.model_management
+
+        try:
+            yield
+        except comfy.model_management.InterruptProcessingException as interrupt:
+            self.interrupted = True
+            raise ModelInterrupted("Cancel pressed in ComfyUI") from interrupt
+
     def encode_prompts(self, prompts: List[str]) -> Cond:
-        rows = [self._encode_one(p) for p in prompts]
+        with self.interrupts_as_stop():
+            rows = [self._encode_one(p) for p in prompts]
         length = math.lcm(*[row["context"].shape[1] for row in rows])
         cond = {"context": torch.cat([repeat_to_length(r["context"], length) for r in rows])}
         if self._needs_pooled:
@@ -346,8 +436,9 @@ class ComfyBackend(Backend):
         entry = {"cross_attn": cond["context"].to(x_sigma.device), "model_conds": {}, "uuid": uuid.uuid4()}
         if "pooled_output" in cond:
             entry["pooled_output"] = cond["pooled_output"].to(x_sigma.device)
-        conds = comfy.samplers.encode_model_conds(base.extra_conds, [entry], x_sigma, x_sigma.device, "positive")
-        return comfy.samplers.calc_cond_batch(base, [conds], x_sigma, sigma, self._model_options)[0]
+        with self.interrupts_as_stop():
+            conds = comfy.samplers.encode_model_conds(base.extra_conds, [entry], x_sigma, x_sigma.device, "positive")
+            return comfy.samplers.calc_cond_batch(base, [conds], x_sigma, sigma, self._model_options)[0]
 
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         sigma = self._sigmas[t.long().cpu()].to(x.device)
@@ -357,7 +448,7 @@ class ComfyBackend(Backend):
         return (x_sigma - x0) / sigma.view_as(scale)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(False), torch.no_grad():
+        with self.interrupts_as_stop(), torch.inference_mode(False), torch.no_grad():
             raw = self.patcher.model.process_latent_out(latents.detach().float())
             images = self.vae.decode(raw)
             if images.dim() == 5:          # video VAEs: [n, frames, H, W, C]
