@@ -2,8 +2,8 @@
 # Make every ComfyUI source tree the tests use runnable from one Python environment, for the
 # tests against a real ComfyUI server (tests/test_comfy_*.py). Idempotent; never replaces torch.
 #
-# Trees: $COMFYUI_ROOTS (colon-separated), else $COMFYUI_ROOT, else ~/ComfyUI (the order the
-# tests use, tests/comfy_harness.py). A listed folder that is no ComfyUI tree is reported and
+# Trees (scripts/comfyui_trees.sh): $COMFYUI_ROOTS (colon-separated), else $COMFYUI_ROOT, else
+# every tree at ~/ComfyUI and ~/ComfyUI-*. A listed folder that is no ComfyUI tree is reported and
 # skipped (its tests then skip with the same reason); no tree at all prints why and exits 0.
 #
 # Per tree, its requirements.txt is installed minus torch/torchvision/torchaudio (torch is this
@@ -20,10 +20,11 @@
 # $PRDP_TORCHAUDIO_SPEC (default torchaudio==2.11.1, the registry's newest) is installed with
 # --no-deps, so its torch requirement is never resolved; torch is checked unchanged afterwards.
 #
-# Frontend: each tree's exact comfyui-frontend-package pin that differs from the installed one
-# is unpacked (--no-deps --target) into <env>/comfyui-frontends/<version>/; the test harness
-# starts that tree's server with --front-end-root pointing there, so every tree is tested with
-# the frontend it ships with.
+# ComfyUI's own packages (frontend, workflow templates, embedded docs, ...): a tree's exact
+# `comfy*==V` pins that differ from the installed versions are unpacked (--no-deps --target)
+# into <env>/comfyui-overlays/<ComfyUI version>/; the test harness puts that folder first on
+# the PYTHONPATH of that tree's server, so every tree runs with the frontend and templates it
+# ships with (0.3.64 cannot even start with the newer templates package's layout).
 # Usage: scripts/setup_comfyui.sh [python]   (default: $PYTHON, else python3 on PATH)
 set -euo pipefail
 
@@ -31,13 +32,12 @@ PY="${1:-${PYTHON:-python3}}"
 TORCHAUDIO_SPEC="${PRDP_TORCHAUDIO_SPEC:-torchaudio==2.11.1}"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
-if [ -n "${COMFYUI_ROOTS:-}" ]; then
-    IFS=':' read -r -a TREES <<< "$COMFYUI_ROOTS"
-elif [ -n "${COMFYUI_ROOT:-}" ]; then
-    TREES=("$COMFYUI_ROOT")
-else
-    TREES=("$HOME/ComfyUI")
+TREE_LIST="$(bash "$(dirname "$0")/comfyui_trees.sh")"
+if [ -z "$TREE_LIST" ]; then
+    echo "setup_comfyui: no ComfyUI source tree (set COMFYUI_ROOTS or COMFYUI_ROOT, or clone ComfyUI to ~/ComfyUI); nothing to do"
+    exit 0
 fi
+IFS=':' read -r -a TREES <<< "$TREE_LIST"
 
 torch_versions() {
     "$PY" - <<'PYEOF'
@@ -97,8 +97,21 @@ for raw in lines:
 PYEOF
 }
 
-frontend_pin() {
-    sed -n 's/^comfyui-frontend-package==\([0-9.]*\).*/\1/p' "$1/requirements.txt" | head -1
+# Prints the exact `comfy*==V` pins of requirements.txt $1 whose installed version differs.
+foreign_pins() {
+    "$PY" - "$1" <<'PYEOF'
+import importlib.metadata, re, sys
+for raw in open(sys.argv[1], encoding="utf-8"):
+    found = re.match(r"^(comfy[A-Za-z0-9_.-]*)==([0-9][0-9A-Za-z.]*)\s*(#.*)?$", raw.strip())
+    if not found:
+        continue
+    try:
+        installed = importlib.metadata.version(found.group(1))
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed != found.group(2):
+        print(f"{found.group(1)}=={found.group(2)}")
+PYEOF
 }
 
 setup_tree() {
@@ -130,28 +143,33 @@ setup_tree() {
     echo "setup_comfyui: $root ready ($(sed -n 's/^__version__ = "\(.*\)"/ComfyUI \1/p' "$root/comfyui_version.py" 2>/dev/null))"
 }
 
-# after every tree's requirements: the installed frontend is then final
-setup_frontend() {
-    local root="$1"
+# After every tree's requirements, so the installed versions are final: a tree whose exact
+# comfy* pins differ from them gets those pins in its overlay folder.
+setup_overlay() {
+    local root="$1" version pins target
     [ -f "$root/requirements.txt" ] || return 0
-    local pin installed target
-    pin="$(frontend_pin "$root")"
-    installed="$("$PY" -c 'import importlib.metadata as m; print(m.version("comfyui-frontend-package"))' 2>/dev/null || true)"
-    if [ -n "$pin" ] && [ "$pin" != "$installed" ]; then
-        target="$("$PY" -c 'import sys; print(sys.prefix)')/comfyui-frontends/$pin"
-        if [ ! -d "$target/comfyui_frontend_package/static" ]; then
-            echo "setup_comfyui: unpacking $root's frontend comfyui-frontend-package==$pin into $target"
-            rm -rf "$target.tmp"
-            "${PIP[@]}" --no-deps --target "$target.tmp" "comfyui-frontend-package==$pin"
-            mv "$target.tmp" "$target"
-        fi
+    version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$root/comfyui_version.py" 2>/dev/null)"
+    target="$("$PY" -c 'import sys; print(sys.prefix)')/comfyui-overlays/${version:-unknown}"
+    pins="$(foreign_pins "$root/requirements.txt" | sort)"
+    if [ -z "$pins" ]; then
+        rm -rf "$target"
+        return 0
     fi
+    if [ -f "$target/PINS" ] && [ "$(cat "$target/PINS")" = "$pins" ]; then
+        return 0
+    fi
+    echo "setup_comfyui: $root pins other versions than installed; unpacking" $pins "into $target"
+    rm -rf "$target" "$target.tmp"
+    # shellcheck disable=SC2086  # one pin per word
+    "${PIP[@]}" --no-deps --target "$target.tmp" $pins
+    echo "$pins" > "$target.tmp/PINS"
+    mv "$target.tmp" "$target"
 }
 
 for tree in "${TREES[@]}"; do
     if [ -n "$tree" ]; then setup_tree "$tree"; fi
 done
 for tree in "${TREES[@]}"; do
-    if [ -n "$tree" ]; then setup_frontend "$tree"; fi
+    if [ -n "$tree" ]; then setup_overlay "$tree"; fi
 done
 exit 0

@@ -2,7 +2,8 @@
 # Create (or reuse) the project's virtual environment in .venv and install what the engine
 # needs. Idempotent. torch is installed only when missing and never pinned by the package:
 # ComfyUI users already have the torch that fits their GPU.
-# Usage: scripts/setup_env.sh [--test]   (--test adds pytest, playwright and ComfyUI's requirements)
+# Usage: scripts/setup_env.sh [--test]   (--test adds pytest, playwright, the requirements of each
+# ComfyUI tree (scripts/setup_comfyui.sh) and Debian's chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${PRDP_VENV:-.venv}"

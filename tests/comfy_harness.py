@@ -718,36 +718,13 @@ def _events_of_prompt(all_events: Iterable[tuple[str, dict]], prompt_id: str) ->
 # --------------------------------------------------------------------------------------
 
 
-def pinned_frontend_version(comfyui_root: Path) -> str | None:
-    """The exact comfyui-frontend-package version the tree's requirements.txt pins, if any."""
-    import re
-
-    requirements = Path(comfyui_root) / "requirements.txt"
-    text = requirements.read_text(errors="replace") if requirements.is_file() else ""
-    found = re.search(r"^comfyui-frontend-package==([0-9][0-9.]*)", text, re.MULTILINE)
-    return found.group(1) if found else None
-
-
-def frontend_root_for(comfyui_root: Path, python: str | None = None) -> Path | None:
-    """The tree's pinned frontend unpacked by scripts/setup_comfyui.sh, when the installed
-    package has another version; None means the installed package is the right one (or no
-    matching copy exists, and ComfyUI serves the installed one with its own warning)."""
-    import importlib.metadata
-
-    pin = pinned_frontend_version(comfyui_root)
-    if pin is None:
-        return None
-    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
-        try:
-            if importlib.metadata.version("comfyui-frontend-package") == pin:
-                return None
-        except importlib.metadata.PackageNotFoundError:
-            pass
-        prefix = Path(sys.prefix)
-    else:
-        prefix = Path(python).resolve().parent.parent
-    static = prefix / "comfyui-frontends" / pin / "comfyui_frontend_package" / "static"
-    return static if (static / "index.html").is_file() else None
+def package_overlay_for(comfyui_root: Path, python: str | None = None) -> Path | None:
+    """The folder of ComfyUI packages pinned by this tree but installed at other versions
+    (frontend, workflow templates, ...), unpacked by scripts/setup_comfyui.sh into
+    ``<env>/comfyui-overlays/<ComfyUI version>``; None when the tree needs none."""
+    prefix = Path(python).absolute().parent.parent if python else Path(sys.prefix)
+    overlay = prefix / "comfyui-overlays" / comfyui_version(comfyui_root)
+    return overlay if (overlay / "PINS").is_file() else None
 
 
 def free_port() -> int:
@@ -836,9 +813,6 @@ class ComfyServer:
             "    reward_models: models/reward_models\n"
             "    custom_nodes: custom_nodes\n")
         self.port = free_port()
-        frontend = frontend_root_for(self.comfyui_root, self._python)
-        if frontend is not None and "--front-end-root" not in self._extra_args:
-            self._extra_args = ["--front-end-root", str(frontend), *self._extra_args]
         return [self._python, str(self.comfyui_root / "main.py"), "--cpu", "--listen", "127.0.0.1",
                 "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes",
                 "--base-directory", str(self.base_dir), "--output-directory", str(self.output_dir),
@@ -852,6 +826,9 @@ class ComfyServer:
         env = dict(os.environ)
         env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     "DO_NOT_TRACK": "1"})
+        overlay = package_overlay_for(self.comfyui_root, self._python)
+        if overlay is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(overlay), *filter(None, [env.get("PYTHONPATH")])])
         env.update(self._env)
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(("$ " + " ".join(command) + "\n").encode())
