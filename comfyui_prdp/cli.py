@@ -8,25 +8,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 from .config import PRESETS, TrainConfig, preset
+from .prompts import PromptTextError, read_prompt_file
 
 DEFAULT_PROMPTS = [f"a painting of a {animal}" for animal in (
     "cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "lion", "turtle", "goat", "duck")]
 HELD_OUT_PROMPTS = ["a painting of a wolf", "a painting of a frog", "a painting of a crow", "a painting of a seal"]
 HELD_OUT_SEEDS = [1000, 1001, 1002, 1003]
 
+#: folders that hold no user files; an --out there is a mistake
+SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (inf and nan are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a value such as 3e-4")
+    return value
+
+
 # CLI flag -> TrainConfig field, for the common overrides
 OVERRIDES = {
     "epochs": int, "prompts_per_epoch": int, "images_per_prompt": int, "updates_per_epoch": int,
-    "minibatch_prompts": int, "steps": int, "cfg": float, "eta": float, "width": int, "height": int,
-    "beta": float, "clip_range": float, "learning_rate": float, "weight_decay": float, "grad_clip": float,
-    "lora_rank": int, "lora_alpha": float, "sample_batch_size": int, "train_batch_size": int,
-    "checkpoint_every": int, "timestep_fraction": float, "algorithm": str, "mixed_precision": str,
+    "minibatch_prompts": int, "steps": int, "cfg": finite_float, "eta": finite_float, "width": int,
+    "height": int, "beta": finite_float, "clip_range": finite_float, "learning_rate": finite_float,
+    "weight_decay": finite_float, "grad_clip": finite_float, "lora_rank": int, "lora_alpha": finite_float,
+    "sample_batch_size": int, "train_batch_size": int, "checkpoint_every": int,
+    "timestep_fraction": finite_float, "algorithm": str, "mixed_precision": str,
     "negative_prompt": str, "logprob_reduce": str, "step_reduce": str,
 }
 
@@ -66,10 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(path: Optional[Path]) -> List[str]:
     if path is None:
         return list(DEFAULT_PROMPTS)
-    if not path.is_file():
-        raise SystemExit(f"error: prompt file {path} not found; give a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
+    try:
+        prompts = read_prompt_file(path)
+    except (FileNotFoundError, PromptTextError) as error:
+        raise SystemExit(f"error: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"error: prompt file {path} cannot be read ({error.strerror}); check the path "
+                         "and its permissions") from None
     if not prompts:
         raise SystemExit(f"error: prompt file {path} has no prompts; write one prompt per line")
     return prompts
@@ -86,6 +108,26 @@ def make_config(args) -> TrainConfig:
         return preset(name, **overrides)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
+
+
+def check_out_path(out: Path) -> None:
+    """Refuse an --out that can never be a run folder: a file, a folder under a file, a system
+    folder (/proc, /sys, /dev) or a place that cannot be written."""
+    target = Path(os.path.abspath(out.expanduser()))
+    resolved = target.resolve()
+    for system in SYSTEM_FOLDERS:
+        if resolved == system or system in resolved.parents:
+            raise SystemExit(f"error: --out {out} is inside {system}, a system folder that holds no files; "
+                             "choose a folder such as runs/my_run")
+    if target.exists() and not target.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder; choose a new folder name")
+    existing = next(parent for parent in target.parents if parent.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"error: --out {out} is under {existing}, which is a file, not a folder; choose "
+                         "another --out")
+    writable = target if target.exists() else existing
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out {out}: {writable} is not writable; choose a folder you can write to")
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
@@ -149,7 +191,9 @@ def train(args) -> int:
         print("\n".join(available_rewards()))
         return 0
     config = make_config(args)
+    check_device(args.device)
     prompts = read_prompts(args.prompts)
+    check_out_path(args.out)
     check_out_dir(args.out, args.resume)
     reward = make_reward(args)
     from .model_loading import load_backend
@@ -193,8 +237,24 @@ def train(args) -> int:
     return 0
 
 
+def check_device(device: Optional[str]) -> None:
+    from .model_loading import ModelLoadError, check_device as check
+
+    try:
+        check(device)
+    except ModelLoadError as error:
+        raise SystemExit(f"error: --device: {error}") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command; a refused input prints one 'error: ...' line and returns 2."""
     args = build_parser().parse_args(argv)
-    if args.command == "train":
+    if args.command != "train":
+        return 2
+    try:
         return train(args)
-    return 2
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):
+            raise
+        print(stop.code, file=sys.stderr)
+        return 2

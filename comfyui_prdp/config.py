@@ -7,6 +7,8 @@ here is only a starting point and can be overridden.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -87,6 +89,10 @@ class TrainConfig:
             if not ok:
                 problems.append(message)
 
+        kind_problems = [p for p in (_kind_problem(f.name, hint, getattr(self, f.name))
+                                     for f, hint in _field_hints()) if p]
+        if kind_problems:   # range checks below assume numbers are finite numbers
+            raise ValueError("invalid training configuration:\n  - " + "\n  - ".join(kind_problems))
         need(self.epochs >= 1, f"epochs={self.epochs}: must be at least 1")
         need(self.prompts_per_epoch >= 1, f"prompts_per_epoch={self.prompts_per_epoch}: must be at least 1")
         need(self.images_per_prompt >= 2,
@@ -118,9 +124,57 @@ class TrainConfig:
         need(self.mixed_precision in ("no", "fp16", "bf16"),
              f"mixed_precision={self.mixed_precision!r}: use 'no', 'fp16' or 'bf16'")
         need(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every}: must be >= 0")
+        need(self.adv_clip > 0, f"adv_clip={self.adv_clip}: must be > 0")
+        need(self.adam_eps > 0, f"adam_eps={self.adam_eps}: must be > 0 (e.g. 1e-8)")
+        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             f"adam_betas={tuple(self.adam_betas)}: need two numbers in [0, 1), e.g. (0.9, 0.999)")
+        need(self.lora_alpha is None or self.lora_alpha > 0,
+             f"lora_alpha={self.lora_alpha}: must be > 0 (or unset: equal to the rank)")
+        need(0 <= self.seed < 2 ** 64, f"seed={self.seed}: must be in [0, 2**64)")
         if problems:
             raise ValueError("invalid training configuration:\n  - " + "\n  - ".join(problems))
         return self
+
+
+def _field_hints():
+    """(field, resolved type) of every TrainConfig field."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind_problem(name: str, hint: Any, value: Any) -> Optional[str]:
+    """What is wrong with the kind of `value` for a field typed `hint` (None when it fits):
+    whole numbers must be ints, floats finite numbers (no inf/nan)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        return None if isinstance(value, bool) else f"{name}={value!r}: must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else \
+            f"{name}={value!r}: must be a whole number"
+    if hint is float:
+        if not _is_number(value):
+            return f"{name}={value!r}: must be a number"
+        return None if math.isfinite(value) else f"{name}={value!r}: must be a finite number (not inf or nan)"
+    if hint is str:
+        return None if isinstance(value, str) else f"{name}={value!r}: must be text"
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return f"{name}={value!r}: must be a list"
+        item = args[0] if args else Any
+        for index, element in enumerate(value):
+            problem = _kind_problem(f"{name}[{index}]", item, element) if item is not Any else None
+            if problem:
+                return problem
+    return None
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -48,15 +48,26 @@ def unique_path(path: Path) -> Path:
         counter += 1
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Raise ValueError naming the tensors with NaN or inf values (a diverged training)."""
+    bad = [key for key, value in tensors.items() if not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ValueError(f"refusing to write {Path(path).name}: {len(bad)} of {len(tensors)} LoRA tensors hold NaN "
+                         f"or inf values (first: {bad[0]}); training diverged, so lower the learning rate or "
+                         "resume from the last good checkpoint")
+
+
 def save_lora(path: Path, state_dict: Mapping[str, torch.Tensor],
               metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> Path:
     """Write a LoRA as safetensors atomically. Refuses to replace an existing file unless
-    `overwrite` (used only for the trainer's own rolling files)."""
+    `overwrite` (used only for the trainer's own rolling files), and refuses non-finite values
+    (nothing is written then)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name (unique_path() "
                               "gives the next free numbered one)")
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state_dict.items()}
+    check_finite(tensors, path)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 

@@ -34,8 +34,36 @@ class ModelLoadError(ValueError):
 def load_backend(base: Optional[str], config: TrainConfig, device: Union[str, torch.device, None] = None,
                  base_config: Optional[str] = None) -> DiffusersBackend:
     """A `DiffusersBackend` for `base` (see the module docstring), LoRA set up from `config`."""
+    check_device(device)
     components, name = load_components(base, base_config=base_config)
     return DiffusersBackend.from_components(**components, config=config, device=device, model_name=name)
+
+
+def check_device(device: Union[str, torch.device, None]) -> Optional[torch.device]:
+    """`device` as a torch.device (None stays None: the backend's default), or ModelLoadError when
+    it is not a device name or not present here. Cheap: meant to run before anything loads."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"device {device!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r}: no CUDA GPU is usable here (torch {torch.__version__}, "
+                                 f"built for CUDA {torch.version.cuda}); use the device cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ModelLoadError(f"device {device!r}: this machine has {count} CUDA GPU(s), numbered from 0; "
+                                 f"use cuda:0 .. cuda:{count - 1}")
+        return parsed
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError(f"device {device!r}: Apple's MPS is not available here; use cpu")
+        return parsed
+    raise ModelLoadError(f"device {device!r}: the trainer runs on cpu, cuda[:N] or mps")
 
 
 def load_components(base: Optional[str], base_config: Optional[str] = None) -> Tuple[Dict[str, object], str]:
@@ -82,12 +110,21 @@ def check_diffusers_dir(path: Path) -> None:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{index_file} is not readable JSON ({error}): the model folder is damaged") from error
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{index_file} holds {type(index).__name__} {str(index)[:40]}, not the JSON object "
+                             "a diffusers model_index.json is: the model folder is damaged; save the pipeline "
+                             "again with save_pretrained")
     if "text_encoder_2" in index or "transformer" in index:
         raise ModelLoadError(f"{path} is a {index.get('_class_name', 'non-SD1/SD2')} model; the diffusers backend "
                              "runs Stable Diffusion 1.x/2.x-style models (one CLIP text encoder and a UNet)")
     missing = [name for name in COMPONENTS if name not in index]
     if missing:
         raise ModelLoadError(f"{path} lacks the component(s) {', '.join(missing)} a Stable Diffusion pipeline needs")
+    malformed = [name for name in COMPONENTS if not (isinstance(index[name], list) and len(index[name]) == 2
+                                                      and all(isinstance(part, str) for part in index[name]))]
+    if malformed:
+        raise ModelLoadError(f"{index_file}: the entries {', '.join(malformed)} must each be [library, class], "
+                             'e.g. "unet": ["diffusers", "UNet2DConditionModel"]; the model folder is damaged')
 
 
 def _from_diffusers_dir(path: Path):

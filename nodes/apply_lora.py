@@ -1,7 +1,7 @@
 """Apply LoRA (PRDP): MODEL + LORA_MODEL + strength -> MODEL (a patched copy)."""
 from __future__ import annotations
 
-from .common import CATEGORY, LORA_MODEL_TYPE
+from .common import CATEGORY, LORA_MODEL_TYPE, refuse, widget_problems
 
 
 class PRDPApplyLoRA:
@@ -25,6 +25,12 @@ class PRDPApplyLoRA:
     OUTPUT_TOOLTIPS = ("The model with the LoRA applied.",)
     FUNCTION = "apply"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength=None):
+        """ComfyUI's own min/max check lets NaN through (every comparison with NaN is false)."""
+        refuse("Apply LoRA (PRDP)", list(widget_problems(cls.INPUT_TYPES(), {"strength": strength}).values()))
+        return True
 
     def apply(self, model, lora, strength):
         if strength == 0:

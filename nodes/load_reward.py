@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Dict, List
 
 from ..comfyui_prdp import rewards
-from .common import CATEGORY, REWARD_TYPE, comfy_device_name, folder_paths_module
+from .common import CATEGORY, REWARD_TYPE, comfy_device_name, folder_paths_module, refuse, widget_problems
 
 AUTO_WEIGHTS = "(auto)"
 REWARD_FOLDER = "reward_models"
@@ -13,6 +14,7 @@ DEVICES = ["auto", "cpu"]
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
 DEFAULT_COMPONENTS = "pickscore:10, hpsv2:2, aesthetic:0.05"
 PROMPT_FREE = ("jpeg-compressibility", "jpeg-incompressibility")
+TITLE = "Load Reward Model (PRDP)"
 
 
 def weight_files() -> List[str]:
@@ -105,26 +107,43 @@ class PRDPLoadRewardModel:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, reward, weights, components=DEFAULT_COMPONENTS):
+    def VALIDATE_INPUTS(cls, reward=None, weights=None, device=None, dtype=None, components=None,
+                        allow_download=None):
+        """True, or FormRefused with every problem (see nodes.common.FormRefused)."""
         names = rewards.available_rewards()
-        if reward not in names:
-            return f"unknown reward {reward!r}; choose one of: {', '.join(names)}"
-        if reward in PROMPT_FREE and weights not in (AUTO_WEIGHTS, None):
-            return f"{reward} uses no model; set weights to {AUTO_WEIGHTS}"
-        if reward == "weighted" and weights not in (AUTO_WEIGHTS, None):
-            return "the weighted reward finds each component's weights itself; set weights to (auto)"
-        if weights not in (AUTO_WEIGHTS, None) and weights not in weight_files():
-            return f"weights file {weights!r} is not in models/reward_models; pick one from the list or (auto)"
-        if reward == "weighted" and components is not None:
-            try:
-                from ..comfyui_prdp.rewards.combined import parse_components
-                parsed = parse_components(components)
-            except Exception as error:  # noqa: BLE001
-                return f"components: {error}"
-            unknown = [item[0] for item in parsed if isinstance(item[0], str) and item[0] not in names]
-            if unknown:
-                return f"components: unknown reward(s) {', '.join(unknown)}; known: {', '.join(names)}"
+        problems = []
+        if reward is not None and reward not in names:
+            problems.append(f"unknown reward {reward!r}; choose one of: {', '.join(names)}")
+        if weights not in (AUTO_WEIGHTS, None):
+            if reward in PROMPT_FREE:
+                problems.append(f"{reward} uses no model; set weights to {AUTO_WEIGHTS}")
+            elif reward == "weighted":
+                problems.append("the weighted reward finds each component's weights itself; set weights to (auto)")
+            elif weights not in weight_files():
+                problems.append(f"weights file {weights!r} is not in models/reward_models; pick one from the "
+                                "list or (auto)")
+        others = {"device": device, "dtype": dtype, "components": components, "allow_download": allow_download}
+        problems += widget_problems(cls.INPUT_TYPES(), others).values()
+        if reward == "weighted" and isinstance(components, str):
+            problems += cls._component_problems(components, names)
+        refuse(TITLE, problems)
         return True
+
+    @staticmethod
+    def _component_problems(components: str, names) -> List[str]:
+        try:
+            from ..comfyui_prdp.rewards.combined import parse_components
+            parsed = parse_components(components)
+        except Exception as error:  # noqa: BLE001  (any parse failure is the user's text)
+            return [f"components: {error}"]
+        problems = []
+        unknown = [item[0] for item in parsed if isinstance(item[0], str) and item[0] not in names]
+        if unknown:
+            problems.append(f"components: unknown reward(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        not_finite = [f"{name}:{weight}" for name, weight in parsed if not math.isfinite(weight)]
+        if not_finite:
+            problems.append(f"components: weights must be finite numbers, not {', '.join(not_finite)}")
+        return problems
 
     def load(self, reward, weights, device, dtype, components=DEFAULT_COMPONENTS, allow_download=True):
         weights_path = None

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .common import CATEGORY, REWARD_TYPE
+from .common import CATEGORY, REWARD_TYPE, refuse, widget_problems
+
+MAX_LABEL_CHARS = 100
 
 
 def prompts_for(prompt: str, count: int) -> List[str]:
@@ -84,6 +86,22 @@ class PRDPScoreImages:
     FUNCTION = "score"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt=None, label=None):
+        """True, or FormRefused (see nodes.common.FormRefused) for text that is not a prompt/label."""
+        from ..comfyui_prdp.prompts import PromptTextError, parse_prompt_text
+
+        problems = list(widget_problems(cls.INPUT_TYPES(), {"prompt": prompt, "label": label}).values())
+        if isinstance(prompt, str):
+            try:
+                parse_prompt_text(prompt, "prompt")
+            except PromptTextError as error:
+                problems.append(str(error))
+        if isinstance(label, str) and (len(label) > MAX_LABEL_CHARS or "\n" in label or "\x00" in label):
+            problems.append(f"label: one line of at most {MAX_LABEL_CHARS} characters, e.g. base")
+        refuse("Score Images (PRDP)", problems)
+        return True
 
     def score(self, reward_model, images, prompt, label=""):
         if images is None or images.dim() != 4 or images.shape[0] == 0:

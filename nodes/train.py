@@ -10,14 +10,16 @@ import torch
 
 from ..comfyui_prdp.config import PRESETS
 from ..comfyui_prdp.jobs import JOBS
+from ..comfyui_prdp.prompts import read_prompt_file
 from . import train_paths
-from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE
+from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems
 from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, MAX_SIZE, MAX_STEPS, build_config,
                          config_summary, parse_prompts, validate_form)
 
 logger = logging.getLogger(__name__)
 
 FLOAT_NO_ROUND = {"round": False}
+TITLE = "PRDP Train LoRA"
 
 
 def _int(default, minimum, maximum, tooltip, step=1):
@@ -69,7 +71,8 @@ class PRDPTrainLoRA:
                 "updates_per_epoch": _int(1, 1, 1000, "Gradient updates per epoch on the same samples."),
                 "learning_rate": _float(3e-4, 1e-9, 1.0, 1e-5, "AdamW learning rate of the LoRA.", True),
                 "lora_rank": _int(8, 1, 256, "LoRA rank (alpha = rank)."),
-                "width": _int(512, 64, MAX_SIZE, "Width of training images (multiple of 8).", 8),
+                "width": _int(512, 64, MAX_SIZE, "Width of training images (multiple of 8). prompts x images "
+                                                 "x size is limited by the memory one epoch needs.", 8),
                 "height": _int(512, 64, MAX_SIZE, "Height of training images (multiple of 8).", 8),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                                  "tooltip": "Seed of prompt order, noise and LoRA initialisation. The same "
@@ -107,18 +110,32 @@ class PRDPTrainLoRA:
                         clip_range=None, updates_per_epoch=None, learning_rate=None, lora_rank=None,
                         width=None, height=None, seed=None, lora_name=None, prompt_file=train_paths.NONE,
                         checkpoint_every=None, resume_from=train_paths.NONE, algorithm=None):
-        if prompt_file not in (None, train_paths.NONE) and prompt_file not in train_paths.prompt_file_choices():
-            return f"prompt_file={prompt_file!r} is not a .txt file in the input folder; pick one from the list"
-        if resume_from not in (None, train_paths.NONE) and resume_from not in train_paths.checkpoint_choices():
-            return f"resume_from={resume_from!r} is not a checkpoint in output/prdp_runs; pick one from the list"
-        name_error = train_paths.check_lora_name(train_paths.strip_extension(lora_name)) if lora_name is not None else None
-        problem = validate_form(
-            prompts, prompt_file not in (None, train_paths.NONE), preset, name_error,
-            epochs=epochs, prompts_per_epoch=prompts_per_epoch, images_per_prompt=images_per_prompt,
-            steps=steps, cfg=cfg, beta=beta, clip_range=clip_range, updates_per_epoch=updates_per_epoch,
-            learning_rate=learning_rate, lora_rank=lora_rank, width=width, height=height, seed=seed,
-            negative_prompt=negative_prompt, checkpoint_every=checkpoint_every, algorithm=algorithm)
-        return True if problem is None else problem
+        """True, or FormRefused listing every problem. Naming every widget here makes ComfyUI skip
+        its own checks, so the declared kinds, choices and min/max are enforced here. None is a
+        value fed by a link (unknown while validating) and is checked at run time."""
+        values = {name: value for name, value in locals().items() if name != "cls"}
+        bad = widget_problems(cls.INPUT_TYPES(), values)
+        problems = list(bad.values())
+        good = {name: (None if name in bad else value) for name, value in values.items()}
+        if "preset" in bad:
+            good["preset"] = DEFAULT_PRESET
+        if good["lora_name"] is not None:
+            name_error = train_paths.check_lora_name(train_paths.strip_extension(good["lora_name"]))
+        else:
+            name_error = None
+        prompt_file_given = good["prompt_file"] not in (None, train_paths.NONE)
+        if prompt_file_given:
+            try:
+                read_prompt_file(train_paths.resolve_prompt_file(good["prompt_file"]), name=good["prompt_file"])
+            except (ValueError, OSError) as error:
+                problems.append(str(error))
+        widgets = {k: good[k] for k in ("epochs", "prompts_per_epoch", "images_per_prompt", "steps", "cfg",
+                                        "beta", "clip_range", "updates_per_epoch", "learning_rate", "lora_rank",
+                                        "width", "height", "seed", "negative_prompt", "checkpoint_every",
+                                        "algorithm")}
+        problems += validate_form(good["prompts"], prompt_file_given, good["preset"], name_error, **widgets)
+        refuse(TITLE, problems)
+        return True
 
     @classmethod
     def IS_CHANGED(cls, prompt_file=train_paths.NONE, **_):
@@ -194,7 +211,7 @@ class PRDPTrainLoRA:
         prompt_list = parse_prompts(prompts)
         path = train_paths.resolve_prompt_file(prompt_file)
         if path is not None:
-            prompt_list += parse_prompts(path.read_text(encoding="utf-8", errors="replace"))
+            prompt_list += read_prompt_file(path, name=prompt_file)
         if not prompt_list:
             raise ValueError("no prompts: write at least one prompt (one per line) or choose a prompt_file")
         return prompt_list

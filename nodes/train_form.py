@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from ..comfyui_prdp.config import PRESETS, TrainConfig, preset as preset_config
+from ..comfyui_prdp.prompts import PromptTextError, parse_prompt_text
 
 DEFAULT_PRESET = "consumer-gpu" if "consumer-gpu" in PRESETS else next(iter(PRESETS))
 DEFAULT_PROMPTS = "\n".join([
@@ -15,7 +16,9 @@ DEFAULT_PROMPTS = "\n".join([
     "a photo of a fox", "a photo of an owl", "a photo of a deer", "a photo of a panda",
 ])
 MAX_STEPS = 1000
-MAX_SIZE = 8192
+MAX_SIZE = 2048                  # SD1.x/2.x are trained at 512-768; 2048 already needs a large GPU
+#: the CPU memory one epoch's trajectories and decoded images may take (a shared server's limit)
+MAX_EPOCH_MEMORY_BYTES = 16 * 2 ** 30
 
 #: widget name -> TrainConfig field (same name unless listed)
 CONFIG_WIDGETS = ("epochs", "prompts_per_epoch", "images_per_prompt", "steps", "cfg", "beta",
@@ -23,11 +26,29 @@ CONFIG_WIDGETS = ("epochs", "prompts_per_epoch", "images_per_prompt", "steps", "
                   "seed", "negative_prompt", "checkpoint_every", "algorithm")
 
 
-def parse_prompts(text: Optional[str]) -> List[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+def parse_prompts(text: Optional[str], source: str = "prompts") -> List[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped. ValueError for
+    text that is no prompt list (NUL bytes, a line longer than any prompt)."""
     if not text:
         return []
-    return [line.strip() for line in str(text).splitlines() if line.strip() and not line.strip().startswith("#")]
+    return parse_prompt_text(str(text), source)
+
+
+def epoch_memory_bytes(config: TrainConfig) -> int:
+    """CPU memory of one epoch's data: float32 latent trajectories (T+1 latents of 4 x h/8 x w/8
+    each) and the decoded RGB images, for every sampled image."""
+    images = config.prompts_per_epoch * config.images_per_prompt
+    latent = 4 * (config.height // 8) * (config.width // 8)
+    return images * ((config.steps + 1) * latent + 3 * config.height * config.width) * 4
+
+
+def memory_problem(config: TrainConfig) -> Optional[str]:
+    needed = epoch_memory_bytes(config)
+    if needed <= MAX_EPOCH_MEMORY_BYTES:
+        return None
+    return (f"one epoch would hold {needed / 2 ** 30:.0f} GiB of images and trajectories (at most "
+            f"{MAX_EPOCH_MEMORY_BYTES // 2 ** 30} GiB): lower prompts_per_epoch, images_per_prompt, steps "
+            "or the image size")
 
 
 def build_config(preset: str, **widgets: Any) -> TrainConfig:
@@ -49,28 +70,34 @@ def build_config(preset: str, **widgets: Any) -> TrainConfig:
     except ValueError as error:
         problems.append(str(error).replace("invalid training configuration:\n  - ", "").replace("\n  - ", "; "))
         config = None
+    if config is not None and memory_problem(config):
+        problems.append(memory_problem(config))
     if problems:
         raise ValueError("; ".join(problems))
     return config
 
 
 def validate_form(prompts: Optional[str], prompt_file_given: bool, preset: str,
-                  lora_name_error: Optional[str], **widgets: Any) -> Optional[str]:
-    """The first line of what is wrong with the form, or None when it is fine.
+                  lora_name_error: Optional[str], **widgets: Any) -> List[str]:
+    """Everything that is wrong with the form (empty when it is fine).
 
     `prompts` is None when the prompts come through a link (checked again at run time).
     """
     messages = []
-    if prompts is not None and not parse_prompts(prompts) and not prompt_file_given:
-        messages.append("no prompts: write at least one prompt in 'prompts' (one per line) "
-                        "or choose a prompt_file")
+    if prompts is not None:
+        try:
+            if not parse_prompts(prompts) and not prompt_file_given:
+                messages.append("no prompts: write at least one prompt in 'prompts' (one per line) "
+                                "or choose a prompt_file")
+        except PromptTextError as error:
+            messages.append(str(error))
     if lora_name_error:
         messages.append(lora_name_error)
     try:
         build_config(preset, **widgets)
     except ValueError as error:
         messages.append(str(error))
-    return "; ".join(messages) if messages else None
+    return messages
 
 
 def config_summary(config: TrainConfig, prompt_count: int) -> Dict[str, Any]:

@@ -20,12 +20,12 @@ NONE = "none"
 LORA_SUBFOLDER = "prdp"
 RUNS_FOLDER = "prdp_runs"
 CHECKPOINT_STATE = "trainer_state.pt"
-LORA_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+LORA_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")   # used with fullmatch
 
 
 def check_lora_name(name: str) -> Optional[str]:
     """An error message, or None when the name is usable as a file name."""
-    if not isinstance(name, str) or not LORA_NAME_PATTERN.match(name) or name.endswith(".") or ".." in name:
+    if not isinstance(name, str) or not LORA_NAME_PATTERN.fullmatch(name) or name.endswith(".") or ".." in name:
         return (f"lora_name={name!r}: use letters, digits, '_', '-' or '.' (no folders, at most 100 "
                 "characters), e.g. prdp_pickscore")
     return None

@@ -24,6 +24,14 @@ GOOD = dict(prompts="a cat\na dog", negative_prompt="", preset="cpu-smoke", epoc
             learning_rate=3e-3, lora_rank=2, width=64, height=64, seed=0, lora_name="tiny")
 
 
+def refusal(node, **values) -> str:
+    """The one message VALIDATE_INPUTS refuses `values` with (it raises: see nodes.common.FormRefused)."""
+    with pytest.raises(ValueError) as refused:
+        node.VALIDATE_INPUTS(**values)
+    assert type(refused.value).__name__ == "FormRefused"
+    return str(refused.value)
+
+
 @pytest.fixture(scope="module")
 def package():
     return load_plugin_package()
@@ -109,12 +117,12 @@ def test_good_settings_pass_validation(nodes):
     ({"resume_from": "/tmp/somewhere"}, "resume_from"),
 ])
 def test_bad_settings_are_refused_with_a_message_naming_them(nodes, change, fragment):
-    message = nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, **change})
-    assert message is not True and fragment in message, message
+    message = refusal(nodes["PRDPTrainLoRA"], **{**GOOD, **change})
+    assert fragment in message, message
 
 
 def test_several_problems_are_reported_together(nodes):
-    message = nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, "width": 65, "images_per_prompt": 1})
+    message = refusal(nodes["PRDPTrainLoRA"], **{**GOOD, "width": 65, "images_per_prompt": 1})
     assert "width=65" in message and "images_per_prompt=1" in message
 
 
@@ -129,11 +137,11 @@ def test_form_values_override_the_preset_and_the_preset_fills_the_rest(package):
 def test_load_reward_validation(nodes):
     load = nodes["PRDPLoadRewardModel"]
     assert load.VALIDATE_INPUTS("jpeg-compressibility", "(auto)") is True
-    assert "unknown reward" in load.VALIDATE_INPUTS("no-such-reward", "(auto)")
-    assert "uses no model" in load.VALIDATE_INPUTS("jpeg-compressibility", "some.safetensors")
-    assert "not in models/reward_models" in load.VALIDATE_INPUTS("pickscore", "missing.safetensors")
-    assert "components" in load.VALIDATE_INPUTS("weighted", "(auto)", components="pickscore:ten")
-    assert "unknown reward" in load.VALIDATE_INPUTS("weighted", "(auto)", components="pickscore:1, nope:2")
+    assert "unknown reward" in refusal(load, reward="no-such-reward", weights="(auto)")
+    assert "uses no model" in refusal(load, reward="jpeg-compressibility", weights="some.safetensors")
+    assert "not in models/reward_models" in refusal(load, reward="pickscore", weights="missing.safetensors")
+    assert "components" in refusal(load, reward="weighted", weights="(auto)", components="pickscore:ten")
+    assert "unknown reward" in refusal(load, reward="weighted", weights="(auto)", components="pickscore:1, nope:2")
     assert load.VALIDATE_INPUTS("weighted", "(auto)", components="pickscore:10, hpsv2:2, aesthetic:0.05") is True
 
 
@@ -205,3 +213,100 @@ def test_workflows_are_consistent_ui_graphs(nodes, path):
 
 def test_the_three_workflows_exist():
     assert {p.name for p in WORKFLOWS} >= {"train_and_compare.json", "compare_saved_lora.json", "multi_reward.json"}
+
+
+# --- the node's own limits (issue 8, item 3) ------------------------------------------------------
+@pytest.mark.parametrize("change, fragment", [
+    ({"width": 8}, "width=8: at least 64"),
+    ({"epochs": 100001}, "epochs=100001: at most 100000"),
+    ({"seed": -1}, "seed=-1: at least 0"),
+    ({"lora_rank": 100000}, "lora_rank=100000: at most"),
+    ({"images_per_prompt": 100000}, "images_per_prompt=100000: at most"),
+    ({"prompts_per_epoch": 10 ** 7}, "prompts_per_epoch=10000000: at most"),
+    ({"steps": 0}, "steps=0: at least 1"),
+    ({"width": 4096}, "width=4096: at most"),
+    ({"prompts_per_epoch": 4096, "images_per_prompt": 256}, "GiB"),      # each allowed, together too big
+    ({"epochs": "abc"}, "epochs='abc': must be a whole number"),
+    ({"lora_rank": 2.5}, "lora_rank=2.5: must be a whole number"),
+    ({"learning_rate": float("inf")}, "learning_rate=inf: must be a finite number"),
+    ({"cfg": float("nan")}, "cfg=nan: must be a finite number"),
+    ({"beta": float("-inf")}, "beta=-inf"),
+    ({"clip_range": "0.1"}, "clip_range='0.1': must be a number"),
+    ({"lora_name": "x\n"}, "lora_name='x\\n'"),
+    ({"algorithm": "ppo"}, "algorithm='ppo' is not one of the choices"),
+    ({"prompts": "a cat\n" + "x" * 20000}, "line 2 is 20000 characters"),
+    ({"prompts": "a cat\x00\x01"}, "NUL bytes"),
+])
+def test_declared_limits_kinds_and_memory_bounds_are_enforced(nodes, change, fragment):
+    message = refusal(nodes["PRDPTrainLoRA"], **{**GOOD, **change})
+    assert fragment in message, message
+
+
+def test_limits_are_the_declared_ones_at_both_ends(nodes):
+    """Every INT/FLOAT widget: its declared min and max pass, one step beyond is refused."""
+    train = nodes["PRDPTrainLoRA"]
+    spec = train.INPUT_TYPES()
+    checked = 0
+    for section in ("required", "optional"):
+        for name, (kind, *options) in spec[section].items():
+            if kind not in ("INT", "FLOAT"):
+                continue
+            low, high = options[0]["min"], options[0]["max"]
+            beyond = 1 if kind == "INT" else max(abs(high) * 1e-3, 1e-12)
+            assert name in refusal(train, **{**GOOD, name: low - (1 if kind == "INT" else low / 2)})
+            assert name in refusal(train, **{**GOOD, name: high + beyond})
+            checked += 1
+    assert checked == 14
+    assert train.VALIDATE_INPUTS(**{**GOOD, "seed": 0xFFFFFFFFFFFFFFFF, "lora_rank": 256, "epochs": 100000}) is True
+
+
+def test_linked_widgets_arrive_as_none_and_are_not_refused(nodes):
+    linked = {name: None for name in ("epochs", "steps", "cfg", "learning_rate", "width", "lora_name", "seed")}
+    assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, **linked}) is True
+
+
+def test_other_nodes_enforce_their_widgets(nodes):
+    apply = nodes["PRDPApplyLoRA"]
+    assert apply.VALIDATE_INPUTS(strength=-10.0) is True and apply.VALIDATE_INPUTS(strength=None) is True
+    assert "strength=nan: must be a finite number" in refusal(apply, strength=float("nan"))
+    assert "strength=10.5: at most 10.0" in refusal(apply, strength=10.5)
+    load = nodes["PRDPLoadRewardModel"]
+    assert "device='cuda:7' is not one of the choices" in refusal(load, reward="pickscore", weights="(auto)",
+                                                                 device="cuda:7")
+    assert "must be finite" in refusal(load, reward="weighted", weights="(auto)", components="pickscore:inf")
+    score = nodes["PRDPScoreImages"]
+    assert score.VALIDATE_INPUTS(prompt="a cat\na dog", label="base") is True
+    assert "NUL bytes" in refusal(score, prompt="a\x00", label="")
+    assert "label" in refusal(score, prompt="", label="two\nlines")
+
+
+def _comfy_roots():
+    from comfy_inprocess import comfyui_root
+
+    roots = [root for root in (comfyui_root(), Path.home() / "ComfyUI-0.33") if root and (root / "execution.py").is_file()]
+    return list(dict.fromkeys(roots))
+
+
+@pytest.mark.parametrize("root", _comfy_roots() or [pytest.param(None, marks=pytest.mark.skip("no ComfyUI tree"))],
+                         ids=lambda root: root.name if root else "none")
+def test_comfyui_reports_a_refused_form_once_with_every_problem(root, tmp_path):
+    """Through ComfyUI's own validate_prompt: a good form passes; a bad one gives ONE error entry on
+    the node listing all its problems (a returned message would be repeated under every input)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "tiny.safetensors").write_bytes(b"")
+    good = {k: v for k, v in GOOD.items()}
+    bad = {**GOOD, "epochs": "abc", "learning_rate": "inf", "width": 8, "lora_name": "x\n", "seed": -1}
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "comfy_validate_prompt.py"), str(root),
+                          str(REPO_ROOT), str(tmp_path)], input=json.dumps([good, bad]), capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    passed, refused = json.loads(lines[0][len("RESULT "):])
+    assert passed == {"valid": True, "node_errors": {}}, passed
+    assert not refused["valid"] and list(refused["node_errors"]) == ["3"], refused
+    errors = refused["node_errors"]["3"]["errors"]
+    assert len(errors) == 1, [e["details"] for e in errors]
+    for fragment in ("epochs='abc'", "learning_rate=inf", "width=8", "lora_name='x\\n'", "seed=-1"):
+        assert errors[0]["details"].count(fragment) == 1, errors[0]["details"]
