@@ -192,6 +192,7 @@ def train(args) -> int:
         return 0
     config = make_config(args)
     check_device(args.device)
+    check_base(args.base, args.base_config)
     prompts = read_prompts(args.prompts)
     check_out_path(args.out)
     check_out_dir(args.out, args.resume)
@@ -235,6 +236,16 @@ def train(args) -> int:
               f"-> after {summary['held_out_reward_after']:+.4f}")
     print(f"wrote {args.out}/metrics.jsonl, reward_curve.png" + (", before_after.png" if evaluate else ""))
     return 0
+
+
+def check_base(base: Optional[str], base_config: Optional[str]) -> None:
+    """The cheap checks of --base and --base-config (a damaged model folder), before --out is touched."""
+    from .model_loading import ModelLoadError, check_model_folders
+
+    try:
+        check_model_folders(base, base_config)
+    except (ModelLoadError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def check_device(device: Optional[str]) -> None:

@@ -66,6 +66,19 @@ def check_device(device: Union[str, torch.device, None]) -> Optional[torch.devic
     raise ModelLoadError(f"device {device!r}: the trainer runs on cpu, cuda[:N] or mps")
 
 
+def check_model_folders(base: Optional[str], base_config: Optional[str] = None) -> None:
+    """Cheap checks before anything loads: a --base folder and a --base-config folder must be
+    diffusers models with a sound model_index.json (ModelLoadError / FileNotFoundError otherwise)."""
+    if base is not None and Path(str(base)).expanduser().is_dir():
+        check_diffusers_dir(Path(str(base)).expanduser())
+    if base_config is not None:
+        config_dir = Path(base_config).expanduser()
+        if not config_dir.is_dir():
+            raise FileNotFoundError(f"base config {base_config!r} is not a directory: pass a local diffusers model "
+                                    "directory whose configs match the checkpoint")
+        check_diffusers_dir(config_dir)
+
+
 def load_components(base: Optional[str], base_config: Optional[str] = None) -> Tuple[Dict[str, object], str]:
     """({unet, text_encoder, tokenizer, vae, scheduler}, model name) for `base`, on the CPU."""
     if base is None or str(base).strip() in ("", EMBEDDED_NAME):
