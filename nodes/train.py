@@ -145,12 +145,13 @@ class PRDPTrainLoRA:
               prompts_per_epoch, images_per_prompt, steps, cfg, beta, clip_range, updates_per_epoch,
               learning_rate, lora_rank, width, height, seed, lora_name, prompt_file=train_paths.NONE,
               checkpoint_every=0, resume_from=train_paths.NONE, algorithm="prdp", unique_id=None):
-        import comfy.sd  # ComfyUI only
+        import comfy.model_management  # ComfyUI only
+        import comfy.sd
 
-        from ..comfyui_prdp.backends.comfy_backend import PROMPT_CACHE_SIZE, ComfyBackend
+        from ..comfyui_prdp.backends.comfy_backend import PROMPT_CACHE_SIZE, ComfyBackend, ModelInterrupted
         from ..comfyui_prdp.plots import image_to_tensor, reward_curve
         from ..comfyui_prdp.trainer import Trainer
-        from .train_progress import ComfyProgress, wait_for_job
+        from .train_progress import ComfyProgress, stop_and_wait, wait_for_job
 
         prompt_list = self._prompts(prompts, prompt_file)
         config = build_config(preset, epochs=epochs, prompts_per_epoch=prompts_per_epoch,
@@ -165,15 +166,21 @@ class PRDPTrainLoRA:
             raise ValueError(error)
         resume_path = train_paths.resolve_checkpoint(resume_from)
         lora_path = train_paths.lora_folder() / f"{name}.safetensors"
-        run_dir = self._new_run_dir(name)
 
         with torch.inference_mode(False):
             backend = ComfyBackend(model, clip, vae, rank=config.lora_rank, alpha=config.lora_alpha,
                                    targets=config.lora_targets, seed=config.seed,
                                    gradient_checkpointing=config.gradient_checkpointing,
                                    mixed_precision=config.mixed_precision)
-            if len(prompt_list) < PROMPT_CACHE_SIZE:   # encode here: errors show before the job starts
-                backend.encode_prompts(prompt_list + [config.negative_prompt])
+            try:
+                if len(prompt_list) < PROMPT_CACHE_SIZE:   # encode here: errors show before the job starts
+                    backend.encode_prompts(prompt_list + [config.negative_prompt])
+            except BaseException as error:
+                backend.release()
+                if isinstance(error, ModelInterrupted):    # Cancel raised in the text encoder's ops
+                    raise comfy.model_management.InterruptProcessingException() from None
+                raise
+        run_dir = self._new_run_dir(name)
 
         def run(job):
             trainer = Trainer(backend, reward_model, prompt_list, config, out_dir=run_dir,
@@ -190,11 +197,13 @@ class PRDPTrainLoRA:
         try:
             wait_for_job(job, ComfyProgress(job, unique_id, config.epochs))
         finally:
-            if job.done:
-                backend.release()
+            stop_and_wait(job)        # no job outlives its node (a no-op once it has ended)
+            backend.release()
+        if backend.interrupted or isinstance(job.exception, comfy.model_management.InterruptProcessingException):
+            # Cancel was raised inside the job's model calls (ComfyUI >= 0.3.65 checks it in every
+            # op, and clears the flag there): the job stopped gracefully; end the node interrupted.
+            raise comfy.model_management.InterruptProcessingException()
         if job.exception is not None:
-            if type(job.exception).__name__ == "InterruptProcessingException":
-                raise job.exception
             raise RuntimeError(f"PRDP training failed: {job.error}") from job.exception
         result = job.result
 

@@ -3,9 +3,14 @@ turning ComfyUI's Cancel into a graceful stop.
 
 The node's worker thread calls `wait_for_job`. Each job event goes to ComfyUI's progress bar
 (whose hook raises InterruptProcessingException when the user pressed Cancel); between events
-the interrupt flag is polled. On Cancel the job is asked to stop: the trainer finishes the
-current model step, writes a checkpoint and returns; then the exception is re-raised so the
-node ends as interrupted.
+the interrupt flag is polled. On Cancel the job is asked to stop: the trainer drops the current
+step, writes a checkpoint and returns; then the exception is re-raised so the node ends as
+interrupted. (Since ComfyUI 0.3.65 Cancel may instead be raised inside the job's own model
+calls, which clears the flag: the backend then stops the job and the node re-raises, see
+nodes/train.py.)
+
+No job outlives its node: whatever ends the wait, the node thread returns only once the job
+has ended (ComfyUI resets cast buffers and memory limits after each node).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ PROGRESS_UNITS = 1000
 PREVIEW_MAX_SIZE = 512
 PREVIEW_EVERY_SECONDS = 1.0     # the latest samples ride along with progress updates this often
 POLL_SECONDS = 0.1
-STOP_TIMEOUT_SECONDS = 600.0
+STILL_STOPPING_LOG_SECONDS = 30.0
 
 
 def preview_image(images: torch.Tensor) -> Optional[Image.Image]:
@@ -83,10 +88,17 @@ class ComfyProgress:
             send_event("prdp.job", {"job_id": self.job.id, "node": self.node_id, "status": event.get("status")})
 
 
-def wait_for_job(job: Job, progress: ComfyProgress, poll: float = POLL_SECONDS,
-                 stop_timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+def stop_and_wait(job: Job, log_every: float = STILL_STOPPING_LOG_SECONDS) -> None:
+    """Ask the job to stop (a no-op when it has ended) and block until it has ended."""
+    job.request_stop()
+    while not job.wait(log_every):
+        logger.warning("PRDP job %s is still stopping (it stops at its next model step)", job.id)
+
+
+def wait_for_job(job: Job, progress: ComfyProgress, poll: float = POLL_SECONDS) -> None:
     """Block until the job ends, forwarding its events. On Cancel: stop the job gracefully,
-    wait for its checkpoint, then re-raise InterruptProcessingException."""
+    wait for its checkpoint, then re-raise InterruptProcessingException. Any other error here
+    also stops the job and waits for it before it propagates."""
     import comfy.model_management as management  # ComfyUI only
 
     try:
@@ -95,15 +107,17 @@ def wait_for_job(job: Job, progress: ComfyProgress, poll: float = POLL_SECONDS,
             if event is not None:
                 progress.forward(event)
                 if event.get("type") == "job_end":
-                    return
+                    break
             elif job.done:      # nothing queued and finished (job_end already seen)
-                return
+                break
             if management.processing_interrupted():
                 management.throw_exception_if_processing_interrupted()
-    except management.InterruptProcessingException:
-        logger.info("PRDP job %s: Cancel pressed, stopping after the current step", job.id)
-        job.request_stop()
-        if not job.wait(stop_timeout):
-            logger.error("PRDP job %s did not stop within %.0f s; it keeps running in the background "
-                         "(stop it with POST /prdp/jobs/%s/stop)", job.id, stop_timeout, job.id)
+    except BaseException as error:
+        if isinstance(error, management.InterruptProcessingException):
+            logger.info("PRDP job %s: Cancel pressed, stopping after the current step", job.id)
+        else:
+            logger.error("PRDP job %s: the node failed while waiting (%s: %s); stopping the job",
+                         job.id, type(error).__name__, error)
+        stop_and_wait(job)
         raise
+    job.wait()     # job_end is queued just before the job is marked done
