@@ -14,12 +14,12 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
+from ..comfyui_prdp import checkpoints
 from .common import folder_paths_module
 
 NONE = "none"
 LORA_SUBFOLDER = "prdp"
 RUNS_FOLDER = "prdp_runs"
-CHECKPOINT_STATE = "trainer_state.pt"
 LORA_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")   # used with fullmatch
 
 
@@ -61,25 +61,35 @@ def _inside(path: Path, root: Path) -> bool:
 
 # --- resume ---------------------------------------------------------------------------------
 def checkpoint_choices() -> List[str]:
-    """'none' plus every checkpoint folder under output/prdp_runs, as `run/checkpoints/epoch_N`."""
+    """'none' plus every checkpoint this package wrote under output/prdp_runs, as
+    `run/checkpoints/epoch_N`: only folders whose manifest and files verify (a file uploaded
+    into a run folder is never listed)."""
     choices = [NONE]
     if folder_paths_module() is None:
         return choices
     root = runs_folder()
     if root.is_dir():
-        found = sorted(p.relative_to(root).as_posix() for p in root.glob("*/checkpoints/epoch_*")
-                       if (p / CHECKPOINT_STATE).is_file())
-        choices += found
+        found = [folder for run in root.iterdir() if run.is_dir() and not run.is_symlink()
+                 for folder in checkpoints.list_checkpoints(run / "checkpoints") if _inside(folder, root)]
+        choices += sorted(folder.relative_to(root).as_posix() for folder in found)
     return choices
 
 
 def resolve_checkpoint(choice: str) -> Optional[Path]:
+    """The checkpoint folder of a `resume_from` choice, fully verified and read once, so a bad
+    one is refused before any model work."""
     if not choice or choice == NONE:
         return None
     root = runs_folder()
     path = root / choice
-    if not _inside(path, root) or not (path / CHECKPOINT_STATE).is_file():
+    parts = Path(choice).parts
+    if (not _inside(path, root) or len(parts) != 3 or parts[1] != "checkpoints"
+            or not checkpoints.NAME_PATTERN.match(parts[2])):
         raise ValueError(f"resume_from={choice!r} is not a checkpoint in {root}; pick one from the list")
+    try:
+        checkpoints.read_checkpoint(path)
+    except checkpoints.CheckpointError as error:
+        raise ValueError(f"resume_from={choice!r}: {error}") from None
     return path
 
 
