@@ -102,9 +102,11 @@ def find_comfyui_trees() -> list[ComfyTree]:
     if many and many.strip(":"):
         trees, seen = [], set()
         for entry in (e.strip() for e in many.split(":")):
-            if entry and entry not in seen:
-                seen.add(entry)
-                trees.append(_tree(entry))
+            tree = _tree(entry) if entry else None
+            key = tree and (tree.root or entry)
+            if tree and key not in seen:  # the same tree listed twice runs once
+                seen.add(key)
+                trees.append(tree)
         return trees
     env = os.environ.get("COMFYUI_ROOT")
     if env:

@@ -41,7 +41,7 @@ def test_comfyui_roots_lists_every_tree_in_order_with_version_ids(no_comfy_env, 
     old = fake_tree(tmp_path / "old", "0.3.64")
     new = fake_tree(tmp_path / "new", "0.33.0")
     monkeypatch.setenv("COMFYUI_ROOT", str(old))  # COMFYUI_ROOTS wins over it
-    monkeypatch.setenv("COMFYUI_ROOTS", f"{new}:{tmp_path / 'nowhere'}::{old}:{new}")
+    monkeypatch.setenv("COMFYUI_ROOTS", f"{new}:{tmp_path / 'nowhere'}::{old}:{new}/../new")
     trees = harness.find_comfyui_trees()
     assert [t.root for t in trees] == [new.resolve(), None, old.resolve()]
     assert "nowhere is not a ComfyUI source tree" in trees[1].problem
