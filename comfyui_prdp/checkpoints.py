@@ -28,7 +28,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -189,15 +189,26 @@ def latest_checkpoint(out_dir: Path) -> Path:
 def list_checkpoints(root: Path) -> List[Path]:
     """Checkpoint folders directly under `root` with a valid manifest and intact files,
     oldest first (the order latest_checkpoint uses)."""
+    return scan_checkpoints(root)[0]
+
+
+def scan_checkpoints(root: Path) -> Tuple[List[Path], Dict[Path, str]]:
+    """(valid checkpoint folders oldest first, {folder named like a checkpoint: why it is not one})."""
     root = Path(root)
     if not root.is_dir():
-        return []
-    found = []
+        return [], {}
+    found, problems = [], {}
     for folder in root.iterdir():
         match = NAME_PATTERN.match(folder.name)
-        if match and is_checkpoint(folder):
-            found.append((int(match.group(1)), match.group(2) is None, folder.name, folder))
-    return [entry[-1] for entry in sorted(found)]
+        if not match:
+            continue
+        try:
+            verify_manifest(folder, check_hashes=True)
+        except CheckpointError as error:
+            problems[folder] = str(error)
+            continue
+        found.append((int(match.group(1)), match.group(2) is None, folder.name, folder))
+    return [entry[-1] for entry in sorted(found)], problems
 
 
 def is_checkpoint(folder: Path) -> bool:

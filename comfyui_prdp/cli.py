@@ -99,15 +99,25 @@ def read_prompts(path: Optional[Path]) -> List[str]:
 
 def make_config(args) -> TrainConfig:
     name = args.preset or ("cpu-smoke" if args.base is None else "consumer-gpu")
+    try:
+        return preset(name, **flag_settings(args))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+
+
+def flag_settings(args) -> dict:
+    """The TrainConfig settings given as flags on this command line."""
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     if args.seed is not None:
         overrides["seed"] = args.seed
     if args.lora_targets:
         overrides["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    try:
-        return preset(name, **overrides)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
+    return overrides
+
+
+def explicit_settings(args) -> dict:
+    """What --resume must honour: an explicit --preset's values, then the flags."""
+    return {**(PRESETS[args.preset] if args.preset else {}), **flag_settings(args)}
 
 
 def check_out_path(out: Path) -> None:
@@ -130,15 +140,40 @@ def check_out_path(out: Path) -> None:
         raise SystemExit(f"error: --out {out}: {writable} is not writable; choose a folder you can write to")
 
 
-def check_out_dir(out: Path, resume: bool) -> None:
-    if resume:
-        if not (out / "checkpoints").is_dir():
-            raise SystemExit(f"error: --resume: {out} has no checkpoints/ folder; run without --resume first "
-                             "(use --checkpoint-every N to write checkpoints)")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: {out} already contains files; choose a new --out folder, or pass --resume "
-                         "to continue the run that is there (nothing is overwritten)")
+def claim_out_dir(out: Path, resume: bool):
+    """The --out folder, created if new and locked for this run (a RunLock to release)."""
+    from .run_lock import FolderInUse, RunLock
+
+    if resume and not out.is_dir():
+        raise SystemExit(f"error: --resume: {out} does not exist; run without --resume first")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return RunLock(out).acquire()
+    except FolderInUse as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def plan_out_dir(args, config: TrainConfig, prompts: List[str]):
+    """What this run does in its (locked) --out: a ResumePlan; checkpoints are read and
+    checked here, before any model loads. See run_folder.py for the folder states."""
+    from . import run_folder
+    from .checkpoints import CheckpointError
+
+    contents = run_folder.inspect(args.out)
+    info = run_folder.run_info(args.base, args.reward, args.reward_spec, prompts, args.prompts)
+    try:
+        if args.resume:
+            plan = run_folder.plan_resume(contents, config, explicit_settings(args), info)
+        else:
+            note = run_folder.check_new_run(contents)
+            plan = run_folder.ResumePlan(config, notes=[note] if note else [])
+    except (run_folder.RunFolderError, CheckpointError) as error:
+        raise SystemExit(f"error: {error}") from None
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if plan.checkpoint is None and plan.finished is None:
+        run_folder.write_run_record(args.out, plan.config, info)
+    return plan
 
 
 def make_reward(args):
@@ -182,10 +217,6 @@ class ProgressPrinter:
 
 
 def train(args) -> int:
-    from .evaluation import evaluate_reward
-    from .plots import comparison_grid, reward_curve
-    from .trainer import Trainer, latest_checkpoint
-
     if args.list_rewards:
         from .rewards import available_rewards
         print("\n".join(available_rewards()))
@@ -195,24 +226,41 @@ def train(args) -> int:
     check_base(args.base, args.base_config)
     prompts = read_prompts(args.prompts)
     check_out_path(args.out)
-    check_out_dir(args.out, args.resume)
-    reward = make_reward(args)
-    from .model_loading import load_backend
+    lock = claim_out_dir(args.out, args.resume)
     try:
-        backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
-    except (FileNotFoundError, ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    run_info = args.out / "config.json"
-    if not run_info.exists():   # a resumed run keeps the first run's record
-        run_info.write_text(json.dumps({"config": config.to_dict(), "base": args.base or "embedded-tiny-sd",
-                                        "reward": args.reward, "prompts": len(prompts)}, indent=2, default=str))
+        plan = plan_out_dir(args, config, prompts)
+        if plan.finished:
+            print(plan.finished)
+            return 0
+        return run_training(args, plan.config, prompts, plan.checkpoint)
+    finally:
+        lock.release()
+
+
+def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> int:
+    """Load, evaluate, train (from `checkpoint` when given) and report, in a claimed --out."""
+    from .evaluation import evaluate_reward
+    from .plots import comparison_grid, reward_curve
+    from .trainer import Trainer
+
     evaluate = not args.no_eval
-    if evaluate:
-        before, before_images = evaluate_reward(backend, reward, HELD_OUT_PROMPTS, HELD_OUT_SEEDS, config, lora=False)
+    try:
+        reward = make_reward(args)
+        from .model_loading import load_backend
+        try:
+            backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise SystemExit(f"error: {error}")
+        if evaluate:
+            before, before_images = evaluate_reward(backend, reward, HELD_OUT_PROMPTS, HELD_OUT_SEEDS, config,
+                                                    lora=False)
+    except KeyboardInterrupt:
+        print(f"interrupted before training started: nothing to keep; run the same command again to start "
+              f"over in {args.out}", file=sys.stderr)
+        return 130
     printer = ProgressPrinter(config.epochs)
     trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer)
-    resume_from = latest_checkpoint(args.out) if args.resume else None
+    resume_from = checkpoint.path if checkpoint is not None else None
     start = time.perf_counter()
     try:
         result = trainer.run(resume_from=resume_from)
