@@ -316,6 +316,7 @@ class ComfyBackend(Backend):
                 if getattr(module, "bias", None) is not None:
                     self.patcher.add_weight_wrapper(f"{key}.bias", identity_weight)
         if not self.adapters:
+            self.release()     # the identity wrappers may sit on modules shared with the user's model
             raise ValueError(f"no module of this model matches the LoRA targets {list(self.targets)}; "
                              "is it a UNet model (SD1.x/SD2.x/SDXL)?")
         self._ldm_to_diffusers = comfy_lora.ldm_to_diffusers_names(base.model_config.unet_config)
