@@ -89,10 +89,20 @@ def frontend_prompt(page) -> dict:
     return page.evaluate("async () => (await window.app.graphToPrompt()).output")
 
 
-def missing_nodes_dialog_text(page) -> str:
+def _page_lines(page, predicate) -> str:
     text = page.evaluate("() => document.body.innerText")
-    lines = [line for line in text.splitlines() if "missing" in line.lower()]
-    return "\n".join(lines)
+    return "\n".join(line for line in text.splitlines() if predicate(line.lower()))
+
+
+def missing_nodes_dialog_text(page) -> str:
+    """What the page says about missing node types (not about missing model files, which the
+    1.3x+ frontends also report, e.g. for a workflow's default checkpoint)."""
+    return _page_lines(page, lambda line: ("missing" in line or "not found" in line)
+                       and "node" in line and "model" not in line)
+
+
+def missing_models_text(page) -> str:
+    return _page_lines(page, lambda line: "missing" in line and ("model" in line or ".safetensors" in line))
 
 
 def _strip_meta(prompt: dict) -> dict:
@@ -106,11 +116,27 @@ def test_workflow_loads_in_the_frontend_and_converts_like_it(page, object_info, 
     loaded = load_workflow(page, json.loads(path.read_text()))
     assert not loaded["missing"], f"{path.name}: missing node types in the frontend: {loaded['missing']}"
     assert not missing_nodes_dialog_text(page), missing_nodes_dialog_text(page)
+    if missing_models_text(page):
+        print(f"{path.name}: the frontend reports missing models: {missing_models_text(page)!r}")
     ours = workflow_to_api_prompt(loaded["serialized"], object_info)
     theirs = frontend_prompt(page)
     assert _strip_meta(ours) == _strip_meta(theirs)
     # the file as saved in the repository converts to the same prompt as the frontend's re-save
     assert _strip_meta(workflow_to_api_prompt(json.loads(path.read_text()), object_info)) == _strip_meta(theirs)
+
+
+def test_missing_node_types_are_detected(page, object_info):
+    """Control for the two checks above: an unknown node type is reported by both."""
+    workflow = harness.core_ui_workflow(object_info, harness.TINY_SD15_FILENAME)
+    workflow["nodes"][0]["type"] = "PRDPNoSuchNode"
+    loaded = load_workflow(page, workflow)
+    try:
+        assert loaded["missing"] == ["PRDPNoSuchNode"], loaded["missing"]
+        page.wait_for_timeout(500)
+        assert missing_nodes_dialog_text(page), _page_lines(page, lambda line: True)[:3000]
+    finally:
+        page.keyboard.press("Escape")
+        load_workflow(page, harness.core_ui_workflow(object_info, harness.TINY_SD15_FILENAME))
 
 
 def test_hand_made_graph_with_reroute_primitive_bypass_and_mute_converts_like_the_frontend(page, object_info):
