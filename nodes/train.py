@@ -13,8 +13,8 @@ from ..comfyui_prdp.jobs import JOBS
 from ..comfyui_prdp.prompts import read_prompt_file
 from . import train_paths
 from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems
-from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, MAX_SIZE, MAX_STEPS, build_config,
-                         config_summary, parse_prompts, validate_form)
+from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, LIMITS, build_config, config_summary,
+                         parse_prompts, validate_form)
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +22,13 @@ FLOAT_NO_ROUND = {"round": False}
 TITLE = "PRDP Train LoRA"
 
 
-def _int(default, minimum, maximum, tooltip, step=1):
+def _int(name, default, tooltip, step=1):
+    minimum, maximum = LIMITS[name]
     return ("INT", {"default": default, "min": minimum, "max": maximum, "step": step, "tooltip": tooltip})
 
 
-def _float(default, minimum, maximum, step, tooltip, exact=False):
+def _float(name, default, step, tooltip, exact=False):
+    minimum, maximum = LIMITS[name]
     options = {"default": default, "min": minimum, "max": maximum, "step": step, "tooltip": tooltip}
     if exact:
         options.update(FLOAT_NO_ROUND)
@@ -58,23 +60,23 @@ class PRDPTrainLoRA:
                                            "tooltip": "Settings for everything not on this node (optimizer, "
                                                       "batch sizes, precision). The values on the node override "
                                                       "the preset's."}),
-                "epochs": _int(50, 1, 100000, "Training epochs (sample, score, update)."),
-                "prompts_per_epoch": _int(4, 1, 4096, "Prompts drawn per epoch."),
-                "images_per_prompt": _int(4, 2, 256, "Images sampled per prompt (at least 2: PRDP compares "
-                                                     "images of the same prompt)."),
-                "steps": _int(20, 1, MAX_STEPS, "Sampling steps of the training sampler (DDPM)."),
-                "cfg": _float(5.0, 1.0, 30.0, 0.1, "Classifier-free guidance scale while training."),
-                "beta": _float(3e-5, 1e-9, 10.0, 1e-6, "KL weight: larger keeps the LoRA closer to the base "
+                "epochs": _int("epochs", 50, "Training epochs (sample, score, update)."),
+                "prompts_per_epoch": _int("prompts_per_epoch", 4, "Prompts drawn per epoch."),
+                "images_per_prompt": _int("images_per_prompt", 4, "Images sampled per prompt (at least 2: PRDP "
+                                                                   "compares images of the same prompt)."),
+                "steps": _int("steps", 20, "Sampling steps of the training sampler (DDPM)."),
+                "cfg": _float("cfg", 5.0, 0.1, "Classifier-free guidance scale while training."),
+                "beta": _float("beta", 3e-5, 1e-6, "KL weight: larger keeps the LoRA closer to the base "
                                                       "model (paper: 3e-5 small scale, 3e-6 large scale).", True),
-                "clip_range": _float(1e-4, 1e-9, 10.0, 1e-6, "Per-step clipping of the log-ratio (the "
+                "clip_range": _float("clip_range", 1e-4, 1e-6, "Per-step clipping of the log-ratio (the "
                                                             "proximal update; paper: 1e-4).", True),
-                "updates_per_epoch": _int(1, 1, 1000, "Gradient updates per epoch on the same samples."),
-                "learning_rate": _float(3e-4, 1e-9, 1.0, 1e-5, "AdamW learning rate of the LoRA.", True),
-                "lora_rank": _int(8, 1, 256, "LoRA rank (alpha = rank)."),
-                "width": _int(512, 64, MAX_SIZE, "Width of training images (multiple of 8). prompts x images "
+                "updates_per_epoch": _int("updates_per_epoch", 1, "Gradient updates per epoch on the same samples."),
+                "learning_rate": _float("learning_rate", 3e-4, 1e-5, "AdamW learning rate of the LoRA.", True),
+                "lora_rank": _int("lora_rank", 8, "LoRA rank (alpha = rank)."),
+                "width": _int("width", 512, "Width of training images (multiple of 8). prompts x images "
                                                  "x size is limited by the memory one epoch needs.", 8),
-                "height": _int(512, 64, MAX_SIZE, "Height of training images (multiple of 8).", 8),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "height": _int("height", 512, "Height of training images (multiple of 8).", 8),
+                "seed": ("INT", {"default": 0, "min": LIMITS["seed"][0], "max": LIMITS["seed"][1],
                                  "tooltip": "Seed of prompt order, noise and LoRA initialisation. The same "
                                             "seed and settings give the same run."}),
                 "lora_name": ("STRING", {"default": "prdp_lora",
@@ -85,7 +87,7 @@ class PRDPTrainLoRA:
                 "prompt_file": (train_paths.prompt_file_choices(), {
                     "tooltip": "A .txt file in ComfyUI's input folder (or input/prompts/) with one prompt per "
                                "line, used together with 'prompts' (for large prompt sets)."}),
-                "checkpoint_every": _int(0, 0, 100000, "Save a checkpoint every n epochs (0: only at the end "
+                "checkpoint_every": _int("checkpoint_every", 0, "Save a checkpoint every n epochs (0: only at the end "
                                                        "or when stopped). Checkpoints go to output/prdp_runs/."),
                 "resume_from": (train_paths.checkpoint_choices(), {
                     "tooltip": "Continue a run from one of its checkpoints (same model and lora_rank); "

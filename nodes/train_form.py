@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from ..comfyui_prdp.config import PRESETS, TrainConfig, preset as preset_config
 from ..comfyui_prdp.prompts import PromptTextError, parse_prompt_text
+from .common import widget_problem
 
 DEFAULT_PRESET = "consumer-gpu" if "consumer-gpu" in PRESETS else next(iter(PRESETS))
 DEFAULT_PROMPTS = "\n".join([
@@ -19,6 +20,16 @@ MAX_STEPS = 1000
 MAX_SIZE = 2048                  # SD1.x/2.x are trained at 512-768; 2048 already needs a large GPU
 #: the CPU memory one epoch's trajectories and decoded images may take (a shared server's limit)
 MAX_EPOCH_MEMORY_BYTES = 16 * 2 ** 30
+
+#: (min, max) of the numeric widgets: INPUT_TYPES declares them, VALIDATE_INPUTS and
+#: build_config (run time: a widget fed by a link skips VALIDATE_INPUTS) enforce them
+LIMITS = {
+    "epochs": (1, 100000), "prompts_per_epoch": (1, 4096), "images_per_prompt": (2, 256),
+    "steps": (1, MAX_STEPS), "cfg": (1.0, 30.0), "beta": (1e-9, 10.0), "clip_range": (1e-9, 10.0),
+    "updates_per_epoch": (1, 1000), "learning_rate": (1e-9, 1.0), "lora_rank": (1, 256),
+    "width": (64, MAX_SIZE), "height": (64, MAX_SIZE), "seed": (0, 0xFFFFFFFFFFFFFFFF),
+    "checkpoint_every": (0, 100000),
+}
 
 #: widget name -> TrainConfig field (same name unless listed)
 CONFIG_WIDGETS = ("epochs", "prompts_per_epoch", "images_per_prompt", "steps", "cfg", "beta",
@@ -32,6 +43,15 @@ def parse_prompts(text: Optional[str], source: str = "prompts") -> List[str]:
     if not text:
         return []
     return parse_prompt_text(str(text), source)
+
+
+def limit_problem(name: str, value: Any) -> Optional[str]:
+    """What is wrong with a numeric widget value against LIMITS (None when fine or not numeric)."""
+    if name not in LIMITS:
+        return None
+    low, high = LIMITS[name]
+    kind = "INT" if isinstance(low, int) else "FLOAT"
+    return widget_problem(name, kind, {"min": low, "max": high}, value)
 
 
 def epoch_memory_bytes(config: TrainConfig) -> int:
@@ -57,14 +77,9 @@ def build_config(preset: str, **widgets: Any) -> TrainConfig:
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
     overrides = {name: widgets[name] for name in CONFIG_WIDGETS if widgets.get(name) is not None}
-    problems = []
-    steps = overrides.get("steps")
-    if steps is not None and steps > MAX_STEPS:
-        problems.append(f"steps={steps}: at most {MAX_STEPS} (the model's training timesteps)")
-    for name in ("width", "height"):
-        value = overrides.get(name)
-        if value is not None and value > MAX_SIZE:
-            problems.append(f"{name}={value}: at most {MAX_SIZE}")
+    problems = [limit_problem(name, value) for name, value in overrides.items() if limit_problem(name, value)]
+    if problems:    # the checks below assume numbers in range
+        raise ValueError("; ".join(problems))
     try:
         config = preset_config(preset, **overrides)
     except ValueError as error:

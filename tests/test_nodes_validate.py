@@ -283,7 +283,8 @@ def test_other_nodes_enforce_their_widgets(nodes):
 def _comfy_roots():
     from comfy_inprocess import comfyui_root
 
-    roots = [root for root in (comfyui_root(), Path.home() / "ComfyUI-0.33") if root and (root / "execution.py").is_file()]
+    candidates = (comfyui_root(), Path.home() / "ComfyUI-0.33")
+    roots = [root for root in candidates if root and (root / "execution.py").is_file()]
     return list(dict.fromkeys(roots))
 
 
@@ -310,3 +311,20 @@ def test_comfyui_reports_a_refused_form_once_with_every_problem(root, tmp_path):
     assert len(errors) == 1, [e["details"] for e in errors]
     for fragment in ("epochs='abc'", "learning_rate=inf", "width=8", "lora_name='x\\n'", "seed=-1"):
         assert errors[0]["details"].count(fragment) == 1, errors[0]["details"]
+
+
+def test_run_time_enforces_the_limits_too(package):
+    """A widget fed by a link skips VALIDATE_INPUTS (None there); build_config checks it at run time."""
+    form = __import__(f"{package.__name__}.nodes.train_form", fromlist=["build_config"])
+    for change, fragment in (({"epochs": 10 ** 9}, "epochs=1000000000: at most 100000"),
+                             ({"lora_rank": 100000}, "lora_rank=100000: at most 256"),
+                             ({"learning_rate": float("nan")}, "learning_rate=nan: must be a finite number"),
+                             ({"seed": -1}, "seed=-1: at least 0"),
+                             ({"prompts_per_epoch": 4096, "images_per_prompt": 256}, "GiB")):
+        with pytest.raises(ValueError) as refused:
+            form.build_config("cpu-smoke", **change)
+        assert fragment in str(refused.value)
+    spec = package.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"].INPUT_TYPES()
+    declared = {name: (options["min"], options["max"]) for section in ("required", "optional")
+                for name, (kind, *rest) in spec[section].items() if kind in ("INT", "FLOAT") for options in rest}
+    assert declared == form.LIMITS
