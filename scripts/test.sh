@@ -24,7 +24,7 @@ else
 fi
 
 bash scripts/setup_env.sh --test
-PY=.venv/bin/python
+PY="${PRDP_VENV:-.venv}/bin/python"
 
 status=0
 "$PY" -m pytest "$@" || status=$?
