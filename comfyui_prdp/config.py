@@ -35,6 +35,12 @@ class TrainConfig:
     clip_range: float = 1e-4            # eps: per-step clip of the log-ratio (PRDP) / ratio (DDPO)
     step_reduce: str = "mean"           # [choice] mean over steps (Appendix G) or sum
     adv_clip: float = 5.0               # DDPO only: advantage clip
+    # DDPO only: "tracker" = per-prompt reward statistics across epochs (DDPO's own code: a
+    # buffer of the last ddpo_buffer_size rewards per prompt, whole-batch statistics until a
+    # prompt has ddpo_min_count); "group" = each epoch's images of a prompt normalised together
+    ddpo_advantages: str = "tracker"
+    ddpo_buffer_size: int = 16
+    ddpo_min_count: int = 16
     timestep_fraction: float = 1.0      # < 1 trains on a random subset of steps: APPROXIMATE gradient
     # optimizer
     learning_rate: float = 3e-4
@@ -102,7 +108,8 @@ class TrainConfig:
         need(self.minibatch_prompts is None or self.minibatch_prompts >= 1,
              f"minibatch_prompts={self.minibatch_prompts}: must be at least 1 (or unset for all prompts)")
         need(self.steps >= 1, f"steps={self.steps}: must be at least 1")
-        need(self.eta > 0, f"eta={self.eta}: must be > 0 (eta=0 is deterministic DDIM, which has no log-probs)")
+        need(0 < self.eta <= 1, f"eta={self.eta}: must be in (0, 1] (eta=0 is deterministic DDIM, which has "
+             "no log-probs; above 1 the DDIM variance is no longer valid)")
         need(self.cfg >= 1.0, f"cfg={self.cfg}: must be >= 1")
         for name in ("width", "height"):
             value = getattr(self, name)
@@ -111,6 +118,11 @@ class TrainConfig:
         need(self.logprob_reduce in ("mean", "sum"), f"logprob_reduce={self.logprob_reduce!r}: use 'mean' or 'sum'")
         need(self.step_reduce in ("mean", "sum"), f"step_reduce={self.step_reduce!r}: use 'mean' or 'sum'")
         need(self.algorithm in ("prdp", "ddpo"), f"algorithm={self.algorithm!r}: use 'prdp' or 'ddpo'")
+        need(self.ddpo_advantages in ("tracker", "group"),
+             f"ddpo_advantages={self.ddpo_advantages!r}: use 'tracker' (DDPO's per-prompt statistics) or 'group'")
+        need(1 <= self.ddpo_min_count <= self.ddpo_buffer_size,
+             f"ddpo_min_count={self.ddpo_min_count}, ddpo_buffer_size={self.ddpo_buffer_size}: need "
+             "1 <= ddpo_min_count <= ddpo_buffer_size")
         need(self.beta > 0, f"beta={self.beta}: must be > 0")
         need(self.clip_range > 0, f"clip_range={self.clip_range}: must be > 0")
         need(0 < self.timestep_fraction <= 1, f"timestep_fraction={self.timestep_fraction}: must be in (0, 1]")

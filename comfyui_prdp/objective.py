@@ -6,7 +6,7 @@ groups: pairs are only formed within a group. Every loss returns the mean over g
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -62,12 +62,23 @@ def group_advantages(rewards: torch.Tensor, adv_clip: float = 5.0) -> torch.Tens
 
 def ddpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor,
               rewards: torch.Tensor, *, clip_range: float = 1e-4, adv_clip: float = 5.0,
-              **_: object) -> torch.Tensor:
+              advantages: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
     """DDPO's clipped surrogate: mean over (i, t) of max(-A ratio, -A clip(ratio, 1-c, 1+c)).
-    logp_ref is accepted (and ignored) so both losses share one signature."""
+
+    `advantages` (shape of rewards): normalised rewards computed elsewhere (DDPO's per-prompt
+    tracker, see advantages.py); without them, each group is normalised by its own statistics.
+    Either way they are clipped to +-adv_clip. logp_ref is accepted (and ignored) so both
+    losses share one signature."""
     logp, rewards_g = _as_groups(logp, rewards)
     logp_old = logp_old.reshape(logp.shape)
-    advantages = group_advantages(rewards_g, adv_clip)[..., None]   # [G, B, 1]
+    if advantages is None:
+        advantages = group_advantages(rewards_g, adv_clip)
+    else:
+        if advantages.shape != rewards.shape:
+            raise ValueError(f"advantages shape {tuple(advantages.shape)} must equal rewards shape "
+                             f"{tuple(rewards.shape)}")
+        advantages = advantages.reshape(rewards_g.shape).to(logp.dtype).clamp(-adv_clip, adv_clip)
+    advantages = advantages[..., None]   # [G, B, 1]
     ratio = torch.exp(logp - logp_old)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
@@ -81,16 +92,20 @@ LOSSES: Dict[str, LossFn] = {"prdp": prdp_loss, "ddpo": ddpo_loss}
 def logp_gradient_weights(loss_fn: LossFn, logp: torch.Tensor, logp_old: torch.Tensor,
                           logp_ref: torch.Tensor, rewards: torch.Tensor,
                           **loss_kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(loss value, w) with w = dLoss/dlogp, evaluated at the given log-prob values.
+    """(loss value, w) with w = dLoss/dlogp, evaluated at the given log-prob values in float64.
 
+    float64 matters: at the paper's beta = 3e-5, R/beta ~ 300 has a float32 spacing 30x the
+    clip range eps = 1e-6, so in float32 the branches of the max and the clip mask are wrong.
     Because the loss depends on the model only through logp, the exact parameter gradient is
     sum_{i,t} w[i,t] * dlogp[i,t]/dtheta: the trainer back-propagates sum(w * logp) in
     micro-batches, so memory does not grow with the number of steps.
     """
-    leaf = logp.detach().float().clone().requires_grad_(True)
+    leaf = logp.detach().double().clone().requires_grad_(True)
+    loss_kwargs = {key: value.detach().double() if isinstance(value, torch.Tensor) else value
+                   for key, value in loss_kwargs.items()}
     with torch.enable_grad():
-        loss = loss_fn(leaf, logp_old.detach().float(), logp_ref.detach().float(),
-                       rewards.detach().float(), **loss_kwargs)
+        loss = loss_fn(leaf, logp_old.detach().double(), logp_ref.detach().double(),
+                       rewards.detach().double(), **loss_kwargs)
         (weights,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), weights
 

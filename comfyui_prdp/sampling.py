@@ -1,15 +1,20 @@
 """The policy: a DDPM (DDIM with eta > 0) sampler with classifier-free guidance that records
 per-step log-probabilities, and re-evaluates them for recorded transitions under other weights.
 
-All formulas are in variance-preserving form (spec section 1). Log-probs are float32 whatever
-dtype the model computes in. Sampling and re-evaluation share `guided_step_distribution`, so a
+All formulas are in variance-preserving form (spec section 1). Log-probs are float64 whatever
+dtype the model computes in: the paper's clip range (1e-6) is only a few float32 ulps of a
+mean-reduced log-prob. Sampling and re-evaluation share `guided_step_distribution`, so a
 recorded transition re-evaluated with unchanged weights gives the recorded log-prob.
+
+Sampling can also evaluate the frozen base model at every visited x_t (`with_reference`):
+that gives the reference log-probs at no extra model cost (the same evaluations a separate
+pass would make) and the exact per-step KL between the two Gaussians, which share sigma.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,28 +45,60 @@ def alpha_pair(alphas_cumprod: torch.Tensor, t: torch.Tensor, t_prev: torch.Tens
     return a_t, a_p
 
 
+def check_eta(eta: float) -> None:
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0 < eta <= 1):
+        raise ValueError(f"eta={eta}: must be in (0, 1] (1 = DDPM; 0 is deterministic DDIM, which has "
+                         "no log-probs; above 1 the DDIM variance formula is no longer valid)")
+
+
 def step_distribution(eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_p: torch.Tensor,
                       eta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of p(x_prev | x_t) for the DDIM-eta step. a_t, a_p: float64 [n]."""
+    """Mean (float32) and std (float64, broadcastable) of p(x_prev | x_t) for the DDIM-eta step.
+    a_t, a_p: float64 [n]."""
+    check_eta(eta)
     shape = (-1,) + (1,) * (x_t.dim() - 1)
-    a_t = a_t.to(x_t.device).view(shape)
-    a_p = a_p.to(x_t.device).view(shape)
+    f64_device = x_t.device if x_t.device.type != "mps" else torch.device("cpu")
+    a_t = a_t.to(f64_device, torch.float64).view(shape)
+    a_p = a_p.to(f64_device, torch.float64).view(shape)
     variance = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
-    sigma = (eta * variance.clamp(min=0).sqrt())
-    x0_hat = (x_t - (1 - a_t).sqrt().float() * eps) / a_t.sqrt().float()
-    direction = (1 - a_p - sigma ** 2).clamp(min=0).sqrt().float()
-    mean = a_p.sqrt().float() * x0_hat + direction * eps
-    return mean, sigma.float()
+    sigma = eta * variance.clamp(min=0).sqrt()
+    on_model = (lambda v: v.float().to(x_t.device))
+    x0_hat = (x_t - on_model((1 - a_t).sqrt()) * eps) / on_model(a_t.sqrt())
+    direction = on_model((1 - a_p - sigma ** 2).clamp(min=0).sqrt())
+    mean = on_model(a_p.sqrt()) * x0_hat + direction * eps
+    return mean, sigma
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                      reduce: str = "mean") -> torch.Tensor:
-    """Per-sample log-density of N(mean, std^2) at x, reduced over all non-batch dims."""
-    std = std.double()
-    elementwise = (-((x.double() - mean.double()) ** 2) / (2 * std ** 2) - std.log() - LOG_SQRT_2PI)
-    dims = tuple(range(1, x.dim()))
-    reduced = elementwise.mean(dim=dims) if reduce == "mean" else elementwise.sum(dim=dims)
-    return reduced.float()
+    """Per-sample log-density (float64) of N(mean, std^2) at x, reduced over all non-batch dims."""
+    x, mean, std = (as_float64(v) for v in (x, mean, std))
+    elementwise = (-((x - mean) ** 2) / (2 * std ** 2) - std.log() - LOG_SQRT_2PI)
+    return reduce_elements(elementwise, reduce)
+
+
+def as_float64(value: torch.Tensor) -> torch.Tensor:
+    """float64 copy, on the CPU for devices without float64 (Apple MPS). Differentiable."""
+    if value.device.type == "mps":
+        value = value.cpu()
+    return value.double()
+
+
+def reduce_elements(values: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Mean or sum over all non-batch dims."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce={reduce!r}: use 'mean' or 'sum'")
+    dims = tuple(range(1, values.dim()))
+    return values.mean(dim=dims) if reduce == "mean" else values.sum(dim=dims)
+
+
+def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor,
+                         reduce: str = "mean") -> torch.Tensor:
+    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per sample (float64), reduced like the log-prob:
+    sum (or mean) over elements of (mean_p - mean_q)^2 / (2 std^2)."""
+    mean_p, mean_q, std = (as_float64(v) for v in (mean_p, mean_q, std))
+    elementwise = (mean_p - mean_q) ** 2 / (2 * std ** 2)
+    return reduce_elements(elementwise.expand(mean_p.shape), reduce)
 
 
 def concat_cond(a: Cond, b: Cond) -> Cond:
@@ -106,14 +143,18 @@ class Trajectories:
     """Recorded sampling trajectories (VP latents on the CPU).
 
     latents [n, T+1, C, h, w]: latents[:, 0] is the initial noise, latents[:, -1] the sample.
-    logp [n, T]: log-prob of each transition under the sampling weights.
+    logp [n, T]: float64 log-prob of each transition under the sampling weights.
     timesteps, prev_timesteps [T]: the schedule.
+    logp_ref, kl [n, T] (float64, only when sampled `with_reference`): the transition's log-prob
+    under the base model, and the exact KL(sampling step || base step) at each visited x_t.
     """
 
     latents: torch.Tensor
     logp: torch.Tensor
     timesteps: torch.Tensor
     prev_timesteps: torch.Tensor
+    logp_ref: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
 
     @property
     def final(self) -> torch.Tensor:
@@ -133,18 +174,22 @@ def cpu_noise(n: int, shape: Sequence[int], generator) -> torch.Tensor:
 @torch.no_grad()
 def sample_trajectories(backend: Backend, cond: Cond, uncond: Cond, *, steps: int, cfg: float,
                         eta: float, latent_shape: Sequence[int], generator: torch.Generator,
-                        reduce: str = "mean", on_step=None) -> Trajectories:
+                        reduce: str = "mean", on_step=None, with_reference: bool = False) -> Trajectories:
     """Sample one trajectory per row of `cond` (uncond has the same batch size).
 
     Noise comes from `generator` on the CPU (see `cpu_noise`), so a seed gives the same
-    images on any device.
+    images on any device. With `with_reference`, the base model (adapters disabled) is
+    evaluated at each visited x_t too, filling `logp_ref` and `kl`.
     `on_step(i, T)` is called after each denoising step.
     """
+    check_eta(eta)
     n = next(iter(cond.values())).shape[0]
     timesteps, previous = ddim_timesteps(len(backend.alphas_cumprod), steps)
     x = cpu_noise(n, latent_shape, generator)
     latents = [x]
-    logps = []
+    logps: List[torch.Tensor] = []
+    logps_ref: List[torch.Tensor] = []
+    kls: List[torch.Tensor] = []
     device = backend.device
     x = x.to(device)
     for i in range(steps):
@@ -152,13 +197,20 @@ def sample_trajectories(backend: Backend, cond: Cond, uncond: Cond, *, steps: in
         t_prev = previous[i].repeat(n)
         mean, std = guided_step_distribution(backend, x, t, t_prev, cond, uncond, cfg=cfg, eta=eta)
         noise = cpu_noise(n, latent_shape, generator).to(device)
-        x_prev = mean + std * noise
+        x_prev = mean + std.float().to(device) * noise
         logps.append(gaussian_logprob(x_prev, mean, std, reduce).cpu())
+        if with_reference:
+            with backend.adapters_disabled():
+                mean_ref, _ = guided_step_distribution(backend, x, t, t_prev, cond, uncond, cfg=cfg, eta=eta)
+            logps_ref.append(gaussian_logprob(x_prev, mean_ref, std, reduce).cpu())
+            kls.append(gaussian_kl_same_std(mean, mean_ref, std, reduce).cpu())
         latents.append(x_prev.cpu())
         x = x_prev
         if on_step is not None:
             on_step(i + 1, steps)
-    return Trajectories(torch.stack(latents, dim=1), torch.stack(logps, dim=1), timesteps, previous)
+    stacked = (lambda values: torch.stack(values, dim=1) if values else None)
+    return Trajectories(torch.stack(latents, dim=1), stacked(logps), timesteps, previous,
+                        logp_ref=stacked(logps_ref), kl=stacked(kls))
 
 
 def repeat_cond(cond: Cond, repeats: int) -> Cond:

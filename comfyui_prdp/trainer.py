@@ -1,8 +1,8 @@
 """The online loop (Algorithm 1 of the paper, spec section 3).
 
 Each epoch: draw N prompts; sample B trajectories each with the current weights (theta_old),
-recording latents and log-probs; compute the base model's log-probs (adapters disabled);
-decode and score; then K updates over prompt minibatches. Each update computes the exact
+recording latents and log-probs, and the base model's log-probs (adapters disabled) at the
+same visited latents; decode and score; then K updates over prompt minibatches. Each update computes the exact
 gradient in two passes: per-step weights w = dLoss/dlogp without gradients, then micro-batched
 backward passes of sum(w * logp), so memory is one micro-batch whatever T and B are.
 
@@ -23,6 +23,7 @@ import torch
 
 from . import checkpoints
 from .backends.base import Backend
+from .advantages import PerPromptStatTracker
 from .config import TrainConfig
 from .lora import atomic_write, lora_metadata, save_lora, unique_path
 from .objective import LOSSES, clip_fraction, logp_gradient_weights
@@ -59,9 +60,15 @@ class EpochBatch:
     cond: Dict[str, torch.Tensor]  # conditioning per trajectory [N*B, ...]
     uncond: Dict[str, torch.Tensor]
     traj: Trajectories
-    logp_ref: torch.Tensor      # [N*B, T]
+    logp_ref: torch.Tensor      # [N*B, T] float64
     rewards: torch.Tensor       # [N*B]
     images: torch.Tensor        # [N*B, H, W, 3]
+    advantages: Optional[torch.Tensor] = None   # [N*B], DDPO with the per-prompt tracker
+
+    @property
+    def row_prompts(self) -> List[str]:
+        per_prompt = len(self.traj.logp) // max(1, len(self.prompts))
+        return [p for p in self.prompts for _ in range(per_prompt)]
 
 
 class Trainer:
@@ -92,13 +99,15 @@ class Trainer:
         self.epoch = 0
         self._progress_units = 0
         self._uncond_one = None
+        self.ddpo_tracker = PerPromptStatTracker(config.ddpo_buffer_size, config.ddpo_min_count)
 
     def _extra_state(self) -> dict:
         """JSON-serialisable trainer state beyond weights and optimizer (saved in checkpoints)."""
-        return {}
+        return {"ddpo_tracker": self.ddpo_tracker.state_dict()}
 
     def _load_extra_state(self, state: dict) -> None:
-        pass
+        if "ddpo_tracker" in state:
+            self.ddpo_tracker.load_state_dict(state["ddpo_tracker"])
 
     # ------------------------------------------------------------------ public entry
     def run(self, resume_from: Optional[Path] = None) -> TrainResult:
@@ -109,6 +118,7 @@ class Trainer:
         try:
             while self.epoch < self.config.epochs:
                 self._check_stop()
+                self._mark_epoch_start()
                 metrics = self.train_epoch(self.epoch)
                 self.epoch += 1
                 self.metrics.append(metrics)
@@ -131,19 +141,16 @@ class Trainer:
 
         start = time.perf_counter()
         self._event_phase(epoch, "sampling")
-        batch = self.sample_epoch(epoch)
+        batch = self.sample_epoch(epoch)        # with the base model's log-probs and the KL
         timings["sampling"] = time.perf_counter() - start
 
         start = time.perf_counter()
         self._event_phase(epoch, "reward")
         rewards, components = self.score(batch)
         batch.rewards = rewards
+        if self.config.algorithm == "ddpo" and self.config.ddpo_advantages == "tracker":
+            batch.advantages = self.ddpo_tracker.update(batch.row_prompts, rewards)
         timings["reward"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        self._event_phase(epoch, "reference")
-        batch.logp_ref = self.reference_logprobs(batch, epoch)
-        timings["reference"] = time.perf_counter() - start
 
         start = time.perf_counter()
         self._event_phase(epoch, "update")
@@ -156,7 +163,11 @@ class Trainer:
             "reward_std": rewards.std(unbiased=False).item(),
             "loss": update_stats["loss"],
             "clip_frac": update_stats["clip_frac"],
-            "kl": (batch.traj.logp - batch.logp_ref).abs().mean().item(),
+            # exact KL(p_theta_old || p_ref) of the whole trajectory (sum over steps of the
+            # per-step Gaussian KL), mean over trajectories; log_ratio_mean is its one-sample
+            # estimate sum_t (logp_old - logp_ref), signed
+            "kl": batch.traj.kl.sum(-1).mean().item(),
+            "log_ratio_mean": (batch.traj.logp - batch.logp_ref).sum(-1).mean().item(),
             "onpolicy_max_diff": update_stats["onpolicy_max_diff"],
             "grad_norm": update_stats["grad_norm"],
             "optimizer_steps": update_stats["optimizer_steps"],
@@ -188,10 +199,12 @@ class Trainer:
             chunks.append(sample_trajectories(
                 self.backend, index_cond(cond, rows), index_cond(uncond, rows), steps=cfg.steps,
                 cfg=cfg.cfg, eta=cfg.eta, latent_shape=self.latent_shape, generator=generator,
-                reduce=cfg.logprob_reduce, on_step=lambda i, n: self._step(epoch, "sampling")))
-        traj = Trajectories(torch.cat([c.latents for c in chunks]), torch.cat([c.logp for c in chunks]),
-                            chunks[0].timesteps, chunks[0].prev_timesteps)
-        return EpochBatch(prompts, cond, uncond, traj, logp_ref=torch.empty(0),
+                reduce=cfg.logprob_reduce, on_step=lambda i, n: self._step(epoch, "sampling"),
+                with_reference=True))
+        joined = (lambda name: torch.cat([getattr(c, name) for c in chunks]))
+        traj = Trajectories(joined("latents"), joined("logp"), chunks[0].timesteps, chunks[0].prev_timesteps,
+                            logp_ref=joined("logp_ref"), kl=joined("kl"))
+        return EpochBatch(prompts, cond, uncond, traj, logp_ref=traj.logp_ref,
                           rewards=torch.empty(0), images=torch.empty(0))
 
     def score(self, batch: EpochBatch):
@@ -202,21 +215,32 @@ class Trainer:
                 latents = batch.traj.final[start:start + cfg.sample_batch_size].to(self.backend.device)
                 images.append(self.backend.decode(latents).float().cpu())
         batch.images = torch.cat(images)
-        row_prompts = [p for p in batch.prompts for _ in range(cfg.images_per_prompt)]
+        if not torch.isfinite(batch.images).all():
+            raise RuntimeError("the decoded images contain NaN/inf: the model diverged or computes in a "
+                               "precision that overflows (try mixed_precision 'no' or 'bf16', or a lower "
+                               "learning rate); nothing was trained on them")
+        row_prompts = batch.row_prompts
         self.reward.prepare()
         try:
             with torch.no_grad():
                 rewards, components = self.reward.score_with_components(batch.images, row_prompts)
         finally:
             self.reward.offload()
+        name = getattr(self.reward, "name", type(self.reward).__name__)
+        if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != (len(row_prompts),):
+            got = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+            raise RuntimeError(f"reward {name!r} returned {got}; expected a tensor of shape "
+                               f"({len(row_prompts)},), one score per image")
         rewards = rewards.detach().float().cpu()
         if not torch.isfinite(rewards).all():
-            raise RuntimeError(f"the reward returned non-finite values: {rewards.tolist()}")
+            raise RuntimeError(f"reward {name!r} returned non-finite values: {rewards.tolist()}")
         return rewards, {k: v.detach().float().cpu() for k, v in components.items()}
 
     @torch.no_grad()
     def reference_logprobs(self, batch: EpochBatch, epoch: int) -> torch.Tensor:
-        """log-probs of every recorded transition under the base model (LoRA disabled)."""
+        """log-probs of every recorded transition under the base model (LoRA disabled), as a
+        separate pass in training micro-batches. Training takes them from sampling instead
+        (`sample_epoch`); this re-evaluation checks that they agree."""
         rows, steps = self._all_transitions(batch.traj.logp.shape[0])
         with self.backend.adapters_disabled():
             values = self._logprobs(batch, rows, steps, grad_weights=None, epoch=epoch, phase="reference")
@@ -248,8 +272,18 @@ class Trainer:
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item())
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                if not math.isfinite(grad_norm):
+                    raise FloatingPointError(
+                        f"epoch {epoch + 1}: the LoRA gradient is not finite (norm {grad_norm}); the step was "
+                        "dropped and nothing was written. Lower the learning rate, raise beta, or train "
+                        "in float32 (mixed_precision 'no'); resume from the last checkpoint")
+                grad_norms.append(grad_norm)
                 self.optimizer.step()
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise FloatingPointError(
+                        f"epoch {epoch + 1}: an optimizer step made the LoRA weights non-finite; nothing was "
+                        "written. Lower the learning rate; resume from the last checkpoint")
                 on_policy = False
         return {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
                 "onpolicy_max_diff": onpolicy_diff, "grad_norm": sum(grad_norms) / len(grad_norms),
@@ -278,6 +312,8 @@ class Trainer:
             logp_now[:, train_steps] = values.view(len(rows), len(train_steps))
         if cfg.algorithm == "ddpo":
             loss_kwargs = dict(clip_range=cfg.clip_range, adv_clip=cfg.adv_clip)
+            if batch.advantages is not None:
+                loss_kwargs["advantages"] = batch.advantages[rows].view(G, B)
         else:
             loss_kwargs = dict(beta=cfg.beta, clip_range=cfg.clip_range, step_reduce=cfg.step_reduce)
         loss, weights = logp_gradient_weights(self.loss_fn, logp_now.view(G, B, T), logp_old.view(G, B, T),
@@ -345,16 +381,27 @@ class Trainer:
             raise RuntimeError("checkpoints need an output directory")
         return self.out_dir / "checkpoints"
 
+    def _mark_epoch_start(self) -> None:
+        """Remember the state at this epoch boundary: a stop in the middle of the epoch
+        checkpoints it, so a resume repeats the whole unfinished epoch exactly."""
+        self._epoch_start = checkpoints.TrainerSnapshot.take(
+            self.epoch, self.backend.lora_state_dict(), self.optimizer.state_dict(), self._extra_state())
+
     def save_checkpoint(self, partial: bool = False) -> Optional[Path]:
         """LoRA, optimizer, RNG, epoch, metrics and extra state into
-        out_dir/checkpoints/epoch_NNNNN[_stopped]/ (format: checkpoints.py)."""
+        out_dir/checkpoints/epoch_NNNNN[_stopped]/ (format: checkpoints.py). Stopped in the
+        middle of an epoch, the state from the epoch's start is written."""
         if self.out_dir is None:
             return None
+        snapshot = getattr(self, "_epoch_start", None)
+        if snapshot is None or snapshot.epoch != self.epoch:      # at an epoch boundary
+            snapshot = checkpoints.TrainerSnapshot(self.epoch, self.backend.lora_state_dict(),
+                                                   self.optimizer.state_dict(), self._extra_state(),
+                                                   torch.get_rng_state())
         target = checkpoints.write_checkpoint(
-            self._checkpoint_root(), self.epoch, partial, lora=self.backend.lora_state_dict(),
-            lora_metadata=self._metadata(), optimizer_state_dict=self.optimizer.state_dict(),
-            metrics=self.metrics, config=self.config.to_dict(), extra=self._extra_state(),
-            rng=torch.get_rng_state())
+            self._checkpoint_root(), self.epoch, partial, lora=snapshot.lora, lora_metadata=self._metadata(),
+            optimizer_state_dict=snapshot.optimizer, metrics=self.metrics[: self.epoch],
+            config=self.config.to_dict(), extra=snapshot.extra, rng=snapshot.rng)
         self.callback({"type": "checkpoint", "epoch": self.epoch, "path": str(target)})
         return target
 
@@ -410,11 +457,10 @@ class Trainer:
         """Model-evaluation batches in one epoch (an estimate, for the progress fraction)."""
         cfg = self.config
         n = cfg.prompts_per_epoch * cfg.images_per_prompt
-        sampling = math.ceil(n / cfg.sample_batch_size) * cfg.steps
-        reference = math.ceil(n * cfg.steps / cfg.train_batch_size)
+        sampling = math.ceil(n / cfg.sample_batch_size) * cfg.steps   # with the base model's log-probs
         trained = max(1, round(cfg.steps * cfg.timestep_fraction))
         updates = cfg.updates_per_epoch * 2 * math.ceil(n * trained / cfg.train_batch_size)
-        return sampling + reference + updates
+        return sampling + updates
 
     def _step(self, epoch: int, phase: str) -> None:
         self._check_stop()

@@ -131,3 +131,48 @@ def test_per_row_generators_make_rows_independent_of_batch():
                                  steps=3, cfg=2.0, eta=1.0, latent_shape=shape,
                                  generator=[torch.Generator().manual_seed(6)])
     assert torch.allclose(both.final[1], single.final[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.3, 0.7])
+def test_step_std_and_mean_follow_eta_like_diffusers(eta):
+    scheduler = sd_scheduler()
+    scheduler.set_timesteps(10)
+    torch.manual_seed(2)
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps, previous = ddim_timesteps(1000, 10)
+    alphas = sd_alphas_cumprod()
+    for i in (0, 5):
+        t, t_prev = timesteps[i], previous[i]
+        mean, std = step_distribution(eps, x, alphas[t].repeat(2), alphas[t_prev].repeat(2), eta=eta)
+        expected_mean = scheduler.step(eps, int(t), x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+        expected_std = eta * scheduler._get_variance(int(t), int(t_prev)).sqrt()
+        assert torch.allclose(mean, expected_mean, atol=1e-5)
+        assert std.flatten()[0].item() == pytest.approx(expected_std.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.0, -0.5, 1.5, float("nan")])
+def test_eta_outside_zero_one_is_refused(eta):
+    x = torch.zeros(1, 4, 2, 2)
+    a = torch.tensor([0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"eta=.*\(0, 1\]"):
+        step_distribution(x, x, a, a * 1.5, eta=eta)
+
+
+def test_logprobs_are_recorded_in_float64_and_reference_matches_a_separate_pass():
+    backend = ToyBackend()
+    with torch.no_grad():
+        backend.lora.up.normal_(std=0.05)
+    shape = backend.latent_shape(32, 32)
+    cond = backend.encode_prompts(["a", "b", "c"])
+    uncond = backend.encode_prompts([""] * 3)
+    traj = sample_trajectories(backend, cond, uncond, steps=4, cfg=2.0, eta=0.9, latent_shape=shape,
+                               generator=torch.Generator().manual_seed(4), with_reference=True)
+    assert traj.logp.dtype == traj.logp_ref.dtype == traj.kl.dtype == torch.float64
+    for s in range(4):
+        t, t_prev = traj.timesteps[s].repeat(3), traj.prev_timesteps[s].repeat(3)
+        with torch.no_grad(), backend.adapters_disabled():
+            ref = transition_logprob(backend, traj.latents[:, s], traj.latents[:, s + 1], t, t_prev, cond, uncond,
+                                     cfg=2.0, eta=0.9)
+        assert ref.dtype == torch.float64
+        assert (ref - traj.logp_ref[:, s]).abs().max() < 1e-9
+    assert (traj.logp - traj.logp_ref).abs().max() > 1e-3   # the LoRA has an effect

@@ -1,9 +1,11 @@
 """A `Backend` over Stable-Diffusion-style diffusers components with a peft LoRA on the UNet.
 
-The base model is the same UNet with its adapters disabled, so no second copy is held. The
-LoRA starts with lora_B = 0 (no effect) and is the only trainable tensor; every other weight
-is frozen and the model stays in eval mode (no dropout), so sampling and re-evaluation of the
-same transition agree exactly.
+The base model is the same UNet with the PRDP adapter switched off, so no second copy is
+held. Adapters the user had already loaded (unfused peft LoRAs) stay active in both the policy
+and the base model: the base model is everything the user loaded. The PRDP LoRA starts with
+lora_B = 0 (no effect) and is the only trainable tensor; every other weight is frozen and the
+model stays in eval mode (no dropout), so sampling and re-evaluation of the same transition
+agree exactly.
 """
 from __future__ import annotations
 
@@ -19,6 +21,17 @@ from .base import Backend, Cond
 ADAPTER_NAME = "prdp"
 _HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse schedules the sampler would not reproduce: it never clips or thresholds x0."""
+    config = scheduler.config
+    for option in ("clip_sample", "thresholding"):
+        if config.get(option, False):
+            raise ValueError(
+                f"the scheduler ({type(scheduler).__name__}) has {option}=True, which the PRDP sampler does not "
+                f"apply (it never clips x0; latent models such as Stable Diffusion do not use it): set "
+                f'"{option}": false in scheduler/scheduler_config.json, or pass a scheduler without it')
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -47,6 +60,7 @@ class DiffusersBackend(Backend):
         self.unet, self.text_encoder, self.tokenizer, self.vae = unet, text_encoder, tokenizer, vae
         self.decode_batch_size = max(1, config.sample_batch_size)
 
+        check_scheduler(scheduler)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         if self.prediction_type not in _PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type={self.prediction_type!r} is not supported; "
@@ -96,6 +110,7 @@ class DiffusersBackend(Backend):
         self.lora_targets = list(config.lora_targets)
         lora_config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha,
                                  target_modules=self.lora_targets, init_lora_weights=True, lora_dropout=0.0)
+        self.user_adapters = _active_user_adapters(self.unet)
         try:
             self.unet.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
         except ValueError as error:
@@ -105,6 +120,7 @@ class DiffusersBackend(Backend):
         self._lora_layers = self._find_lora_layers()
         if not self._lora_layers:
             raise ValueError(f"LoRA targets {self.lora_targets} matched no layer of this UNet")
+        self._activate(self.user_adapters + [ADAPTER_NAME])   # add_adapter made only ours active
 
     def _find_lora_layers(self) -> Dict[str, torch.nn.Module]:
         from peft.tuners.lora import LoraLayer
@@ -185,17 +201,32 @@ class DiffusersBackend(Backend):
             parameters.extend(layer.lora_B[ADAPTER_NAME].parameters())
         return parameters
 
+    def _activate(self, names: List[str]) -> None:
+        """Make exactly `names` the active adapters; only the PRDP LoRA ever requires grad."""
+        self.unet.set_adapter(names)
+        trainable = {id(p) for p in self.trainable_parameters()}
+        for name, parameter in self.unet.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(id(parameter) in trainable)
+
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
+        """The base model: the user's adapters (if any) without the PRDP LoRA."""
         if self._adapters_off:  # nested: already the base model
             yield
             return
-        self.unet.disable_adapters()
+        if self.user_adapters:
+            self._activate(self.user_adapters)
+        else:
+            self.unet.disable_adapters()
         self._adapters_off = True
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            if self.user_adapters:
+                self._activate(self.user_adapters + [ADAPTER_NAME])
+            else:
+                self.unet.enable_adapters()
             self._adapters_off = False
             for parameter in self.trainable_parameters():
                 parameter.requires_grad_(True)
@@ -242,6 +273,26 @@ class DiffusersBackend(Backend):
         return {"rank": self.lora_rank, "alpha": self.lora_alpha, "targets": list(self.lora_targets),
                 "adapted_modules": len(self._lora_layers),
                 "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
+
+
+def _active_user_adapters(unet) -> List[str]:
+    """Names of the peft adapters in effect on `unet` before PRDP adds its own ([] if none,
+    or if the user disabled them)."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            if getattr(module, "disable_adapters", False):
+                return []
+            active = module.active_adapter
+            names = [active] if isinstance(active, str) else list(active)
+            if ADAPTER_NAME in names:
+                raise ValueError(f"the UNet already has an adapter named {ADAPTER_NAME!r}: fuse or delete it "
+                                 "(unet.delete_adapters) before training a new PRDP LoRA")
+            return names
+    return []
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
