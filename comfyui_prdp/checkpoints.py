@@ -71,6 +71,27 @@ class CheckpointData:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TrainerSnapshot:
+    """What a checkpoint stores from a trainer at one moment (tensors on the CPU)."""
+    epoch: int
+    lora: Dict[str, torch.Tensor]
+    optimizer: Dict[str, Any]               # an optimizer.state_dict()
+    extra: Dict[str, Any]
+    rng: torch.Tensor
+
+    @classmethod
+    def take(cls, epoch: int, lora: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any],
+             extra: Mapping[str, Any]) -> "TrainerSnapshot":
+        """A copy that later training does not change."""
+        def copy(value):
+            return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+        optimizer = {"state": {i: {k: copy(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()},
+                     "param_groups": [dict(g) for g in optimizer_state["param_groups"]]}
+        return cls(epoch, {k: copy(v) for k, v in lora.items()}, optimizer, _json_safe(dict(extra)),
+                   torch.get_rng_state())
+
+
 # ----------------------------------------------------------------------------- writing
 def write_checkpoint(root: Path, epoch: int, partial: bool, lora: Mapping[str, torch.Tensor],
                      lora_metadata: Mapping[str, str], optimizer_state_dict: Mapping[str, Any],

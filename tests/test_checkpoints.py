@@ -5,6 +5,7 @@ the optimizer, RNG and extra state exactly. All on the toy backend."""
 import hashlib
 import json
 import sys
+import threading
 import types
 
 import pytest
@@ -128,6 +129,31 @@ def test_round_trip_restores_weights_optimizer_rng_and_extra_state_exactly(tmp_p
     assert loaded["param_groups"][0]["lr"] == restored.config.learning_rate
     for key, value in trainer.backend.lora_state_dict().items():
         assert torch.equal(value, restored.backend.lora_state_dict()[key]), key
+
+
+def test_a_stop_in_the_middle_of_an_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    full = Trainer(ToyBackend(), BrightnessReward(), PROMPTS, toy_config(epochs=3), out_dir=tmp_path / "full")
+    full.run()
+    stop = threading.Event()
+    part = Trainer(ToyBackend(), BrightnessReward(), PROMPTS, toy_config(epochs=3), out_dir=tmp_path / "part",
+                   stop_event=stop)
+    optimizer_step = part.optimizer.step
+
+    def step_then_stop_in_epoch_2(*args, **kwargs):
+        result = optimizer_step(*args, **kwargs)
+        if part.epoch == 1:          # one of epoch 2's two optimizer steps is done
+            stop.set()
+        return result
+
+    part.optimizer.step = step_then_stop_in_epoch_2
+    stopped = part.run()
+    assert stopped.stopped and stopped.checkpoint_path.name == "epoch_00001_stopped"
+    resumed = Trainer(ToyBackend(), BrightnessReward(), PROMPTS, toy_config(epochs=3), out_dir=tmp_path / "part")
+    result = resumed.run(resume_from=stopped.checkpoint_path)
+    assert result.epochs_done == 3
+    expected = full.backend.lora_state_dict()
+    for key, value in resumed.backend.lora_state_dict().items():
+        assert torch.equal(value, expected[key]), key
 
 
 def test_the_optimizer_file_holds_tensors_only_and_the_state_file_is_json(tmp_path):
