@@ -147,6 +147,31 @@ def test_a_folder_left_by_ctrl_c_before_training_is_reusable_and_resumable(tmp_p
         assert torch.equal(value, lora_tensors(resumed / "lora.safetensors")[key])
 
 
+def test_ctrl_c_in_the_middle_of_an_epoch_resumes_to_the_uninterrupted_result(tmp_path, toy, monkeypatch, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    two_updates = ("--updates-per-epoch", "2", "--checkpoint-every", "0")   # only the stop writes one
+    assert run_cli(full, *two_updates) == 0
+    seen = []
+
+    class CtrlCAfterEpoch2sFirstOptimizerStep(cli.ProgressPrinter):
+        def __call__(self, event):
+            super().__call__(event)
+            if event["type"] == "step" and event["epoch"] == 2 and event["phase"] == "update":
+                seen.append(event)
+                if len(seen) == 2:          # the second update's first pass: one step was taken
+                    raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "ProgressPrinter", CtrlCAfterEpoch2sFirstOptimizerStep)
+        assert run_cli(part, *two_updates) == 130
+    assert "continue with --resume" in capsys.readouterr().err
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["epoch_00001_stopped"]
+    assert run_cli(part, *two_updates, "--resume") == 0
+    uninterrupted = lora_tensors(full / "lora.safetensors")
+    for key, value in lora_tensors(part / "lora.safetensors").items():
+        assert torch.equal(value, uninterrupted[key]), key
+
+
 def test_a_folder_with_other_files_is_still_refused(tmp_path, toy, capsys):
     out = tmp_path / "mine"
     out.mkdir()
