@@ -202,7 +202,7 @@ class PRDPTrainLoRA:
             stop_and_wait(job)        # no job outlives its node (a no-op once it has ended)
             backend.release()
         if backend.interrupted or isinstance(job.exception, comfy.model_management.InterruptProcessingException):
-            # Cancel was raised inside the job's model calls (ComfyUI >= 0.3.65 checks it in every
+            # Cancel was raised inside the job's model calls (ComfyUI after 0.3.64 checks it in every
             # op, and clears the flag there): the job stopped gracefully; end the node interrupted.
             raise comfy.model_management.InterruptProcessingException()
         if job.exception is not None:

@@ -5,7 +5,7 @@ The node's worker thread calls `wait_for_job`. Each job event goes to ComfyUI's 
 (whose hook raises InterruptProcessingException when the user pressed Cancel); between events
 the interrupt flag is polled. On Cancel the job is asked to stop: the trainer drops the current
 step, writes a checkpoint and returns; then the exception is re-raised so the node ends as
-interrupted. (Since ComfyUI 0.3.65 Cancel may instead be raised inside the job's own model
+interrupted. (Since ComfyUI 2025-10-13, after 0.3.64, Cancel may instead be raised inside the job's own model
 calls, which clears the flag: the backend then stops the job and the node re-raises, see
 nodes/train.py.)
 

@@ -1,6 +1,6 @@
 """Cancel during training, in-process (issue 9.1), on whichever ComfyUI tree this process imports.
 
-Since ComfyUI 0.3.65 every op checks the interrupt flag, so Cancel is raised inside the
+Since ComfyUI 2025-10-13 (after 0.3.64) every op checks the interrupt flag, so Cancel is raised inside the
 training thread's model calls (and the flag is cleared there) instead of in the node's thread.
 Either way the job must stop gracefully (the partial step dropped, a checkpoint written, the
 job marked stopped), the node must end as interrupted, and no job may outlive its node.
@@ -159,7 +159,7 @@ def test_an_interrupt_raised_while_sampling_keeps_the_untrained_lora(plugin, sd1
 
 
 def test_the_real_interrupt_flag_set_during_training_ends_the_node_interrupted(plugin, sd15, comfy_dirs, clean_flag):
-    """ComfyUI >= 0.3.65: the next op in the training thread raises (and clears the flag);
+    """ComfyUI after 0.3.64: the next op in the training thread raises (and clears the flag);
     0.3.64: the node's thread sees the flag. Both: interrupted within seconds, checkpoint kept."""
     calls = ModelCalls(set_interrupt_flag, run=2, call=1)
     with pytest.raises(comfy.model_management.InterruptProcessingException):

@@ -21,7 +21,7 @@ Model calls go through `comfy.samplers.calc_cond_batch` with the patcher's model
 path ComfyUI's samplers take, so model patches (attention patches, model function wrappers,
 patcher wrappers) apply.
 
-Cancel: since ComfyUI 0.3.65 every op raises InterruptProcessingException when the interrupt
+Cancel: since ComfyUI 2025-10-13 (after 0.3.64) every op raises InterruptProcessingException when the interrupt
 flag is set, in whatever thread runs the model, and clears the flag. Model calls turn it into
 `ModelInterrupted` (a `StopRequested`: the trainer drops the partial step, saves a checkpoint and
 returns) and set `interrupted`, so the node can end as interrupted.
