@@ -57,7 +57,7 @@ class FolderContents:
 
     @property
     def empty(self) -> bool:
-        return not self.out.exists() or not any(self.out.iterdir())
+        return not self.out.exists() or all(p.name == LOCK_FILE for p in self.out.iterdir())
 
     @property
     def not_started(self) -> bool:

@@ -172,6 +172,14 @@ def test_ctrl_c_in_the_middle_of_an_epoch_resumes_to_the_uninterrupted_result(tm
         assert torch.equal(value, uninterrupted[key]), key
 
 
+def test_a_new_or_empty_folder_starts_without_notes(tmp_path, toy, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):
+        assert run_cli(out) == 0
+        assert "note:" not in capsys.readouterr().err
+
+
 def test_a_folder_with_other_files_is_still_refused(tmp_path, toy, capsys):
     out = tmp_path / "mine"
     out.mkdir()
