@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import stat
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -117,7 +117,8 @@ def write_checkpoint(root: Path, epoch: int, partial: bool, lora: Mapping[str, t
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"epoch_{int(epoch):05d}" + ("_stopped" if partial else "")
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    staging = root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"   # hidden: never listed
+    staging.mkdir()
     try:
         save_lora(staging / LORA_FILE, lora, lora_metadata)
         save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": FORMAT})
