@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -155,7 +156,7 @@ def _field_hints():
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _kind_problem(name: str, hint: Any, value: Any) -> Optional[str]:
@@ -169,7 +170,7 @@ def _kind_problem(name: str, hint: Any, value: Any) -> Optional[str]:
     if hint is bool:
         return None if isinstance(value, bool) else f"{name}={value!r}: must be true or false"
     if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else \
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else \
             f"{name}={value!r}: must be a whole number"
     if hint is float:
         if not _is_number(value):
