@@ -82,7 +82,7 @@ class TrainConfig:
         trained = max(1, round(transitions * self.timestep_fraction))
         return {
             "sampling": transitions * branches,
-            "reference": transitions * branches,
+            "reference": transitions * branches,     # the base model, evaluated during sampling
             # pass 1 is skipped on the first update; pass 2 is forward+backward
             "update_forward_no_grad": (self.updates_per_epoch - 1) * trained * branches,
             "update_forward_backward": self.updates_per_epoch * trained * branches,
