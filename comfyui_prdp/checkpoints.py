@@ -49,7 +49,7 @@ RNG_KEY = "rng.torch"
 OPTIMIZER_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
 REQUIRED_OPTIMIZER_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 MAX_JSON_BYTES = 256 * 2 ** 20
-NAME_PATTERN = re.compile(r"^epoch_(\d{5,})(_stopped)?(_\d{5})?$")
+NAME_PATTERN = re.compile(r"^epoch_(\d{5,})(_stopped)?(_\d{5})?\Z")
 _STATE_KEY = re.compile(r"^state\.(\d+)\.([a-z_]+)$")
 
 

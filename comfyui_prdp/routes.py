@@ -18,15 +18,53 @@ from .jobs import JOBS, JobRegistry
 _registered = False
 
 
+def server_roots() -> Dict[str, str]:
+    """Absolute folders of the running ComfyUI -> the names clients see them by ({} without
+    ComfyUI). Longest first, so a folder inside another is named by the inner one."""
+    folder_paths = sys.modules.get("folder_paths")
+    if folder_paths is None:
+        return {}
+    roots = {}
+    for name, getter in (("output", "get_output_directory"), ("input", "get_input_directory"),
+                         ("temp", "get_temp_directory")):
+        try:
+            roots[str(getattr(folder_paths, getter)())] = name
+        except Exception:  # noqa: BLE001  (an older ComfyUI without that folder)
+            pass
+    models = getattr(folder_paths, "models_dir", None)
+    if models:
+        roots[str(models)] = "models"
+    base = getattr(folder_paths, "base_path", None)
+    if base:
+        roots[str(base)] = "ComfyUI"
+    return dict(sorted(roots.items(), key=lambda item: -len(item[0])))
+
+
+def relative_paths(value: Any, roots: Dict[str, str]) -> Any:
+    """`value` with every absolute server folder in its strings replaced by its client-facing
+    name (e.g. /srv/ComfyUI/output/prdp_runs/x -> output/prdp_runs/x): clients of a shared
+    server never learn its file layout."""
+    if isinstance(value, dict):
+        return {key: relative_paths(item, roots) for key, item in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(item, roots) for item in value]
+    if isinstance(value, str):
+        for root, name in roots.items():
+            value = value.replace(root.rstrip("/\\") + "/", name + "/").replace(root, name)
+        return value
+    return value
+
+
 def list_jobs(registry: JobRegistry = JOBS) -> Tuple[int, Dict[str, Any]]:
-    return 200, {"jobs": [job.snapshot(with_metrics=False) for job in registry.jobs()]}
+    roots = server_roots()
+    return 200, {"jobs": [relative_paths(job.snapshot(with_metrics=False), roots) for job in registry.jobs()]}
 
 
 def get_job(job_id: str, registry: JobRegistry = JOBS) -> Tuple[int, Dict[str, Any]]:
     job = registry.get(job_id)
     if job is None:
         return 404, {"error": "unknown job id"}
-    return 200, job.snapshot(with_metrics=True)
+    return 200, relative_paths(job.snapshot(with_metrics=True), server_roots())
 
 
 def stop_job(job_id: str, registry: JobRegistry = JOBS) -> Tuple[int, Dict[str, Any]]:
