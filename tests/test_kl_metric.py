@@ -1,13 +1,11 @@
 """The `kl` metric is the exact KL(p_theta_old || p_ref) of the sampled trajectories, and
 `log_ratio_mean` its signed one-sample estimate; both against closed forms computed here."""
-import math
-
 import pytest
 import torch
 
 from comfyui_prdp.sampling import gaussian_kl_same_std
 from comfyui_prdp.trainer import Trainer
-from test_update_exactness import PROMPTS, config, literal_logprob, start_weights
+from test_update_exactness import PROMPTS, config, literal_logprob, literal_step, start_weights
 from toy_backend import BrightnessReward, ToyBackend
 
 
@@ -22,18 +20,6 @@ def test_gaussian_kl_equals_torch_closed_form(reduce):
     got = gaussian_kl_same_std(p, q, std, reduce)
     assert got.dtype == torch.float64
     assert torch.allclose(got, expected, rtol=1e-12)
-
-
-def literal_mean(backend, x_t, t, t_prev, context, uncontext, cfg, eta):
-    alphas = backend.alphas_cumprod.double()
-    a_t = alphas[t].view(-1, 1, 1, 1)
-    a_p = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], alphas[0]).view(-1, 1, 1, 1)
-    eps_u = backend.predict_eps(x_t, t, {"context": uncontext}).double()
-    eps_c = backend.predict_eps(x_t, t, {"context": context}).double()
-    eps = eps_u + cfg * (eps_c - eps_u)
-    sigma = eta * torch.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
-    x0 = (x_t.double() - torch.sqrt(1 - a_t) * eps) / torch.sqrt(a_t)
-    return torch.sqrt(a_p) * x0 + torch.sqrt(1 - a_p - sigma ** 2) * eps, sigma
 
 
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
@@ -57,9 +43,9 @@ def test_epoch_kl_metric_is_the_exact_trajectory_kl(reduce):
         args = (lat[:, s], batch.traj.timesteps[s].repeat(n), batch.traj.prev_timesteps[s].repeat(n),
                 batch.cond["context"], batch.uncond["context"], cfg.cfg, cfg.eta)
         with torch.no_grad():
-            mu, sigma = literal_mean(replica, *args)
+            mu, sigma = literal_step(replica, *args)
             replica.lora.enabled = False
-            mu_ref, _ = literal_mean(replica, *args)
+            mu_ref, _ = literal_step(replica, *args)
             replica.lora.enabled = True
         per_element = (mu - mu_ref) ** 2 / (2 * sigma ** 2)
         kl += per_element.mean(dim=(1, 2, 3)) if reduce == "mean" else per_element.sum(dim=(1, 2, 3))

@@ -21,7 +21,8 @@ from toy_backend import BrightnessReward, ToyBackend
 PROMPTS = ["a red apple", "a blue sky", "a green field"]
 
 
-def literal_logprob(backend, x_t, x_prev, t, t_prev, context, uncontext, cfg, eta, reduce):
+def literal_step(backend, x_t, t, t_prev, context, uncontext, cfg, eta):
+    """(mean, sigma) of the DDIM-eta step with CFG, written out in float64."""
     alphas = backend.alphas_cumprod.double()
     a_t = alphas[t].view(-1, 1, 1, 1)
     a_p = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], alphas[0]).view(-1, 1, 1, 1)
@@ -30,7 +31,11 @@ def literal_logprob(backend, x_t, x_prev, t, t_prev, context, uncontext, cfg, et
     eps = eps_u + cfg * (eps_c - eps_u)
     x0 = (x_t.double() - torch.sqrt(1 - a_t) * eps) / torch.sqrt(a_t)
     sigma = eta * torch.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
-    mu = torch.sqrt(a_p) * x0 + torch.sqrt(1 - a_p - sigma ** 2) * eps
+    return torch.sqrt(a_p) * x0 + torch.sqrt(1 - a_p - sigma ** 2) * eps, sigma
+
+
+def literal_logprob(backend, x_t, x_prev, t, t_prev, context, uncontext, cfg, eta, reduce):
+    mu, sigma = literal_step(backend, x_t, t, t_prev, context, uncontext, cfg, eta)
     density = -((x_prev.double() - mu) ** 2) / (2 * sigma ** 2) - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
     return density.mean(dim=(1, 2, 3)) if reduce == "mean" else density.sum(dim=(1, 2, 3))
 
