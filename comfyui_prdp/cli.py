@@ -47,6 +47,7 @@ OVERRIDES = {
     "sample_batch_size": int, "train_batch_size": int, "checkpoint_every": int,
     "timestep_fraction": finite_float, "algorithm": str, "mixed_precision": str,
     "negative_prompt": str, "logprob_reduce": str, "step_reduce": str,
+    "adv_clip": finite_float, "ddpo_advantages": str, "ddpo_buffer_size": int, "ddpo_min_count": int,
 }
 
 
