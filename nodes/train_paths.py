@@ -93,6 +93,22 @@ def resolve_checkpoint(choice: str) -> Optional[Path]:
     return path
 
 
+def check_resume_settings(checkpoint: Path, config) -> List[str]:
+    """Refuse (ValueError) resuming `checkpoint` with settings that change what is trained
+    (steps, images per prompt, algorithm, rank, ...), listing each difference; returns notes for
+    the harmless ones (more epochs, batch sizes, precision)."""
+    from ..comfyui_prdp import run_folder
+
+    data = checkpoints.read_checkpoint(checkpoint)
+    saved = run_folder.config_from_dict(data.config, checkpoint)
+    refused, notes = run_folder.setting_differences(saved, config)
+    if refused:
+        raise ValueError(f"resume_from={checkpoint.parent.parent.name}/{checkpoint.name} was trained with other "
+                         f"settings: {'; '.join(refused)}. Set them back to resume, or leave resume_from at "
+                         f"{NONE!r} to start a new run")
+    return notes
+
+
 # --- prompt files ---------------------------------------------------------------------------
 def prompt_file_choices() -> List[str]:
     choices = [NONE]

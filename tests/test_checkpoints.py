@@ -312,3 +312,15 @@ def test_the_node_refuses_a_damaged_listed_checkpoint_before_training(comfy_outp
     assert "\n" not in str(caught.value)
     (folder / "lora.safetensors").write_bytes(b"changed")
     assert train_paths.checkpoint_choices() == ["none"]    # no longer matches its manifest
+
+
+def test_the_node_refuses_to_resume_with_settings_that_change_training(comfy_output, node_package):
+    train_paths = node_package.nodes.train_paths
+    trained_run(comfy_output / "prdp_runs" / "run")
+    checkpoint = train_paths.resolve_checkpoint("run/checkpoints/epoch_00001")
+    saved = toy_config(epochs=1, checkpoint_every=1)
+    with pytest.raises(ValueError, match=r"other settings: .*steps 5 -> 7") as caught:
+        train_paths.check_resume_settings(checkpoint, saved.replace(steps=7))
+    assert "\n" not in str(caught.value)
+    notes = train_paths.check_resume_settings(checkpoint, saved.replace(epochs=4))
+    assert any("epochs" in note for note in notes)
