@@ -167,6 +167,9 @@ class PRDPTrainLoRA:
         if error:
             raise ValueError(error)
         resume_path = train_paths.resolve_checkpoint(resume_from)
+        if resume_path is not None:
+            for note in train_paths.check_resume_settings(resume_path, config):
+                logger.info("PRDP: resuming %s: %s", resume_from, note)
         lora_path = train_paths.lora_folder() / f"{name}.safetensors"
 
         with torch.inference_mode(False):
