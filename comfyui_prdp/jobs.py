@@ -7,6 +7,8 @@ thread also turns inference mode off and gradients on explicitly before calling 
 Typical use (the train node):
 
     job = JOBS.start(lambda job: trainer_run(job.stop_event, job.record), name="my_lora")
+    # or, to be listed (and stoppable) while the caller still prepares the run:
+    job = JOBS.create(name="my_lora"); job.set_phase("preparing: ..."); ...; JOBS.launch(job, target)
     while not job.done:
         event = job.next_event(timeout=0.1)   # forward to a progress bar, a websocket ...
     job.result / job.error
@@ -78,6 +80,11 @@ class Job:
         self._lock = threading.Lock()
 
     # --- control -------------------------------------------------------------------------
+    def set_phase(self, phase: str) -> None:
+        """What the job is doing now, e.g. "preparing: copying the model" before it is launched."""
+        with self._lock:
+            self.phase = str(phase)
+
     def request_stop(self) -> bool:
         """Ask the job to stop gracefully; False when it had already ended."""
         with self._lock:
@@ -157,7 +164,7 @@ class Job:
     # --- running ---------------------------------------------------------------------------
     def _run(self, target: Callable[["Job"], Any]) -> None:
         with self._lock:
-            self.started = time.time()
+            self.started = self.started or time.time()
             if self.status == PENDING:
                 self.status = RUNNING
         try:
@@ -193,13 +200,38 @@ class JobRegistry:
 
     def start(self, target: Callable[[Job], Any], name: str = "", info: Optional[Dict[str, Any]] = None) -> Job:
         """Create a job and run `target(job)` in a new daemon thread."""
+        return self.launch(self.create(name, info), target)
+
+    def create(self, name: str = "", info: Optional[Dict[str, Any]] = None) -> Job:
+        """A listed, pending job: it can be asked to stop before `launch` (the caller checks
+        `job.stop_requested` while it prepares; a stop request survives the launch)."""
         job = Job(name, info)
         with self._lock:
             self._jobs[job.id] = job
             self._forget_old()
+        return job
+
+    def launch(self, job: Job, target: Callable[[Job], Any]) -> Job:
+        """Run `target(job)` for a job made by `create`, in a new daemon thread."""
+        if job.started is not None:
+            raise RuntimeError(f"job {job.id} was already launched")
+        job.started = time.time()
         thread = threading.Thread(target=job._run, args=(target,), name=f"prdp-job-{job.id}", daemon=True)
         thread.start()
         return job
+
+    def abandon(self, job: Job, error: Optional[BaseException], status: str = FAILED) -> None:
+        """End a job that was never launched (its preparation failed or was cancelled): marked
+        `status` (failed, or stopped), job_end queued."""
+        if status not in FINAL_STATES:
+            raise ValueError(f"status must be one of {FINAL_STATES}, not {status!r}")
+        with job._lock:
+            job.exception = error
+            job.error = f"{type(error).__name__}: {error}" if error is not None else None
+            job.status = status
+            job.finished = time.time()
+        job._put({"type": "job_end", "status": job.status})
+        job._done.set()
 
     def get(self, job_id: str) -> Optional[Job]:
         """The job with this id, or None (ids that are not well-formed are never looked up)."""

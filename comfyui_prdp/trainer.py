@@ -177,8 +177,9 @@ class Trainer:
                 metrics[f"reward/{name}"] = values.float().mean().item()
         for phase, seconds in timings.items():
             metrics[f"seconds_{phase}"] = round(seconds, 4)
-        preview = batch.images[: min(4, len(batch.images))]
-        self.callback({"type": "epoch", "epoch": epoch + 1, "metrics": metrics, "preview": preview})
+        shown = min(4, len(batch.images))
+        self.callback({"type": "epoch", "epoch": epoch + 1, "metrics": metrics, "preview": batch.images[:shown],
+                       "preview_rewards": rewards[:shown].tolist(), "preview_prompts": batch.row_prompts[:shown]})
         return metrics
 
     def sample_epoch(self, epoch: int) -> EpochBatch:

@@ -1,13 +1,15 @@
-"""Score Images (PRDP): the reward of each image, shown on the node and written on the images."""
+"""Score Images (PRDP): the reward of each image, shown on the node and written on the images;
+with a `baseline` (another Score Images node's mean, e.g. the base model's) also the difference."""
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import List, Optional
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .common import CATEGORY, REWARD_TYPE, refuse, widget_problems
+from .image_text import fit_text, font, to_pil, to_tensor
 
 MAX_LABEL_CHARS = 100
 
@@ -23,39 +25,35 @@ def prompts_for(prompt: str, count: int) -> List[str]:
     return lines
 
 
-def format_scores(scores: torch.Tensor, label: str = "", components=None) -> str:
-    """'label: mean 0.1234 (n=2) [0.1, 0.2]' plus one line per component of a weighted reward."""
+def format_scores(scores: torch.Tensor, label: str = "", components=None, baseline: Optional[float] = None) -> str:
+    """'label: mean 0.1234 (n=2) [0.1, 0.2]', the difference to `baseline` when given, plus one
+    line per component of a weighted reward. One fact per line, so it wraps on a narrow node."""
     head = f"{label}: " if label else ""
+    mean = float(scores.mean())
     values = ", ".join(f"{float(s):.4f}" for s in scores)
-    text = f"{head}mean {float(scores.mean()):.4f} (n={len(scores)}) [{values}]"
+    text = f"{head}mean {mean:.4f} (n={len(scores)})\n[{values}]"
+    if baseline is not None:
+        text += f"\nminus baseline {baseline:.4f}: {mean - baseline:+.4f}"
     for name, part in (components or {}).items():
         text += f"\n  {name}: mean {float(part.float().mean()):.4f}"
     return text
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def annotate(images: torch.Tensor, scores: torch.Tensor, label: str = "") -> torch.Tensor:
-    """The images with '<label> <score>' written in a dark band at the bottom (same size)."""
+    """The images with '<label> <score>' in a dark band at the bottom (same size). The text is
+    fitted to the width: the label is shortened before the score is."""
     out = []
     for image, score in zip(images, scores):
-        array = (image[..., :3].detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        picture = Image.fromarray(np.ascontiguousarray(array)).convert("RGBA")
+        picture = to_pil(image).convert("RGBA")
         height = picture.height
         band = max(12, min(48, height // 10))
         overlay = Image.new("RGBA", picture.size, (0, 0, 0, 0))
         draw = ImageDraw.Draw(overlay)
         draw.rectangle([0, height - band, picture.width, height], fill=(0, 0, 0, 160))
-        text = f"{label + ' ' if label else ''}{float(score):.4f}"
-        draw.text((3, height - band + max(0, (band - int(band * 0.75)) // 2)), text,
-                  fill=(255, 255, 255, 255), font=_font(max(8, int(band * 0.75))))
-        merged = Image.alpha_composite(picture, overlay).convert("RGB")
-        out.append(torch.from_numpy(np.asarray(merged, dtype=np.float32) / 255.0))
+        text, size = fit_text(draw, f"{label} " if label else "", picture.width - 4, max(8, int(band * 0.75)),
+                              keep_end=f"{float(score):.4f}")
+        draw.text((2, height - band + max(0, (band - size) // 2)), text, fill=(255, 255, 255, 255), font=font(size))
+        out.append(to_tensor(Image.alpha_composite(picture, overlay)))
     return torch.stack(out)
 
 
@@ -76,6 +74,9 @@ class PRDPScoreImages:
             },
             "optional": {
                 "label": ("STRING", {"default": "", "tooltip": "A name shown with the scores, e.g. base."}),
+                "baseline": ("FLOAT", {"forceInput": True,
+                                       "tooltip": "Link another Score Images node's mean here (e.g. the base "
+                                                  "model's) to show this batch's mean minus it."}),
             },
         }
 
@@ -103,9 +104,12 @@ class PRDPScoreImages:
         refuse("Score Images (PRDP)", problems)
         return True
 
-    def score(self, reward_model, images, prompt, label=""):
+    def score(self, reward_model, images, prompt, label="", baseline=None):
         if images is None or images.dim() != 4 or images.shape[0] == 0:
             raise ValueError("images: expected a batch of images [B, H, W, C]")
+        if baseline is not None and (isinstance(baseline, bool) or not isinstance(baseline, (int, float))
+                                     or not math.isfinite(baseline)):
+            raise ValueError(f"baseline={baseline!r}: link a finite number (another Score Images node's mean)")
         prompts = prompts_for(prompt, images.shape[0])
         reward_model.prepare()
         try:
@@ -115,6 +119,6 @@ class PRDPScoreImages:
             reward_model.offload()
         scores = scores.detach().float().cpu()
         parts = components if len(components) > 1 else None
-        text = format_scores(scores, label, parts)
+        text = format_scores(scores, label, parts, None if baseline is None else float(baseline))
         mean = float(scores.mean())
         return {"ui": {"text": [text]}, "result": (mean, text, annotate(images, scores, label))}

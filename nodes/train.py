@@ -9,7 +9,7 @@ from typing import List
 import torch
 
 from ..comfyui_prdp.config import PRESETS
-from ..comfyui_prdp.jobs import JOBS
+from ..comfyui_prdp.jobs import FAILED, FINISHED, JOBS, STOPPED
 from ..comfyui_prdp.prompts import read_prompt_file
 from . import train_paths
 from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems
@@ -172,20 +172,31 @@ class PRDPTrainLoRA:
                 logger.info("PRDP: resuming %s: %s", resume_from, note)
         lora_path = train_paths.lora_folder() / f"{name}.safetensors"
 
-        with torch.inference_mode(False):
-            backend = ComfyBackend(model, clip, vae, rank=config.lora_rank, alpha=config.lora_alpha,
-                                   targets=config.lora_targets, seed=config.seed,
-                                   gradient_checkpointing=config.gradient_checkpointing,
-                                   mixed_precision=config.mixed_precision)
-            try:
-                if len(prompt_list) < PROMPT_CACHE_SIZE:   # encode here: errors show before the job starts
+        job = JOBS.create(name=name, info={**config_summary(config, len(prompt_list)),
+                                           "reward": getattr(reward_model, "name", "reward"), "node": unique_id})
+        progress = ComfyProgress(job, unique_id, config.epochs)    # the dashboard's Stop works from here on
+        backend = None
+        try:
+            progress.preparing("copying the model for training")
+            with torch.inference_mode(False):
+                backend = ComfyBackend(model, clip, vae, rank=config.lora_rank, alpha=config.lora_alpha,
+                                       targets=config.lora_targets, seed=config.seed,
+                                       gradient_checkpointing=config.gradient_checkpointing,
+                                       mixed_precision=config.mixed_precision)
+                # encode here: errors show before the job starts (skipped when Stop came already)
+                if len(prompt_list) < PROMPT_CACHE_SIZE and not job.stop_requested:
+                    progress.preparing(f"encoding {len(prompt_list)} prompt(s)")
                     backend.encode_prompts(prompt_list + [config.negative_prompt])
-            except BaseException as error:
+            run_dir = self._new_run_dir(name)
+        except BaseException as error:
+            if backend is not None:
                 backend.release()
-                if isinstance(error, ModelInterrupted):    # Cancel raised in the text encoder's ops
-                    raise comfy.model_management.InterruptProcessingException() from None
-                raise
-        run_dir = self._new_run_dir(name)
+            cancelled = isinstance(error, (ModelInterrupted, comfy.model_management.InterruptProcessingException))
+            JOBS.abandon(job, None if cancelled else error, STOPPED if cancelled else FAILED)
+            progress.send_end(job.status)
+            if isinstance(error, ModelInterrupted):    # Cancel raised in the text encoder's ops
+                raise comfy.model_management.InterruptProcessingException() from None
+            raise
 
         def run(job):
             trainer = Trainer(backend, reward_model, prompt_list, config, out_dir=run_dir,
@@ -196,11 +207,9 @@ class PRDPTrainLoRA:
                                 "run_dir": run_dir.name})
             return result
 
-        job = JOBS.start(run, name=name, info={**config_summary(config, len(prompt_list)),
-                                               "reward": getattr(reward_model, "name", "reward"),
-                                               "node": unique_id})
+        JOBS.launch(job, run)
         try:
-            wait_for_job(job, ComfyProgress(job, unique_id, config.epochs))
+            wait_for_job(job, progress)
         finally:
             stop_and_wait(job)        # no job outlives its node (a no-op once it has ended)
             backend.release()
@@ -215,8 +224,8 @@ class PRDPTrainLoRA:
         lora = backend.lora_model()
         model_out = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
         curve = image_to_tensor(reward_curve(result.metrics, title=f"{name}: reward per epoch (mean ± std)"))
-        text = self._summary(result, name)
-        logger.info("PRDP: %s", text)
+        text = self._summary(result, name, config.epochs)
+        logger.info("PRDP: %s", text.replace("\n", "; "))
         return {"ui": {"text": [text]}, "result": (model_out, lora, curve)}
 
     # --- helpers -------------------------------------------------------------------------
@@ -249,13 +258,15 @@ class PRDPTrainLoRA:
         except ValueError:
             return str(path)
 
-    def _summary(self, result, name: str) -> str:
-        state = "stopped early" if result.stopped else "finished"
-        text = f"{name}: {state} after {result.epochs_done} epoch(s)"
+    def _summary(self, result, name: str, epochs: int) -> str:
+        """The node's final text, one fact per line: how the run ended, the reward, the LoRA."""
+        from .train_progress import end_message
+
+        lora = self._display_name(result.lora_path)
+        lines = [f"{name}: " + end_message(STOPPED if result.stopped else FINISHED, result.epochs_done, epochs)]
         if result.metrics:
             first, last = result.metrics[0]["reward_mean"], result.metrics[-1]["reward_mean"]
             if all(map(math.isfinite, (first, last))):
-                text += f"; reward {first:.4g} -> {last:.4g}"
-        if result.lora_path is not None:
-            text += f"; LoRA: {self._display_name(result.lora_path)}"
-        return text
+                lines.append(f"reward {first:.4g} -> {last:.4g} ({last - first:+.3g})")
+        lines.append(f"LoRA: {lora}" if lora else "no LoRA written")
+        return "\n".join(lines)

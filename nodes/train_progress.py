@@ -1,52 +1,154 @@
-"""The node thread's side of a training job: progress bar, previews, websocket messages, and
-turning ComfyUI's Cancel into a graceful stop.
+"""The node thread's side of a training job: progress bar, dashboard messages, and turning
+ComfyUI's Cancel into a graceful stop.
 
 The node's worker thread calls `wait_for_job`. Each job event goes to ComfyUI's progress bar
-(whose hook raises InterruptProcessingException when the user pressed Cancel); between events
-the interrupt flag is polled. On Cancel the job is asked to stop: the trainer drops the current
-step, writes a checkpoint and returns; then the exception is re-raised so the node ends as
-interrupted. (Since ComfyUI 2025-10-13, after 0.3.64, Cancel may instead be raised inside the job's own model
-calls, which clears the flag: the backend then stops the job and the node re-raises, see
-nodes/train.py.)
+(whose hook raises InterruptProcessingException when the user pressed Cancel) and, as
+websocket events, to the dashboard on the node (web/prdp.js):
+
+    prdp.job     {job_id, node, name, status, epochs, phase?, message?, lora?, epochs_done?}
+                 status "preparing" (Stop works from here on), "running", then a final one
+                 ("finished" / "stopped" / "failed") with a one-line `message` for the user
+    prdp.status  {job_id, node, phase, epoch, epochs, progress, eta_seconds}   (at most 1/s)
+    prdp.epoch   {job_id, node, name, epoch, epochs, metrics, samples: [{src, reward, prompt}],
+                  eta_seconds}   samples are small JPEG data URLs of the epoch's first images
+
+Between events the interrupt flag is polled. On Cancel the job is asked to stop: the trainer
+drops the current step, writes a checkpoint and returns; then the exception is re-raised so
+the node ends as interrupted. (Since ComfyUI 2025-10-13, after 0.3.64, Cancel may instead be
+raised inside the job's own model calls, which clears the flag: the backend then stops the job
+and the node re-raises, see nodes/train.py.)
 
 No job outlives its node: whatever ends the wait, the node thread returns only once the job
 has ended (ComfyUI resets cast buffers and memory limits after each node).
 """
 from __future__ import annotations
 
+import base64
+import io
 import logging
+import math
 import time
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..comfyui_prdp.jobs import Job
+from ..comfyui_prdp.jobs import FAILED, FINISHED, STOPPED, Job
 from .common import send_event
+from .image_text import caption_above
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_UNITS = 1000
 PREVIEW_MAX_SIZE = 512
 PREVIEW_EVERY_SECONDS = 1.0     # the latest samples ride along with progress updates this often
+THUMBNAIL_MAX_SIDE = 160
+THUMBNAIL_QUALITY = 85
+STATUS_EVERY_SECONDS = 1.0      # prdp.status (phase, progress, ETA) at most this often
 POLL_SECONDS = 0.1
 STILL_STOPPING_LOG_SECONDS = 30.0
+PROMPT_CHARS_SHOWN = 120
 
 
-def preview_image(images: torch.Tensor) -> Optional[Image.Image]:
-    """[k, H, W, 3] 0..1 -> one PIL image with the k samples side by side."""
+def preview_image(images: torch.Tensor, caption: Optional[List[str]] = None) -> Optional[Image.Image]:
+    """[k, H, W, 3] 0..1 -> one PIL image with the k samples side by side, under a caption
+    (so the progress preview reads as a training sample, not as the node's output)."""
     if images is None or images.dim() != 4 or images.shape[0] == 0:
         return None
     row = torch.cat(list(images.detach().float().clamp(0, 1).cpu()), dim=1)   # [H, k*W, 3]
     array = (row * 255).round().to(torch.uint8).numpy()
-    return Image.fromarray(np.ascontiguousarray(array[..., :3]))
+    picture = Image.fromarray(np.ascontiguousarray(array[..., :3]))
+    return caption_above(picture, caption) if caption else picture
+
+
+def preview_caption(event: dict, epochs: int) -> List[str]:
+    """'training samples, epoch 2/5', the rewards of the images shown, and the first prompt."""
+    rewards = [_finite_or_none(r) for r in (event.get("preview_rewards") or [])]
+    shown = "  ".join("-" if r is None else f"{r:.3g}" for r in rewards)
+    prompts = event.get("preview_prompts") or []
+    lines = [f"training samples, epoch {event.get('epoch')}/{epochs}"]
+    if shown:
+        lines.append(f"reward {shown}")
+    if prompts:
+        lines.append(str(prompts[0]))
+    return lines
+
+
+def thumbnails(images: Optional[torch.Tensor], max_side: int = THUMBNAIL_MAX_SIDE) -> List[str]:
+    """[k, H, W, 3] 0..1 -> k small JPEG images as data: URLs (what the dashboard shows)."""
+    if images is None or not isinstance(images, torch.Tensor) or images.dim() != 4:
+        return []
+    urls = []
+    for image in images.detach().float().clamp(0, 1).cpu():
+        array = (image[..., :3] * 255).round().to(torch.uint8).numpy()
+        picture = Image.fromarray(np.ascontiguousarray(array))
+        picture.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+        urls.append("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return urls
+
+
+def _finite_or_none(value) -> Optional[float]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def epoch_samples(event: dict) -> List[dict]:
+    """The epoch's preview images with their reward and prompt, for the dashboard."""
+    rewards = list(event.get("preview_rewards") or [])
+    prompts = list(event.get("preview_prompts") or [])
+    samples = []
+    for index, src in enumerate(thumbnails(event.get("preview"))):
+        prompt = str(prompts[index]) if index < len(prompts) else ""
+        samples.append({"src": src, "reward": _finite_or_none(rewards[index]) if index < len(rewards) else None,
+                        "prompt": prompt[:PROMPT_CHARS_SHOWN]})
+    return samples
+
+
+class EtaClock:
+    """Seconds left from the progress made since the first measured step (a resumed run starts
+    at its checkpoint's fraction, so only this session's rate counts)."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.start: Optional[tuple] = None
+
+    def eta(self, progress: float) -> Optional[float]:
+        now = self.clock()
+        if self.start is None:
+            self.start = (now, progress)
+            return None
+        started, first = self.start
+        done = progress - first
+        if done <= 0 or now <= started:
+            return None
+        return max(0.0, (now - started) * (1.0 - progress) / done)
+
+
+def end_message(status: str, epochs_done: Optional[int], epochs: int, error: str = "") -> str:
+    """How the run ended, for the user: 'finished: 5 of 5 epochs', 'stopped at epoch 2 of 5', ..."""
+    done = "?" if epochs_done is None else str(epochs_done)
+    if status == FINISHED:
+        return f"finished: {done} of {epochs} epochs"
+    if status == STOPPED:
+        return f"stopped at epoch {done} of {epochs}"
+    if status == FAILED:
+        return f"failed at epoch {done} of {epochs}: {error or 'see the ComfyUI log'}"
+    return f"{status} at epoch {done} of {epochs}"
 
 
 class ComfyProgress:
-    """Forwards one job's events to ComfyUI's progress bar and websocket."""
+    """Forwards one job's events to ComfyUI's progress bar and to the node's dashboard.
 
-    def __init__(self, job: Job, node_id: Optional[str], total_epochs: int):
+    Made before the job is launched, so the dashboard shows "preparing: ..." and its Stop
+    button works while the model is copied and the prompts are encoded."""
+
+    def __init__(self, job: Job, node_id: Optional[str], total_epochs: int, clock=time.monotonic):
         import comfy.utils  # ComfyUI only
 
         self.job = job
@@ -54,38 +156,78 @@ class ComfyProgress:
         self.total_epochs = total_epochs
         self.bar = comfy.utils.ProgressBar(PROGRESS_UNITS, node_id=node_id)
         self.value = 0
+        self.clock = clock
+        self.eta = EtaClock(clock)
+        self.eta_seconds: Optional[float] = None
+        self.status_sent = -math.inf
         self.preview = None
         self.preview_sent = 0.0
-        send_event("prdp.job", {"job_id": job.id, "node": node_id, "name": job.name, "status": "running"})
+        self._send("prdp.job", {"name": job.name, "status": "preparing", "epochs": total_epochs,
+                                "phase": job.phase or "preparing"})
+
+    def _send(self, event: str, data: dict) -> None:
+        send_event(event, {"job_id": self.job.id, "node": self.node_id, **data})
+
+    def preparing(self, what: str) -> None:
+        """Setup before the job runs (copying the model, encoding prompts): shown as the phase."""
+        self.job.set_phase(f"preparing: {what}")
+        self._send_status(force=True)
 
     def _preview(self, force: bool = False):
         """The latest samples, at most every PREVIEW_EVERY_SECONDS (or now when forced)."""
-        if self.preview is None or (not force and time.monotonic() - self.preview_sent < PREVIEW_EVERY_SECONDS):
+        if self.preview is None or (not force and self.clock() - self.preview_sent < PREVIEW_EVERY_SECONDS):
             return None
-        self.preview_sent = time.monotonic()
+        self.preview_sent = self.clock()
         return ("JPEG", self.preview, PREVIEW_MAX_SIZE)
+
+    def _send_status(self, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self.status_sent < STATUS_EVERY_SECONDS:
+            return
+        self.status_sent = now
+        snapshot = self.job.snapshot(with_metrics=False)
+        self._send("prdp.status", {"phase": snapshot["phase"], "epoch": snapshot["epoch"],
+                                   "epochs": self.total_epochs, "progress": snapshot["progress"],
+                                   "status": snapshot["status"], "eta_seconds": self.eta_seconds})
 
     def forward(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "step":
-            self.value = max(self.value, min(PROGRESS_UNITS, int(round(event.get("progress", 0) * PROGRESS_UNITS))))
+            progress = float(event.get("progress", 0))
+            self.eta_seconds = self.eta.eta(progress)
+            self.value = max(self.value, min(PROGRESS_UNITS, int(round(progress * PROGRESS_UNITS))))
             self.bar.update_absolute(self.value, PROGRESS_UNITS, self._preview())
+            self._send_status()
+        elif kind == "phase":
+            self._send_status(force=True)
         elif kind == "epoch":
-            image = preview_image(event.get("preview"))
+            image = preview_image(event.get("preview"), preview_caption(event, self.total_epochs))
             if image is not None:
                 self.preview = image
             self.bar.update_absolute(self.value, PROGRESS_UNITS, self._preview(force=True))
-            send_event("prdp.epoch", {"job_id": self.job.id, "node": self.node_id, "name": self.job.name,
-                                      "epoch": event.get("epoch"), "epochs": self.total_epochs,
-                                      "metrics": self.job.snapshot(with_metrics=False)["latest_metrics"]})
+            self._send("prdp.epoch", {"name": self.job.name, "epoch": event.get("epoch"), "epochs": self.total_epochs,
+                                      "metrics": self.job.snapshot(with_metrics=False)["latest_metrics"],
+                                      "samples": epoch_samples(event), "eta_seconds": self.eta_seconds})
         elif kind == "checkpoint":
-            send_event("prdp.checkpoint", {"job_id": self.job.id, "node": self.node_id,
-                                           "epoch": event.get("epoch"), "path": event.get("path")})
+            self._send("prdp.checkpoint", {"epoch": event.get("epoch")})
         elif kind == "job_end":
-            if event.get("status") == "finished":
+            status = event.get("status")
+            if status == FINISHED:
                 self.value = PROGRESS_UNITS
                 self.bar.update_absolute(self.value, PROGRESS_UNITS)
-            send_event("prdp.job", {"job_id": self.job.id, "node": self.node_id, "status": event.get("status")})
+            self.send_end(status)
+
+    def send_end(self, status: str) -> None:
+        """The final prdp.job event, with the message the dashboard and its toast show."""
+        epochs_done = getattr(self.job.result, "epochs_done", None)
+        if epochs_done is None:
+            epochs_done = self.job.epoch if status != FINISHED else self.total_epochs
+        lora = str(self.job.outputs.get("lora") or "")
+        message = end_message(status, epochs_done, self.total_epochs, self.job.error or "")
+        if status != FAILED:
+            message += f"; LoRA: {lora}" if lora else "; no LoRA written"
+        self._send("prdp.job", {"status": status, "epochs": self.total_epochs, "epochs_done": epochs_done,
+                                "lora": lora, "message": message})
 
 
 def stop_and_wait(job: Job, log_every: float = STILL_STOPPING_LOG_SECONDS) -> None:

@@ -435,7 +435,7 @@ def test_resume_continues_from_a_checkpoint(plugin, sd15, comfy_dirs):
     choices = train_cls.INPUT_TYPES()["optional"]["resume_from"][0]
     assert "resumable/checkpoints/epoch_00001" in choices
     out = run_train_node(plugin, sd15, lora_name="resumed", epochs=2, resume_from="resumable/checkpoints/epoch_00001")
-    assert "after 2 epoch(s)" in out["ui"]["text"][0]
+    assert "finished: 2 of 2 epochs" in out["ui"]["text"][0]
     lines = (comfy_dirs / "output" / "prdp_runs" / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2       # epoch 1 from the checkpoint, epoch 2 trained now
 

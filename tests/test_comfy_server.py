@@ -108,7 +108,7 @@ def test_apply_score_and_load_nodes_connect_to_core_types(object_info):
 def test_example_workflows_are_served_as_templates(server):
     _require_package_entry_point()
     if not WORKFLOW_FILES:
-        pytest.skip("workflows/ has no .json yet")
+        pytest.skip("example_workflows/ has no .json yet")
     templates = harness.get_json(server.base_url, "/workflow_templates")
     listed = sorted(templates.get(harness.PACKAGE_LINK_NAME, []))
     assert listed == sorted(p.stem for p in WORKFLOW_FILES), templates

@@ -9,7 +9,7 @@ import torch
 
 from comfy_inprocess import REPO_ROOT, load_plugin_package
 
-WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
 NAMES = {
     "PRDPLoadRewardModel": "Load Reward Model (PRDP)",
     "PRDPTrainLoRA": "PRDP Train LoRA",
@@ -190,8 +190,9 @@ def test_workflows_are_consistent_ui_graphs(nodes, path):
         if node["type"] in nodes:
             spec = nodes[node["type"]].INPUT_TYPES()
             assert len(node["widgets_values"]) == widget_count(spec), node["type"]
-            sockets = [n for s in ("required", "optional") for n, (k, *_) in spec.get(s, {}).items()
-                       if not (isinstance(k, list) or k in ("INT", "FLOAT", "STRING", "BOOLEAN"))]
+            sockets = [n for s in ("required", "optional") for n, (k, *o) in spec.get(s, {}).items()
+                       if not (isinstance(k, list) or k in ("INT", "FLOAT", "STRING", "BOOLEAN"))
+                       or (o and o[0].get("forceInput"))]
             assert [i["name"] for i in node["inputs"]] == [s for s in sockets if s in {i["name"] for i in node["inputs"]}]
             assert all(i["link"] is not None for i in node["inputs"] if i["name"] in spec["required"]), node["type"]
         else:
