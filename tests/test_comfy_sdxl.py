@@ -1,0 +1,229 @@
+"""ComfyBackend on tiny SDXL, SDXL v-prediction (zero-terminal-SNR) and SD2.x v-prediction
+models built through ComfyUI's own classes (tests/comfy_tiny_families.py), in-process on the CPU.
+
+What each test pins down:
+- SDXL's pooled text embedding and size conditioning reach the UNet, and the size used is
+  the training image size (the latent's size x 8), as ComfyUI's samplers pass it;
+- predict_eps of v-prediction models equals the eps ComfyUI's own model_sampling implies
+  (calculate_input / calculate_denoised), also at zero-terminal-SNR's huge last sigma;
+- the trainer's own on-policy check (sampling batch layout vs update micro-batches) < 1e-5;
+- a short run changes the LoRA and the exported file loads through ComfyUI's LoRA loader
+  (comfy.sd.load_lora_for_models, what core LoraLoader calls) with zero keys not loaded and
+  the trained adapters' output.
+"""
+import logging
+import threading
+
+import pytest
+import torch
+
+from comfy_inprocess import import_comfy
+
+import_comfy()
+
+import comfy.model_management  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+
+from comfy_tiny_families import tiny_family  # noqa: E402
+from comfyui_prdp.backends.comfy_backend import ComfyBackend  # noqa: E402
+from comfyui_prdp.config import TrainConfig  # noqa: E402
+from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
+from comfyui_prdp.rewards.base import Reward  # noqa: E402
+from comfyui_prdp.trainer import Trainer  # noqa: E402
+
+FAMILIES = ("sdxl", "sdxl-v", "sd2-v")
+
+
+def in_thread(function):
+    """function() in a fresh thread (as the job runner calls the backend)."""
+    box = {}
+
+    def body():
+        try:
+            box["value"] = function()
+        except BaseException as error:  # noqa: BLE001
+            box["error"] = error
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def make_backend(family, **kwargs):
+    with torch.inference_mode():       # the node builds it in ComfyUI's worker thread
+        return ComfyBackend(family.model, family.clip, family.vae, **{"rank": 2, "seed": 0, **kwargs})
+
+
+def randomize_lora(backend, scale=0.05, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in backend.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def raw_unet(patcher, x_in, t, context, y=None):
+    """The UNet's own output (eps or v) for model input x_in at integer timesteps t."""
+    comfy.model_management.load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x_in, t.float(), context=context, y=y).float()
+
+
+def sdxl_adm(model, pooled, width, height):
+    """SDXL's vector conditioning (pooled text + size embeddings) by ComfyUI's own encode_adm."""
+    return model.model.encode_adm(pooled_output=pooled, width=width, height=height).float()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return tiny_family(request.param)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_family("sdxl")
+
+
+def test_the_tiny_models_are_what_comfyui_makes_of_each_family(family):
+    config = type(family.model.model.model_config).__name__
+    model_type = family.model.model.model_type.name
+    sampling = family.model.get_model_object("model_sampling")
+    assert (config, model_type) == {"sdxl": ("SDXL", "EPS"), "sdxl-v": ("SDXL", "V_PREDICTION"),
+                                    "sd2-v": ("SD20", "V_PREDICTION")}[family.name]
+    backend = make_backend(family)
+    try:
+        sigmas = sampling.sigmas.double()
+        assert torch.allclose(backend.alphas_cumprod, 1 / (1 + sigmas ** 2), rtol=1e-6, atol=0)
+        if family.name == "sdxl-v":     # zero-terminal SNR: the last alpha_bar is ~0 (rescaled schedule)
+            assert backend.alphas_cumprod[-1] < 1e-7 and float(sampling.sigmas[-1]) > 1000
+        else:
+            betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+            assert torch.allclose(backend.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-5)
+        assert tuple(backend.latent_shape(64, 128)) == (4, 8, 16)
+    finally:
+        backend.release()
+
+
+def test_sdxl_pooled_output_and_training_size_reach_the_unet(sdxl):
+    backend = make_backend(sdxl)
+    try:
+        cond = in_thread(lambda: backend.encode_prompts(["a cat", "a dog"]))
+        assert cond["context"].shape == (2, 77, 64) and cond["pooled_output"].shape == (2, 32)
+        t = torch.tensor([600, 300])
+        for height, width in ((64, 64), (64, 128)):        # the training size is the latent's x 8
+            x = torch.randn(2, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(height + width))
+            eps = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+            # eps model, LoRA at zero: the UNet's output at the VP latent, y = pooled + this size
+            expected = raw_unet(sdxl.model, x, t, cond["context"],
+                                sdxl_adm(sdxl.model, cond["pooled_output"], width, height))
+            assert torch.allclose(eps, expected, atol=2e-4), (eps - expected).abs().max()
+            other_size = raw_unet(sdxl.model, x, t, cond["context"],
+                                  sdxl_adm(sdxl.model, cond["pooled_output"], 2 * width, 2 * height))
+            assert (other_size - eps).abs().max() > 1e-3, "the size conditioning has no effect"
+        changed = dict(cond, pooled_output=cond["pooled_output"] + 1.0)
+        eps_changed = in_thread(lambda: backend.predict_eps(x, t, changed).detach())
+        assert (eps_changed - eps).abs().max() > 1e-3, "the pooled output does not reach the UNet"
+        assert torch.allclose(eps_changed, raw_unet(sdxl.model, x, t, cond["context"],
+                              sdxl_adm(sdxl.model, changed["pooled_output"], width, height)), atol=2e-4)
+    finally:
+        backend.release()
+
+
+@pytest.mark.parametrize("kind", ["sdxl-v", "sd2-v"])
+def test_predict_eps_of_v_prediction_models_follows_comfyuis_model_sampling(kind):
+    family = tiny_family(kind)
+    sampling = family.model.get_model_object("model_sampling")
+    backend = make_backend(family)
+    try:
+        cond = in_thread(lambda: backend.encode_prompts(["a cat", "a dog", "a fox"]))
+        x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+        t = torch.tensor([999, 500, 20])
+        eps = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+
+        sigma = sampling.sigmas[t].float()
+        x_sigma = x * (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)     # ComfyUI's latent at sigma
+        x_in = sampling.calculate_input(sigma, x_sigma)
+        assert torch.equal(sampling.timestep(sigma).round().long(), t)
+        y = sdxl_adm(family.model, cond["pooled_output"], 64, 64) if kind.startswith("sdxl") else None
+        v = raw_unet(family.model, x_in, t, cond["context"], y)
+        x0 = sampling.calculate_denoised(sigma, v, x_sigma)
+        expected = (x_sigma - x0) / sigma.view(-1, 1, 1, 1)
+        assert torch.allclose(eps, expected, rtol=1e-4, atol=5e-4), (eps - expected).abs().max()
+        a = backend.alphas_cumprod[t].view(-1, 1, 1, 1)             # the same in VP form, float64
+        vp = ((1 - a).sqrt() * x.double() + a.sqrt() * v.double()).float()
+        assert torch.allclose(eps, vp, rtol=1e-4, atol=5e-4), (eps - vp).abs().max()
+        assert (eps - v).abs().max() > 1e-2    # a v model's raw output is not its eps
+    finally:
+        backend.release()
+
+
+class MeanBrightness(Reward):
+    name = "mean-brightness"
+
+    def score(self, images, prompts):
+        return images.float().mean(dim=(1, 2, 3)).cpu()
+
+
+#: sampling batches of 4 trajectories, update micro-batches of 3 transitions: other layouts
+TINY_RUN = dict(epochs=2, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=2, steps=3, cfg=3.0,
+                beta=0.05, clip_range=0.05, learning_rate=0.02, lora_rank=2, width=64, height=64,
+                sample_batch_size=4, train_batch_size=3, seed=5)
+
+
+class LoraLogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_short_run_trains_on_policy_and_its_lora_loads_in_comfyui(family, tmp_path):
+    backend = make_backend(family)
+    try:
+        before = [p.detach().clone() for p in backend.trainable_parameters()]
+        trainer = Trainer(backend, MeanBrightness(), ["a cat", "a dog", "a fox"], TrainConfig(**TINY_RUN),
+                          out_dir=tmp_path / "run")
+        result = in_thread(trainer.run)
+        assert result.epochs_done == 2 and not result.stopped
+        for metrics in result.metrics:
+            # first update of each epoch: the recomputed log-probs equal the recorded ones
+            assert metrics["onpolicy_max_diff"] < 1e-5, metrics["onpolicy_max_diff"]
+            assert all(torch.isfinite(torch.tensor(float(metrics[k]))) for k in ("loss", "grad_norm"))
+        moved = max((p.detach() - b).abs().max().item() for p, b in zip(backend.trainable_parameters(), before))
+        assert moved > 1e-4, "the LoRA did not change"
+
+        state, metadata = load_lora(result.lora_path)
+        assert len(state) == 3 * len(backend.adapters) and all(k.startswith("lora_unet_") for k in state)
+        cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+        t = torch.tensor([400])
+        with torch.no_grad():
+            trained = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+            with backend.adapters_disabled():
+                base = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+        assert (trained - base).abs().max() > 1e-5
+    finally:
+        backend.release()
+
+    capture = LoraLogCapture()
+    logging.getLogger().addHandler(capture)
+    try:
+        with torch.inference_mode():        # what core LoraLoader does with the file
+            patched, _ = comfy.sd.load_lora_for_models(family.model, None,
+                                                       comfy.utils.load_torch_file(str(result.lora_path)), 1.0, 0)
+    finally:
+        logging.getLogger().removeHandler(capture)
+    assert not [m for m in capture.messages if "lora key not loaded" in m], capture.messages
+    assert len(patched.patches) == len(state) // 3
+    loaded = make_backend(type(family)(patched, family.clip, family.vae, family.name))
+    try:
+        with torch.no_grad(), loaded.adapters_disabled():
+            through_loader = in_thread(lambda: loaded.predict_eps(x, t, cond).detach())
+    finally:
+        loaded.release()
+    assert torch.allclose(through_loader, trained, atol=1e-4), (through_loader - trained).abs().max()
