@@ -4,13 +4,14 @@
 
 const STYLE_ID = "prdp-dashboard-style";
 const SVG = "http://www.w3.org/2000/svg";
-export const DASHBOARD_MIN_HEIGHT = 300;
+export const DASHBOARD_MIN_HEIGHT = 380;
 export const SCORE_TEXT_MIN_HEIGHT = 76;
 
 const CSS = `
 .prdp-dash { box-sizing: border-box; width: 100%; height: 100%; display: flex; flex-direction: column;
   gap: 4px; padding: 6px; font: 12px/1.35 ui-monospace, monospace; color: #ddd; background: #1b1b1b;
   border-radius: 6px; overflow: hidden; }
+.prdp-dash > * { flex: none; }
 .prdp-row { display: flex; align-items: center; gap: 6px; }
 .prdp-status { flex: 1; white-space: normal; overflow-wrap: anywhere; }
 .prdp-stop { font: inherit; padding: 2px 10px; border-radius: 4px; border: 1px solid #a44; color: #fff;
@@ -23,7 +24,7 @@ const CSS = `
 .prdp-samples-title { color: #999; }
 .prdp-samples { display: flex; gap: 4px; flex-wrap: nowrap; overflow: hidden; min-height: 0; }
 .prdp-samples figure { margin: 0; flex: 1 1 0; min-width: 0; text-align: center; }
-.prdp-samples img { width: 100%; max-height: 72px; object-fit: contain; display: block; background: #000; }
+.prdp-samples img { width: 100%; height: 64px; object-fit: contain; display: block; background: #000; }
 .prdp-samples figcaption { color: #ccc; font-size: 11px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .prdp-message { white-space: pre-wrap; overflow-wrap: anywhere; color: #9d9; }
 .prdp-message.prdp-failed { color: #e88; }

@@ -1,0 +1,262 @@
+"""The training dashboard (web/prdp.js) in the real ComfyUI frontend, headless Chromium, with
+Nodes 2.0 (the Vue renderer, `Comfy.VueNodes.Enabled`) off and on:
+
+* after one epoch the dashboard shows that epoch's reward (as the job reports it), a point on
+  the curve, the epoch's samples with their rewards, and "finished: 1 of 1 epochs" with the LoRA;
+* "preparing: ..." is shown with Stop enabled before training starts;
+* Stop (the dashboard's button) ends the run gracefully: the prompt succeeds, a LoRA is written,
+  and the node says "stopped at epoch k of n";
+* Score Images shows its text in its own widget, with the finetuned-minus-base difference.
+
+Screenshots go to the test's tmp dir and, for a person to look at, /tmp/prdp-screens/.
+Needs ComfyUI, Debian's Chromium and the playwright package (never `playwright install`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import comfy_harness as harness
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+PAGE_TIMEOUT_MS = 120_000
+SCREENS = Path(os.environ.get("PRDP_SCREENS", "/tmp/prdp-screens"))
+WORKFLOW = "quick_test_jpeg"
+RENDERERS = {"classic": False, "nodes2": True}
+
+
+def _chromium() -> str:
+    path = os.environ.get("PRDP_CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).is_file():
+        pytest.skip(f"no Chromium at {path} (set PRDP_CHROMIUM)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, comfyui_tree):
+    _chromium()
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    with harness.comfy_test_server(tmp_path_factory, "comfy_dashboard", tree=comfyui_tree) as comfy:
+        yield comfy
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+def open_page(server, browser, vue: bool):
+    """A fresh page with Nodes 2.0 set before the frontend starts (as a saved user setting)."""
+    harness.http_json("POST", f"{server.base_url}/settings/Comfy.VueNodes.Enabled", vue)
+    context = browser.new_context(viewport={"width": 1500, "height": 1300})
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(server.base_url, wait_until="domcontentloaded", timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
+                           "Object.keys(LiteGraph.registered_node_types).length > 100", timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_timeout(500)
+    assert page.evaluate("() => window.app.ui.settings.getSettingValue('Comfy.VueNodes.Enabled')") is vue
+    return context, page
+
+
+def frontend_version(page) -> tuple:
+    text = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || ''")
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3]) or (0,)
+
+
+def require_dom_widgets_in_vue(page, vue: bool) -> None:
+    """Frontend 1.27 (pinned by ComfyUI 0.3.64) has an early Nodes 2.0 that renders only core
+    widget types, so no extension's DOM widget shows there; say so instead of failing."""
+    if vue and frontend_version(page) < (1, 28) and not page.evaluate(
+            "() => !!document.querySelector('[data-prdp=dashboard]')?.isConnected"):
+        pytest.skip(f"frontend {'.'.join(map(str, frontend_version(page)))}: its early Nodes 2.0 renderer draws "
+                    "only core widget types (no extension DOM widgets); the classic canvas shows the dashboard")
+
+
+def wait_for_toast(page, text: str) -> None:
+    page.wait_for_function("(t) => document.body.innerText.includes(t)", arg=text, timeout=15_000)
+
+
+def load_quick_test(server, page, **train):
+    """The shipped quick test, from the template route, with tiny CPU settings."""
+    workflow = page.evaluate("async (url) => (await fetch(url)).json()",
+                             f"/api/workflow_templates/{harness.PACKAGE_LINK_NAME}/{WORKFLOW}.json")
+    page.evaluate("async (w) => { await window.app.loadGraphData(w, true, true, null); }", workflow)
+    page.wait_for_timeout(500)
+    problems = page.evaluate(
+        """(valuesByType) => {
+            const problems = [];
+            for (const [type, values] of Object.entries(valuesByType))
+                for (const node of window.app.graph.nodes.filter(n => n.type === type))
+                    for (const [name, value] of Object.entries(values)) {
+                        const widget = (node.widgets || []).find(w => w.name === name);
+                        if (!widget) { problems.push(`${type}.${name}`); continue; }
+                        widget.value = value;
+                    }
+            return problems;
+        }""", {
+            "CheckpointLoaderSimple": {"ckpt_name": harness.TINY_SD15_FILENAME},
+            "EmptyLatentImage": {"width": harness.TINY_IMAGE_SIZE, "height": harness.TINY_IMAGE_SIZE},
+            "KSampler": {"steps": 2},
+            "PRDPLoadRewardModel": {"device": "cpu"},
+            "PRDPTrainLoRA": {**harness.TINY_TRAINING, **train},
+        })
+    assert not problems, problems
+
+
+def focus_train_node(page):
+    """Put the train node at the top left at 100 % zoom (both renderers use the canvas transform)."""
+    page.evaluate("""() => {
+        const node = window.app.graph.nodes.find(n => n.type === 'PRDPTrainLoRA');
+        const ds = window.app.canvas.ds;
+        ds.scale = 1;
+        ds.offset[0] = -node.pos[0] + 420; ds.offset[1] = -node.pos[1] + 60;
+        window.app.canvas.setDirty(true, true);
+    }""")
+    page.wait_for_timeout(600)
+
+
+def record_dashboard(page):
+    """Log every (status text, Stop enabled) the dashboard shows, from now on."""
+    page.evaluate("""() => {
+        window.prdpSeen = [];
+        const status = document.querySelector('[data-prdp=status]');
+        const stop = document.querySelector('[data-prdp=stop]');
+        const note = () => window.prdpSeen.push([status.textContent, !stop.disabled]);
+        new MutationObserver(note).observe(document.querySelector('[data-prdp=dashboard]'),
+            {subtree: true, childList: true, characterData: true, attributes: true});
+    }""")
+
+
+def queue(server, page) -> str:
+    known = set(harness.get_json(server.base_url, "/history"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        q = harness.get_json(server.base_url, "/queue")
+        ids = [item[1] for item in q.get("queue_running", []) + q.get("queue_pending", [])]
+        ids += list(harness.get_json(server.base_url, "/history"))
+        new = [i for i in ids if i not in known]
+        if new:
+            return new[0]
+        time.sleep(0.2)
+    raise AssertionError(f"the page queued nothing; page errors: {page.errors}")
+
+
+def dashboard(page) -> dict:
+    return page.evaluate("""() => {
+        const q = (k) => document.querySelector(`[data-prdp=${k}]`);
+        return {status: q('status').textContent, metrics: q('metrics').textContent, message: q('message').textContent,
+                stopEnabled: !q('stop').disabled, points: q('curve').querySelectorAll('circle').length,
+                samples: [...q('samples').querySelectorAll('figure')].map(f => ({
+                    src: f.querySelector('img').src.slice(0, 23), reward: f.querySelector('figcaption').textContent})),
+                box: q('dashboard').getBoundingClientRect().toJSON(),
+                count: document.querySelectorAll('[data-prdp=dashboard]').length};
+    }""")
+
+
+def screenshot(page, tmp_path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path))
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, SCREENS / path.name)
+    return path
+
+
+def latest_job(server, name_prefix: str) -> dict:
+    jobs = [j for j in harness.get_json(server.base_url, "/prdp/jobs")["jobs"] if j["name"].startswith(name_prefix)]
+    assert jobs, "no PRDP job listed"
+    return harness.get_json(server.base_url, f"/prdp/jobs/{jobs[-1]['id']}")
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text)]
+
+
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+def test_dashboard_shows_the_epoch_reward_samples_and_the_end(server, browser, tmp_path, renderer):
+    context, page = open_page(server, browser, RENDERERS[renderer])
+    try:
+        lora_name = f"dash_{renderer}"
+        load_quick_test(server, page, epochs=1, lora_name=lora_name)
+        focus_train_node(page)
+        require_dom_widgets_in_vue(page, RENDERERS[renderer])
+        before = dashboard(page)
+        assert before["count"] == 1 and not before["stopEnabled"], before
+        assert before["box"]["width"] > 200 and before["box"]["height"] > 150, f"dashboard not laid out: {before}"
+        record_dashboard(page)
+        prompt_id = queue(server, page)
+        result = harness.wait_for(server.base_url, prompt_id, timeout=600)
+        assert result.status == "success", result.describe() + "\n" + server.log_tail()
+        page.wait_for_function("() => document.querySelector('[data-prdp=message]').textContent.includes('finished')",
+                               timeout=30_000)
+        wait_for_toast(page, "finished: 1 of 1 epochs; LoRA: prdp/dash_")
+        shown = dashboard(page)
+        screenshot(page, tmp_path, f"{server.comfyui_root.name}-{renderer}-finished")
+
+        job = latest_job(server, lora_name)
+        reward = job["metrics"][0]["reward_mean"]
+        assert job["status"] == "finished" and len(job["metrics"]) == 1
+        head = shown["metrics"].split("\n")[0]
+        assert head.startswith("epoch 1/1  reward "), shown
+        assert _numbers(head)[2] == pytest.approx(reward, rel=1e-3, abs=1e-6), (head, reward)
+        assert "kl " in shown["metrics"] and "clip " in shown["metrics"]
+        assert shown["points"] == 1, shown
+        assert shown["samples"] and all(s["src"].startswith("data:image/jpeg;base64") for s in shown["samples"])
+        assert all(_numbers(s["reward"]) for s in shown["samples"]), shown["samples"]
+        assert "finished: 1 of 1 epochs" in shown["message"] and "prdp/dash_" in shown["message"], shown
+        assert not shown["stopEnabled"]
+        seen = page.evaluate("() => window.prdpSeen")
+        assert any(text.startswith("preparing") and enabled for text, enabled in seen), seen[:10]
+        score_texts = page.evaluate("() => [...document.querySelectorAll('[data-prdp=score-text]')].map(e => e.textContent)")
+        assert len(score_texts) == 2 and any("minus baseline" in t for t in score_texts), score_texts
+        ours = [e for e in page.errors if "prdp" in e.lower()]
+        assert not ours, ours
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+def test_stop_button_ends_the_run_gracefully_and_says_where(server, browser, tmp_path, renderer):
+    context, page = open_page(server, browser, RENDERERS[renderer])
+    try:
+        lora_name = f"dashstop_{renderer}"
+        load_quick_test(server, page, epochs=40, lora_name=lora_name)
+        focus_train_node(page)
+        require_dom_widgets_in_vue(page, RENDERERS[renderer])
+        loras_before = set(server.loras_dir.rglob("*.safetensors"))
+        prompt_id = queue(server, page)
+        page.wait_for_function("() => document.querySelectorAll('[data-prdp=curve] circle').length >= 1",
+                               timeout=300_000)
+        screenshot(page, tmp_path, f"{server.comfyui_root.name}-{renderer}-running")
+        page.click("[data-prdp=stop]")
+        result = harness.wait_for(server.base_url, prompt_id, timeout=300)
+        assert result.status == "success", result.describe() + "\n" + server.log_tail()
+        page.wait_for_function("() => document.querySelector('[data-prdp=message]').textContent.includes('stopped at epoch')",
+                               timeout=30_000)
+        wait_for_toast(page, "PRDP stopped")
+        shown = dashboard(page)
+        screenshot(page, tmp_path, f"{server.comfyui_root.name}-{renderer}-stopped")
+        job = latest_job(server, lora_name)
+        assert job["status"] == "stopped" and 1 <= len(job["metrics"]) < 40, job["status"]
+        assert f"stopped at epoch {len(job['metrics'])} of 40" in shown["message"], shown
+        written = set(server.loras_dir.rglob("*.safetensors")) - loras_before
+        assert any(p.name.startswith(lora_name) for p in written), written
+        assert result.outputs, "the prompt's outputs were not kept"
+    finally:
+        context.close()
