@@ -208,6 +208,17 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                          beta=3e-5, clip_range=1e-4, steps=20, cfg=5.0, learning_rate=3e-4,
                          lora_rank=8, width=512, height=512, sample_batch_size=4, train_batch_size=4,
                          mixed_precision="fp16", gradient_checkpointing=True),
+    # one consumer GPU, SDXL and its finetunes at their native 1024 px. UNet evaluations per
+    # epoch (TrainConfig.model_evaluations_per_epoch): 320 sampling + 320 reference (base model,
+    # LoRA off, during sampling) + 320 forward+backward = 960, i.e. 2 prompts x 4 images x 20
+    # steps x 2 CFG branches per phase. Expected memory (an estimate, not measured here): fp16
+    # UNet 5.1 GB + LoRA/AdamW < 0.1 GB + activations of one 128x128-latent micro-batch with
+    # gradient checkpointing ~3 GB, text encoders (1.6 GB) and VAE offloaded by ComfyUI while the
+    # UNet runs: about 10-12 GB, so 12 GB cards fit; decoding at 1024 px adds ~1.5 GB briefly
+    "consumer-gpu-sdxl": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
+                              beta=3e-5, clip_range=1e-4, steps=20, cfg=5.0, learning_rate=3e-4,
+                              lora_rank=8, width=1024, height=1024, sample_batch_size=2, train_batch_size=1,
+                              mixed_precision="fp16", gradient_checkpointing=True),
     # two CPU cores, the embedded tiny model: minutes, not hours
     "cpu-smoke": dict(epochs=10, updates_per_epoch=4, prompts_per_epoch=4, images_per_prompt=4,
                       beta=0.05, clip_range=0.05, steps=8, cfg=3.0, learning_rate=0.02,

@@ -91,12 +91,16 @@ def load_lora(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 def lora_metadata(config, backend, reward_name: str, epochs: int, prompt_count: int) -> Dict[str, str]:
     """Metadata strings written into every LoRA file (kohya-style `ss_` keys where they exist)."""
     info = backend.lora_info() if backend is not None else {}
+    family = info.get("family")            # a model_families.ModelFamily where the backend knows it
+    family_keys = family.metadata() if family is not None else {"ss_base_model_version": "sd_v1"}
     return {
         "format": FORMAT_NAME,
         "algorithm": config.algorithm,
         "reward": reward_name,
         "base_model": getattr(backend, "model_name", "unknown"),
-        "ss_base_model_version": "sd_v1",
+        **({"base_family": family.name} if family is not None else {}),
+        **family_keys,
+        "ss_resolution": f"({config.width}, {config.height})",
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.effective_lora_alpha),

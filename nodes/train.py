@@ -10,6 +10,7 @@ import torch
 
 from ..comfyui_prdp.config import PRESETS
 from ..comfyui_prdp.jobs import FAILED, FINISHED, JOBS, STOPPED
+from ..comfyui_prdp.model_families import comfy_model_family, training_size
 from ..comfyui_prdp.prompts import read_prompt_file
 from . import train_paths
 from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems
@@ -40,14 +41,18 @@ class PRDPTrainLoRA:
         "Online reward finetuning (PRDP, Deng et al. 2024) of a LoRA on the connected model. Each "
         "epoch samples images for some prompts, scores them with the reward model and updates the "
         "LoRA. Runs in the background with live progress and previews; Cancel stops after the "
-        "current step and keeps a checkpoint. The LoRA is saved to models/loras/prdp/.")
+        "current step and keeps a checkpoint. The LoRA is saved to models/loras/prdp/. Trains UNet "
+        "models: SD1.x, SD2.x (including 768-v v-prediction), SDXL and its finetunes (Pony, Illustrious, "
+        "NoobAI, v-prediction and zero-terminal-SNR ones too); flow-matching models (SD3, Flux, ...) are "
+        "refused.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to finetune (SD1.x). It is not modified: "
-                                               "the LoRA is trained on a copy."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model to finetune: SD1.x, SD2.x (eps or "
+                                               "v-prediction), SDXL and finetunes; not flow models (SD3, "
+                                               "Flux). It is not modified: the LoRA is trained on a copy."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder that belongs to the model."}),
                 "vae": ("VAE", {"tooltip": "The VAE that belongs to the model (images go to the reward)."}),
                 "reward_model": (REWARD_TYPE, {"tooltip": "What to maximise, from Load Reward Model (PRDP)."}),
@@ -73,9 +78,12 @@ class PRDPTrainLoRA:
                 "updates_per_epoch": _int("updates_per_epoch", 1, "Gradient updates per epoch on the same samples."),
                 "learning_rate": _float("learning_rate", 3e-4, 1e-5, "AdamW learning rate of the LoRA.", True),
                 "lora_rank": _int("lora_rank", 8, "LoRA rank (alpha = rank)."),
-                "width": _int("width", 512, "Width of training images (multiple of 8). prompts x images "
+                "width": _int("width", 512, "Width of training images (multiple of 8). Width and height both "
+                                                 "at 512 (the default) mean the model's native size: 1024 for "
+                                                 "SDXL, 768 for SD2.x 768-v, 512 for SD1.x. prompts x images "
                                                  "x size is limited by the memory one epoch needs.", 8),
-                "height": _int("height", 512, "Height of training images (multiple of 8).", 8),
+                "height": _int("height", 512, "Height of training images (multiple of 8); see width for "
+                                              "the default.", 8),
                 "seed": ("INT", {"default": 0, "min": LIMITS["seed"][0], "max": LIMITS["seed"][1],
                                  "tooltip": "Seed of prompt order, noise and LoRA initialisation. The same "
                                             "seed and settings give the same run."}),
@@ -156,6 +164,9 @@ class PRDPTrainLoRA:
         from .train_progress import ComfyProgress, stop_and_wait, wait_for_job
 
         prompt_list = self._prompts(prompts, prompt_file)
+        family = comfy_model_family(model)
+        width, height = training_size(width, height, family)     # 512 x 512 (the default): native size
+        logger.info("PRDP: %s model, training at %dx%d", family.name, width, height)
         config = build_config(preset, epochs=epochs, prompts_per_epoch=prompts_per_epoch,
                               images_per_prompt=images_per_prompt, steps=steps, cfg=cfg, beta=beta,
                               clip_range=clip_range, updates_per_epoch=updates_per_epoch,

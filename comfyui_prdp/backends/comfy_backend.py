@@ -46,7 +46,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.utils.checkpoint
 
-from .. import comfy_lora
+from .. import comfy_lora, model_families
 from ..trainer import StopRequested
 from .base import Backend, Cond
 
@@ -503,4 +503,5 @@ class ComfyBackend(Backend):
 
     def lora_info(self) -> Dict[str, object]:
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
-                "modules": len(self.adapters), "base_model": self.model_name}
+                "modules": len(self.adapters), "base_model": self.model_name,
+                "family": model_families.comfy_model_family(self.source_model)}

@@ -1,0 +1,84 @@
+"""Which base-model family a model belongs to: its native training size and the names LoRA
+tools display for it (kohya `ss_base_model_version`, as sd-scripts writes it and A1111/Forge,
+ComfyUI-Manager and civitai read it to tell SD1.x, SD2.x and SDXL LoRAs apart).
+
+Families are read from what the host already decided: ComfyUI's detected model config class
+(`comfy.supported_models`, e.g. `SDXL`, `SD20`) and model type (EPS / V_PREDICTION), or a
+diffusers pipeline's parts (two text encoders = SDXL; the scheduler's prediction_type).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+DEFAULT_SIZE = 512      # the train node's width/height default: "the model's native size"
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str                        # shown to people: "SDXL", "SD2.x 768-v", ...
+    native_size: int                 # the square resolution the base model was trained at
+    kohya_version: Optional[str]     # ss_base_model_version; None where no tool knows the family
+    v_prediction: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return bool(self.kohya_version and self.kohya_version.startswith("sdxl"))
+
+    def metadata(self) -> Dict[str, str]:
+        """kohya `ss_*` keys naming the base family (strings, as safetensors metadata needs)."""
+        if self.kohya_version is None:
+            return {"ss_v_parameterization": str(self.v_prediction)}
+        return {"ss_base_model_version": self.kohya_version,
+                "ss_v2": str(self.kohya_version.startswith("sd_v2")),
+                "ss_v_parameterization": str(self.v_prediction)}
+
+
+SD1 = ModelFamily("SD1.x", 512, "sd_v1")
+SD2 = ModelFamily("SD2.x", 512, "sd_v2")
+SD2_V = ModelFamily("SD2.x 768-v", 768, "sd_v2_768_v", v_prediction=True)
+SDXL = ModelFamily("SDXL", 1024, "sdxl_base_v1-0")
+SDXL_V = ModelFamily("SDXL v-prediction", 1024, "sdxl_base_v1-0", v_prediction=True)
+
+#: ComfyUI model configs of the SDXL architecture family (same UNet layout or distilled from it)
+COMFY_SDXL_CONFIGS = ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
+                      "SDXL_instructpix2pix")
+COMFY_SD2_CONFIGS = ("SD20", "SD21UnclipL", "SD21UnclipH")
+COMFY_SD1_CONFIGS = ("SD15", "SD15_instructpix2pix")
+
+
+def comfy_family(config_name: str, v_prediction: bool) -> ModelFamily:
+    """The family of a ComfyUI model config class name and its parameterisation."""
+    if config_name in COMFY_SDXL_CONFIGS:
+        return SDXL_V if v_prediction else SDXL
+    if config_name in COMFY_SD2_CONFIGS:
+        return SD2_V if v_prediction else SD2
+    if config_name in COMFY_SD1_CONFIGS:
+        return ModelFamily("SD1.x v-prediction", 512, "sd_v1", True) if v_prediction else SD1
+    return ModelFamily(config_name, DEFAULT_SIZE, None, v_prediction)
+
+
+def comfy_model_family(model) -> ModelFamily:
+    """The family of a ComfyUI MODEL (ModelPatcher), v-prediction read from its model sampling
+    (a ModelSamplingDiscrete node upstream counts)."""
+    import comfy.model_sampling  # ComfyUI only
+
+    if not hasattr(model, "get_model_object") or not hasattr(getattr(model, "model", None), "model_config"):
+        return ModelFamily("unknown", DEFAULT_SIZE, None)     # not a MODEL: the backend says so
+    config_name = type(model.model.model_config).__name__
+    sampling = model.get_model_object("model_sampling")
+    return comfy_family(config_name, isinstance(sampling, comfy.model_sampling.V_PREDICTION))
+
+
+def diffusers_family(is_sdxl: bool, v_prediction: bool) -> ModelFamily:
+    if is_sdxl:
+        return SDXL_V if v_prediction else SDXL
+    return SD2_V if v_prediction else SD1
+
+
+def training_size(width: int, height: int, family: ModelFamily) -> tuple:
+    """(width, height) to train at: the family's native size when both were left at the
+    node's default, else what was given."""
+    if (width, height) == (DEFAULT_SIZE, DEFAULT_SIZE):
+        return family.native_size, family.native_size
+    return width, height
