@@ -12,6 +12,7 @@ What each test pins down:
   the trained adapters' output.
 """
 import logging
+import sys
 import threading
 
 import pytest
@@ -199,6 +200,12 @@ def test_a_short_run_trains_on_policy_and_its_lora_loads_in_comfyui(family, tmp_
 
         state, metadata = load_lora(result.lora_path)
         assert len(state) == 3 * len(backend.adapters) and all(k.startswith("lora_unet_") for k in state)
+        version, v_param = {"sdxl": ("sdxl_base_v1-0", "False"), "sdxl-v": ("sdxl_base_v1-0", "True"),
+                            "sd2-v": ("sd_v2_768_v", "True")}[family.name]
+        assert (metadata["ss_base_model_version"], metadata["ss_v_parameterization"]) == (version, v_param)
+        assert metadata["ss_v2"] == str(family.name == "sd2-v") and metadata["ss_resolution"] == "(64, 64)"
+        assert (metadata["ss_network_module"], metadata["ss_network_dim"], metadata["ss_network_alpha"]) == \
+            ("networks.lora", "2", "2.0")
         cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
         t = torch.tensor([400])
@@ -227,3 +234,39 @@ def test_a_short_run_trains_on_policy_and_its_lora_loads_in_comfyui(family, tmp_
     finally:
         loaded.release()
     assert torch.allclose(through_loader, trained, atol=1e-4), (through_loader - trained).abs().max()
+
+
+# --- the train node: width/height left at the default train at the model's native size -----------
+class SizeSeen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind, widgets, expected", [("sdxl", (512, 512), (1024, 1024)),
+                                                     ("sd2-v", (512, 512), (768, 768)),
+                                                     ("sdxl", (832, 1216), (832, 1216))])
+def test_the_train_node_trains_at_the_native_size_when_the_size_is_left_at_its_default(
+        kind, widgets, expected, monkeypatch):
+    """The node's own size resolution, stopped at build_config (a full SDXL run at 1024 px is
+    too slow for these CPUs)."""
+    from comfy_inprocess import load_plugin_package
+
+    plugin = load_plugin_package()
+    node_class = plugin.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]
+    defaults = node_class.INPUT_TYPES()["required"]
+    assert (defaults["width"][1]["default"], defaults["height"][1]["default"]) == (512, 512)
+    assert all(word in node_class.DESCRIPTION for word in ("SD1.x", "SD2.x", "v-prediction", "SDXL", "refused"))
+    train_module = sys.modules[node_class.__module__]
+    real_build_config = train_module.build_config
+
+    def build_config(preset, **widgets):
+        config = real_build_config(preset, **widgets)
+        raise SizeSeen((config.width, config.height))
+
+    monkeypatch.setattr(train_module, "build_config", build_config)
+    family = tiny_family(kind)
+    with torch.inference_mode(), pytest.raises(SizeSeen) as seen:
+        node_class().train(family.model, family.clip, family.vae, None, prompts="a cat", negative_prompt="",
+                           preset="cpu-smoke", epochs=1, prompts_per_epoch=1, images_per_prompt=2, steps=1,
+                           cfg=1.0, beta=0.1, clip_range=0.01, updates_per_epoch=1, learning_rate=1e-3,
+                           lora_rank=2, width=widgets[0], height=widgets[1], seed=1, lora_name="native")
+    assert seen.value.args[0] == expected
