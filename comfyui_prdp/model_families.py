@@ -70,10 +70,13 @@ def comfy_model_family(model) -> ModelFamily:
     return comfy_family(config_name, isinstance(sampling, comfy.model_sampling.V_PREDICTION))
 
 
-def diffusers_family(is_sdxl: bool, v_prediction: bool) -> ModelFamily:
+def diffusers_family(is_sdxl: bool, v_prediction: bool, cross_attention_dim: int = 768) -> ModelFamily:
+    """SDXL (two text encoders), SD2.x (1024-wide text embeddings: OpenCLIP-H) or SD1.x."""
     if is_sdxl:
         return SDXL_V if v_prediction else SDXL
-    return SD2_V if v_prediction else SD1
+    if cross_attention_dim == 1024:
+        return SD2_V if v_prediction else SD2
+    return comfy_family("SD15", v_prediction)
 
 
 def training_size(width: int, height: int, family: ModelFamily) -> tuple:

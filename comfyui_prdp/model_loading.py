@@ -1,7 +1,8 @@
 """Resolve `--base` to a `DiffusersBackend`, never downloading anything.
 
 - None (or "embedded-tiny-sd"): the embedded tiny model, built from configs.
-- a diffusers directory (has model_index.json): `StableDiffusionPipeline.from_pretrained`.
+- a diffusers directory (has model_index.json): `StableDiffusionPipeline.from_pretrained`, or
+  `StableDiffusionXLPipeline` where it has text_encoder_2 (SDXL and finetunes).
 - a single-file checkpoint (.safetensors/.ckpt/.pt/.pth): `from_single_file`, with the component
   configs from `base_config` (a local diffusers directory) or from the local Hugging Face cache.
 - a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5": the local Hugging Face cache.
@@ -21,8 +22,9 @@ from .embedded import MODEL_NAME as EMBEDDED_NAME, build_embedded_pipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
 # single-file model types (diffusers' names) whose layout the diffusers backend runs
-SUPPORTED_SINGLE_FILE_TYPES = ("v1", "v2")
+SUPPORTED_SINGLE_FILE_TYPES = ("v1", "v2", "xl_base")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
 
@@ -36,6 +38,11 @@ def load_backend(base: Optional[str], config: TrainConfig, device: Union[str, to
     """A `DiffusersBackend` for `base` (see the module docstring), LoRA set up from `config`."""
     check_device(device)
     components, name = load_components(base, base_config=base_config)
+    if components.get("text_encoder_2") is not None:
+        from .backends.diffusers_sdxl import DiffusersSDXLBackend
+
+        return DiffusersSDXLBackend(**components, config=config, device=device, model_name=name)
+    components = {key: components[key] for key in COMPONENTS}
     return DiffusersBackend.from_components(**components, config=config, device=device, model_name=name)
 
 
@@ -66,17 +73,23 @@ def check_device(device: Union[str, torch.device, None]) -> Optional[torch.devic
     raise ModelLoadError(f"device {device!r}: the trainer runs on cpu, cuda[:N] or mps")
 
 
+def checked_config_dir(base_config: str) -> Path:
+    """The --base-config folder, which must be a sound local diffusers model folder."""
+    config_dir = Path(base_config).expanduser()
+    if not config_dir.is_dir():
+        raise FileNotFoundError(f"base config {base_config!r} is not a directory: pass a local diffusers model "
+                                "directory whose configs match the checkpoint")
+    check_diffusers_dir(config_dir)
+    return config_dir
+
+
 def check_model_folders(base: Optional[str], base_config: Optional[str] = None) -> None:
     """Cheap checks before anything loads: a --base folder and a --base-config folder must be
     diffusers models with a sound model_index.json (ModelLoadError / FileNotFoundError otherwise)."""
     if base is not None and Path(str(base)).expanduser().is_dir():
         check_diffusers_dir(Path(str(base)).expanduser())
     if base_config is not None:
-        config_dir = Path(base_config).expanduser()
-        if not config_dir.is_dir():
-            raise FileNotFoundError(f"base config {base_config!r} is not a directory: pass a local diffusers model "
-                                    "directory whose configs match the checkpoint")
-        check_diffusers_dir(config_dir)
+        checked_config_dir(base_config)
 
 
 def load_components(base: Optional[str], base_config: Optional[str] = None) -> Tuple[Dict[str, object], str]:
@@ -100,12 +113,19 @@ def load_components(base: Optional[str], base_config: Optional[str] = None) -> T
 
 
 def _pipeline_components(pipe) -> Dict[str, object]:
-    return {name: getattr(pipe, name) for name in COMPONENTS}
+    names = SDXL_COMPONENTS if getattr(pipe, "text_encoder_2", None) is not None else COMPONENTS
+    return {name: getattr(pipe, name) for name in names}
 
 
-def _sd_pipeline_class():
-    from diffusers import StableDiffusionPipeline
-    return StableDiffusionPipeline
+def _sd_pipeline_class(sdxl: bool = False):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+
+
+def _is_sdxl_dir(path: Path) -> bool:
+    import json
+
+    return "text_encoder_2" in json.loads((path / "model_index.json").read_text(encoding="utf-8"))
 
 
 _NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -127,13 +147,15 @@ def check_diffusers_dir(path: Path) -> None:
         raise ModelLoadError(f"{index_file} holds {type(index).__name__} {str(index)[:40]}, not the JSON object "
                              "a diffusers model_index.json is: the model folder is damaged; save the pipeline "
                              "again with save_pretrained")
-    if "text_encoder_2" in index or "transformer" in index:
-        raise ModelLoadError(f"{path} is a {index.get('_class_name', 'non-SD1/SD2')} model; the diffusers backend "
-                             "runs Stable Diffusion 1.x/2.x-style models (one CLIP text encoder and a UNet)")
-    missing = [name for name in COMPONENTS if name not in index]
+    if "transformer" in index or "unet" not in index and "prior" in index:
+        raise ModelLoadError(f"{path} is a {index.get('_class_name', 'non-UNet')} model; the diffusers backend "
+                             "runs UNet models: Stable Diffusion 1.x/2.x and SDXL")
+    required = SDXL_COMPONENTS if "text_encoder_2" in index else COMPONENTS
+    missing = [name for name in required if name not in index or index[name] in (None, [None, None])]
     if missing:
-        raise ModelLoadError(f"{path} lacks the component(s) {', '.join(missing)} a Stable Diffusion pipeline needs")
-    malformed = [name for name in COMPONENTS if not (isinstance(index[name], list) and len(index[name]) == 2
+        kind = "an SDXL" if "text_encoder_2" in index else "a Stable Diffusion"
+        raise ModelLoadError(f"{path} lacks the component(s) {', '.join(missing)} {kind} pipeline needs")
+    malformed = [name for name in required if not (isinstance(index[name], list) and len(index[name]) == 2
                                                       and all(isinstance(part, str) for part in index[name]))]
     if malformed:
         raise ModelLoadError(f"{index_file}: the entries {', '.join(malformed)} must each be [library, class], "
@@ -143,6 +165,8 @@ def check_diffusers_dir(path: Path) -> None:
 def _from_diffusers_dir(path: Path):
     check_diffusers_dir(path)
     try:
+        if _is_sdxl_dir(path):
+            return _sd_pipeline_class(sdxl=True).from_pretrained(str(path), local_files_only=True)
         return _sd_pipeline_class().from_pretrained(str(path), local_files_only=True, **_NO_SAFETY_CHECKER)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load the diffusers model in {path}: {error}") from error
@@ -163,16 +187,15 @@ def _from_hub_cache(repo_id: str):
 
 def _from_single_file(path: Path, base_config: Optional[str]):
     if base_config is not None:
-        config_dir = Path(base_config).expanduser()
-        if not config_dir.is_dir():
-            raise FileNotFoundError(f"base config {base_config!r} is not a directory: pass a local diffusers model "
-                                    "directory whose configs match the checkpoint")
-        check_diffusers_dir(config_dir)
+        config_dir = checked_config_dir(base_config)
     else:
         config_dir = _cached_default_config(path)
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     try:
+        if _is_sdxl_dir(config_dir):
+            return _sd_pipeline_class(sdxl=True).from_single_file(str(path), config=str(config_dir),
+                                                                  local_files_only=True)
         return _sd_pipeline_class().from_single_file(str(path), config=str(config_dir), local_files_only=True,
                                                      **_NO_SAFETY_CHECKER)
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as error:
@@ -233,7 +256,7 @@ def _cached_default_config(path: Path) -> Path:
     model_type = single_file_model_type(path)
     if model_type not in SUPPORTED_SINGLE_FILE_TYPES:
         raise ModelLoadError(f"{path} looks like a {model_type!r} checkpoint; the diffusers backend runs Stable "
-                             "Diffusion 1.x/2.x checkpoints (use the ComfyUI nodes for other models)")
+                             "Diffusion 1.x/2.x and SDXL base checkpoints (use the ComfyUI nodes for other models)")
     repo_id = DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=_CONFIG_PATTERNS))

@@ -214,8 +214,15 @@ def test_other_architectures_are_refused(tmp_path, saved_model):
     index = json.loads((sdxl / "model_index.json").read_text())
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (sdxl / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="Stable Diffusion 1.x/2.x"):
-        load_backend(str(sdxl), preset("cpu-smoke"))
+    with pytest.raises(ModelLoadError, match="lacks the component.s. tokenizer_2 an SDXL pipeline needs"):
+        load_backend(str(sdxl), preset("cpu-smoke"))      # SDXL is supported; this one is incomplete
+    flux_like = tmp_path / "flux"
+    shutil.copytree(saved_model, flux_like)
+    index = json.loads((flux_like / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
+    (flux_like / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="runs UNet models"):
+        load_backend(str(flux_like), preset("cpu-smoke"))
     partial = tmp_path / "partial"
     shutil.copytree(saved_model, partial)
     index = json.loads((partial / "model_index.json").read_text())

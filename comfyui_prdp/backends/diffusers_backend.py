@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List, Sequence, Union
 
 import torch
 
-from .. import lora_keys
+from .. import lora_keys, model_families
 from ..config import TrainConfig
 from .base import Backend, Cond
 
@@ -173,7 +173,7 @@ class DiffusersBackend(Backend):
             t = t.expand(x.shape[0])
         x = x.to(self.device)
         with self._autocast():
-            out = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond["context"].to(self.device)).sample
+            out = self._unet_output(x.to(self.dtype), t, cond)
         if self.prediction_type == "epsilon":
             return out
         alpha = self._alphas_on_device[t.long()].view(-1, *([1] * (x.dim() - 1)))
@@ -181,6 +181,10 @@ class DiffusersBackend(Backend):
         if self.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
             return alpha.sqrt() * out + (1 - alpha).sqrt() * x
         return (x - alpha.sqrt() * out) / (1 - alpha).sqrt()  # "sample": the model predicts x0
+
+    def _unet_output(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The UNet's raw prediction (eps, v or x0) for model-dtype latents on the device."""
+        return self.unet(x, t, encoder_hidden_states=cond["context"].to(self.device)).sample
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -269,8 +273,15 @@ class DiffusersBackend(Backend):
             down_param.copy_(down.to(down_param.device, down_param.dtype))
             up_param.copy_((up.double() * (file_scale / own_scale)).to(up_param.device, up_param.dtype))
 
+    @property
+    def family(self) -> model_families.ModelFamily:
+        """SD1.x or SD2.x (1024-wide text embeddings), v-prediction from the scheduler."""
+        return model_families.diffusers_family(False, self.prediction_type == "v_prediction",
+                                               cross_attention_dim=int(self.unet.config.cross_attention_dim))
+
     def lora_info(self) -> Dict[str, object]:
         return {"rank": self.lora_rank, "alpha": self.lora_alpha, "targets": list(self.lora_targets),
+                "family": self.family,
                 "adapted_modules": len(self._lora_layers),
                 "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
 
