@@ -130,3 +130,19 @@ def load_plugin_package():
         del sys.modules[PACKAGE_NAME]
         raise
     return module
+
+
+@pytest.fixture()
+def comfy_dirs(tmp_path):
+    """ComfyUI's output/input/loras folders redirected to a temporary folder."""
+    import folder_paths
+
+    saved = (folder_paths.get_output_directory(), folder_paths.get_input_directory(),
+             folder_paths.folder_names_and_paths["loras"])
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], saved[2][1])
+    yield tmp_path
+    folder_paths.set_output_directory(saved[0])
+    folder_paths.set_input_directory(saved[1])
+    folder_paths.folder_names_and_paths["loras"] = saved[2]

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from comfy_inprocess import import_comfy, load_tiny_sd15
+from comfy_inprocess import comfy_dirs, import_comfy, load_tiny_sd15  # noqa: F401  (comfy_dirs: a fixture)
 
 import_comfy()
 
@@ -373,21 +373,6 @@ TINY_TRAINING = dict(prompts="a cat\na dog", negative_prompt="", preset="cpu-smo
                      images_per_prompt=2, steps=2, cfg=3.0, beta=0.1, clip_range=0.01, updates_per_epoch=1,
                      learning_rate=3e-3, lora_rank=2, width=64, height=64, seed=3)
 
-
-@pytest.fixture()
-def comfy_dirs(tmp_path):
-    """ComfyUI's output/input/loras folders redirected to a temporary folder."""
-    import folder_paths
-
-    saved = (folder_paths.get_output_directory(), folder_paths.get_input_directory(),
-             folder_paths.folder_names_and_paths["loras"])
-    folder_paths.set_output_directory(str(tmp_path / "output"))
-    folder_paths.set_input_directory(str(tmp_path / "input"))
-    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], saved[2][1])
-    yield tmp_path
-    folder_paths.set_output_directory(saved[0])
-    folder_paths.set_input_directory(saved[1])
-    folder_paths.folder_names_and_paths["loras"] = saved[2]
 
 
 @pytest.fixture(scope="module")
