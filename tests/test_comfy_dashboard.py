@@ -88,8 +88,19 @@ def require_dom_widgets_in_vue(page, vue: bool) -> None:
                     "only core widget types (no extension DOM widgets); the classic canvas shows the dashboard")
 
 
+def record_toasts(page) -> None:
+    """Log every toast the page shows from now on (they vanish after seconds, often before the
+    rest of the workflow has run)."""
+    page.evaluate("""() => {
+        window.prdpToasts = [];
+        const service = window.app.extensionManager.toast;
+        const add = service.add.bind(service);
+        service.add = (message) => { window.prdpToasts.push(`${message.summary}: ${message.detail}`); return add(message); };
+    }""")
+
+
 def wait_for_toast(page, text: str) -> None:
-    page.wait_for_function("(t) => document.body.innerText.includes(t)", arg=text, timeout=15_000)
+    page.wait_for_function("(t) => window.prdpToasts.some(m => m.includes(t))", arg=text, timeout=15_000)
 
 
 def load_quick_test(server, page, **train):
@@ -200,6 +211,7 @@ def test_dashboard_shows_the_epoch_reward_samples_and_the_end(server, browser, t
         assert before["count"] == 1 and not before["stopEnabled"], before
         assert before["box"]["width"] > 200 and before["box"]["height"] > 150, f"dashboard not laid out: {before}"
         record_dashboard(page)
+        record_toasts(page)
         prompt_id = queue(server, page)
         result = harness.wait_for(server.base_url, prompt_id, timeout=600)
         assert result.status == "success", result.describe() + "\n" + server.log_tail()
@@ -240,6 +252,7 @@ def test_stop_button_ends_the_run_gracefully_and_says_where(server, browser, tmp
         focus_train_node(page)
         require_dom_widgets_in_vue(page, RENDERERS[renderer])
         loras_before = set(server.loras_dir.rglob("*.safetensors"))
+        record_toasts(page)
         prompt_id = queue(server, page)
         page.wait_for_function("() => document.querySelectorAll('[data-prdp=curve] circle').length >= 1",
                                timeout=300_000)
