@@ -194,13 +194,37 @@ def _from_single_file(path: Path, base_config: Optional[str]):
 
     try:
         if _is_sdxl_dir(config_dir):
-            return _sd_pipeline_class(sdxl=True).from_single_file(str(path), config=str(config_dir),
+            pipe = _sd_pipeline_class(sdxl=True).from_single_file(str(path), config=str(config_dir),
                                                                   local_files_only=True)
-        return _sd_pipeline_class().from_single_file(str(path), config=str(config_dir), local_files_only=True,
-                                                     **_NO_SAFETY_CHECKER)
+        else:
+            pipe = _sd_pipeline_class().from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                                         **_NO_SAFETY_CHECKER)
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as error:
         raise ModelLoadError(f"could not load {path} with the configs in {config_dir}: {error}. Check that the "
                              "config directory describes the same architecture as the checkpoint") from error
+    pipe.scheduler = scheduler_for_markers(pipe.scheduler, set(_checkpoint_view(path).keys()))
+    return pipe
+
+
+def scheduler_for_markers(scheduler, keys):
+    """The schedule a single-file checkpoint declares with the marker keys ComfyUI and kohya read:
+    `v_pred` (v-prediction) and `ztsnr` (zero terminal SNR). A config folder made for the eps
+    base model would otherwise train a v-prediction finetune (NoobAI-v, ...) with the wrong
+    parameterisation."""
+    v_pred, ztsnr = "v_pred" in keys, "ztsnr" in keys
+    config = scheduler.config
+    if not v_pred and not ztsnr:
+        return scheduler
+    if config.get("prediction_type", "epsilon") == "v_prediction" and (
+            not ztsnr or config.get("rescale_betas_zero_snr", False)):
+        return scheduler
+    from diffusers import DDIMScheduler
+
+    overrides = {"prediction_type": "v_prediction" if v_pred else config.get("prediction_type", "epsilon"),
+                 "rescale_betas_zero_snr": ztsnr or bool(config.get("rescale_betas_zero_snr", False)),
+                 "clip_sample": bool(config.get("clip_sample", False)),
+                 "thresholding": bool(config.get("thresholding", False))}
+    return DDIMScheduler.from_config(config, **overrides)
 
 
 class _LazySafetensors:

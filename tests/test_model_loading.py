@@ -234,3 +234,20 @@ def test_other_architectures_are_refused(tmp_path, saved_model):
     save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)}, str(xl_like))
     with pytest.raises(ModelLoadError, match="xl_base"):
         load_backend(str(xl_like), preset("cpu-smoke"))
+
+
+@pytest.mark.parametrize("markers,prediction,zero_snr", [
+    ((), "epsilon", False), (("v_pred",), "v_prediction", False), (("v_pred", "ztsnr"), "v_prediction", True)])
+def test_single_file_v_pred_and_ztsnr_markers_set_the_schedule(markers, prediction, zero_snr, tmp_path,
+                                                                saved_model, empty_hf_cache):
+    from safetensors.torch import load_file
+    from comfyui_prdp.embedded import build_embedded_stable_diffusion_pipeline as build
+
+    path = write_ldm_checkpoint(build(0), tmp_path / "tiny.safetensors")
+    state = load_file(str(path))
+    state.update({name: torch.tensor([]) for name in markers})     # as v-prediction finetunes ship
+    save_file(state, str(path))
+    backend = load_backend(str(path), preset("cpu-smoke"), device="cpu", base_config=str(saved_model))
+    assert backend.prediction_type == prediction
+    alphas = backend.alphas_cumprod
+    assert (alphas[-1].item() < 1e-6) if zero_snr else (alphas[-1].item() > 1e-3)
