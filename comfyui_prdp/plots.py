@@ -60,9 +60,24 @@ def reward_curve(metrics: Sequence[dict], width: int = 640, height: int = 360,
     for value in (low + pad, (low + high) / 2, high - pad):
         _, y = to_xy(x_min, value)
         draw.text((5, y - 7), f"{value:.4g}", fill=INK, font=font)
-    draw.text((left, bottom + 8), f"epoch {x_min:g}", fill=INK, font=font)
-    draw.text((right - 80, bottom + 8), f"epoch {x_max:g}", fill=INK, font=font)
+    for tick in epoch_ticks(x_min, x_max):
+        x, _ = to_xy(tick, low)
+        draw.line([(x, bottom), (x, bottom + 4)], fill=INK, width=1)
+        label = f"{tick:g}"
+        draw.text((x - 3 * len(label), bottom + 8), label, fill=INK, font=font)
+    draw.text(((left + right) // 2 - 15, bottom + 24), "epoch", fill=INK, font=font)
     return image
+
+
+def epoch_ticks(first: float, last: float, most: int = 6) -> List[float]:
+    """Up to `most` round, evenly spaced epoch numbers from first to last (both included)."""
+    if last <= first:
+        return [first]
+    span = last - first
+    step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 10 ** 9)
+                if span / s <= most - 1)
+    ticks = [first] + [t for t in range(int(first // step + 1) * step, int(last), step) if last - t >= step / 2]
+    return ticks + [last]
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
