@@ -151,7 +151,7 @@ def check_diffusers_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} is a {index.get('_class_name', 'non-UNet')} model; the diffusers backend "
                              "runs UNet models: Stable Diffusion 1.x/2.x and SDXL")
     required = SDXL_COMPONENTS if "text_encoder_2" in index else COMPONENTS
-    missing = [name for name in required if name not in index or index[name] in (None, [None, None])]
+    missing = [name for name in required if name not in index or index[name] == [None, None]]   # how diffusers saves an absent component
     if missing:
         kind = "an SDXL" if "text_encoder_2" in index else "a Stable Diffusion"
         raise ModelLoadError(f"{path} lacks the component(s) {', '.join(missing)} {kind} pipeline needs")
