@@ -8,6 +8,7 @@ import torch
 
 from .backends.base import Backend
 from .config import TrainConfig
+from .policies import policy_for
 from .sampling import broadcast_row, index_cond, repeat_cond, sample_trajectories
 
 
@@ -23,13 +24,14 @@ def sample_images(backend: Backend, prompts: Sequence[str], seeds: Sequence[int]
     uncond = broadcast_row(backend.encode_prompts([config.negative_prompt]), total)
     shape = tuple(backend.latent_shape(config.height, config.width))
     row_seeds = [s for _ in prompts for s in seeds]
+    policy = policy_for(config, backend)
     images = []
     for start in range(0, total, config.sample_batch_size):
         rows = torch.arange(start, min(total, start + config.sample_batch_size))
         generators = [torch.Generator().manual_seed(int(row_seeds[i])) for i in rows.tolist()]
         def run():
             return sample_trajectories(backend, index_cond(cond, rows), index_cond(uncond, rows),
-                                       steps=config.steps, cfg=config.cfg, eta=config.eta, latent_shape=shape,
+                                       steps=config.steps, cfg=config.cfg, policy=policy, latent_shape=shape,
                                        generator=generators, reduce=config.logprob_reduce)
         if lora:
             traj = run()

@@ -1,10 +1,12 @@
-"""The policy: a DDPM (DDIM with eta > 0) sampler with classifier-free guidance that records
-per-step log-probabilities, and re-evaluates them for recorded transitions under other weights.
+"""Trajectory recording and re-evaluation, for any policy (policies/): classifier-free
+guidance, per-step log-probabilities while sampling, and the log-probs of recorded transitions
+under other weights.
 
-All formulas are in variance-preserving form (spec section 1). Log-probs are float64 whatever
-dtype the model computes in: the paper's clip range (1e-6) is only a few float32 ulps of a
-mean-reduced log-prob. Sampling and re-evaluation share `guided_step_distribution`, so a
-recorded transition re-evaluated with unchanged weights gives the recorded log-prob.
+The policy owns the sampler's math (DDPM's DDIM-eta step, the flow SDE); this module only calls
+the backend, combines CFG branches and records. Log-probs are float64 whatever dtype the model
+computes in: the paper's clip range (1e-6) is only a few float32 ulps of a mean-reduced
+log-prob. Sampling and re-evaluation share `policy_step_distribution`, so a recorded transition
+re-evaluated with unchanged weights gives the recorded log-prob.
 
 Sampling can also evaluate the frozen base model at every visited x_t (`with_reference`):
 that gives the reference log-probs at no extra model cost (the same evaluations a separate
@@ -19,54 +21,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .backends.base import Backend, Cond
+from .policies.base import Policy, Schedule
+from .policies.ddpm import DDPMPolicy, alpha_pair, check_eta, ddim_timesteps, step_distribution  # noqa: F401
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Descending timesteps [T] and their previous (less noisy) timesteps [T] ("leading"
-    spacing with offset 1, as diffusers' DDIMScheduler for Stable Diffusion). A previous
-    timestep of -1 means "the final step": its alpha is alphas_cumprod[0]."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps={steps}: must be between 1 and {num_train_timesteps}")
-    ratio = num_train_timesteps // steps
-    offset = 1 if (steps - 1) * ratio + 1 < num_train_timesteps else 0
-    timesteps = (torch.arange(steps - 1, -1, -1) * ratio + offset).long()
-    previous = timesteps - ratio
-    previous = torch.where(previous < 0, torch.full_like(previous, -1), previous)
-    return timesteps, previous
-
-
-def alpha_pair(alphas_cumprod: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor):
-    """(a_t, a_prev) as float32 tensors [n] for timesteps t and previous timesteps t_prev."""
-    alphas = alphas_cumprod.to(torch.float64)
-    a_t = alphas[t.cpu()]
-    a_p = torch.where(t_prev.cpu() >= 0, alphas[t_prev.cpu().clamp(min=0)], alphas[0])
-    return a_t, a_p
-
-
-def check_eta(eta: float) -> None:
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0 < eta <= 1):
-        raise ValueError(f"eta={eta}: must be in (0, 1] (1 = DDPM; 0 is deterministic DDIM, which has "
-                         "no log-probs; above 1 the DDIM variance formula is no longer valid)")
-
-
-def step_distribution(eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_p: torch.Tensor,
-                      eta: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean (float32) and std (float64, broadcastable) of p(x_prev | x_t) for the DDIM-eta step.
-    a_t, a_p: float64 [n]."""
-    check_eta(eta)
-    shape = (-1,) + (1,) * (x_t.dim() - 1)
-    f64_device = x_t.device if x_t.device.type != "mps" else torch.device("cpu")
-    a_t = a_t.to(f64_device, torch.float64).view(shape)
-    a_p = a_p.to(f64_device, torch.float64).view(shape)
-    variance = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
-    sigma = eta * variance.clamp(min=0).sqrt()
-    on_model = (lambda v: v.float().to(x_t.device))
-    x0_hat = (x_t - on_model((1 - a_t).sqrt()) * eps) / on_model(a_t.sqrt())
-    direction = on_model((1 - a_p - sigma ** 2).clamp(min=0).sqrt())
-    mean = on_model(a_p.sqrt()) * x0_hat + direction * eps
-    return mean, sigma
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -113,40 +71,65 @@ def index_cond(cond: Cond, index: torch.Tensor) -> Cond:
 
 def guided_eps(backend: Backend, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
                cfg: float) -> torch.Tensor:
-    """CFG-combined noise prediction in float32: eps_u + w * (eps_c - eps_u)."""
+    """CFG-combined noise prediction of a VP backend in float32: eps_u + w * (eps_c - eps_u)."""
+    return _guided(backend.predict_eps, x, t, cond, uncond, cfg)
+
+
+def guided_prediction(backend: Backend, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
+                      cfg: float) -> torch.Tensor:
+    """CFG-combined prediction in the backend's own terms (`backend.prediction`), float32.
+    CFG is affine in the prediction, so combining eps, x0 or velocity gives the same step."""
+    return _guided(backend.predict, x, t, cond, uncond, cfg)
+
+
+def _guided(predict, x, t, cond, uncond, cfg):
     if cfg == 1.0:
-        return backend.predict_eps(x, t, cond).float()
-    both = backend.predict_eps(torch.cat([x, x]), torch.cat([t, t]), concat_cond(uncond, cond)).float()
-    eps_uncond, eps_cond = both.chunk(2)
-    return eps_uncond + cfg * (eps_cond - eps_uncond)
+        return predict(x, t, cond).float()
+    both = predict(torch.cat([x, x]), torch.cat([t, t]), concat_cond(uncond, cond)).float()
+    uncond_out, cond_out = both.chunk(2)
+    return uncond_out + cfg * (cond_out - uncond_out)
+
+
+def policy_step_distribution(backend: Backend, policy: Policy, schedule: Schedule, x_t: torch.Tensor,
+                             step: torch.Tensor, cond: Cond, uncond: Cond, *, cfg: float):
+    """(mean, std) of the policy's transition at x_t [n] from steps `step` [n] (indices into
+    `schedule`) under the backend's current weights; std is None for a deterministic step."""
+    step = step.cpu().long()
+    times = schedule.times[step]
+    prediction = guided_prediction(backend, x_t.to(backend.dtype), times.to(backend.device), cond, uncond, cfg)
+    return policy.transition(prediction, backend.prediction, x_t.float(), schedule, step, backend)
 
 
 def guided_step_distribution(backend: Backend, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                              cond: Cond, uncond: Cond, *, cfg: float, eta: float):
-    """(mean, std) of the sampler's transition at x_t under the backend's current weights."""
-    eps = guided_eps(backend, x_t.to(backend.dtype), t.to(backend.device), cond, uncond, cfg)
-    a_t, a_p = alpha_pair(backend.alphas_cumprod, t, t_prev)
-    return step_distribution(eps, x_t.float(), a_t, a_p, eta)
+    """(mean, std) of the DDPM (DDIM-eta) transition from timesteps t to t_prev [n]."""
+    schedule = Schedule(t.cpu(), t_prev.cpu(), torch.arange(len(t)))
+    return policy_step_distribution(backend, DDPMPolicy(eta), schedule, x_t, torch.arange(len(t)), cond, uncond,
+                                    cfg=cfg)
 
 
 def transition_logprob(backend: Backend, x_t: torch.Tensor, x_prev: torch.Tensor, t: torch.Tensor,
                        t_prev: torch.Tensor, cond: Cond, uncond: Cond, *, cfg: float, eta: float,
                        reduce: str = "mean") -> torch.Tensor:
-    """log p(x_prev | x_t, c) [n] of recorded transitions under the backend's current weights.
-    Differentiable with respect to the model's trainable parameters."""
+    """log p(x_prev | x_t, c) [n] of DDPM transitions (timesteps t -> t_prev) under the backend's
+    current weights. Differentiable with respect to the model's trainable parameters."""
     mean, std = guided_step_distribution(backend, x_t, t, t_prev, cond, uncond, cfg=cfg, eta=eta)
     return gaussian_logprob(x_prev.to(mean.device), mean, std, reduce)
 
 
 @dataclass
 class Trajectories:
-    """Recorded sampling trajectories (VP latents on the CPU).
+    """Recorded sampling trajectories (latents on the CPU).
 
-    latents [n, T+1, C, h, w]: latents[:, 0] is the initial noise, latents[:, -1] the sample.
-    logp [n, T]: float64 log-prob of each transition under the sampling weights.
-    timesteps, prev_timesteps [T]: the schedule.
+    latents [n, S+1, C, h, w]: latents[:, 0] is the initial noise, latents[:, -1] the sample
+    (S = every step of the schedule, deterministic ones included).
+    logp [n, T]: float64 log-prob of each trained (stochastic) transition under the sampling
+    weights; column k is schedule step `steps[k]` (DDPM: every step, steps = 0..T-1).
+    timesteps, prev_timesteps [T]: the schedule values of those steps (DDPM: integer timesteps;
+    flow: sigma and sigma').
     logp_ref, kl [n, T] (float64, only when sampled `with_reference`): the transition's log-prob
     under the base model, and the exact KL(sampling step || base step) at each visited x_t.
+    policy, schedule: what re-evaluation (`recorded_logprob`) needs (None: DDPM from the fields).
     """
 
     latents: torch.Tensor
@@ -155,10 +138,52 @@ class Trajectories:
     prev_timesteps: torch.Tensor
     logp_ref: Optional[torch.Tensor] = None
     kl: Optional[torch.Tensor] = None
+    steps: Optional[torch.Tensor] = None
+    policy: Optional[Policy] = None
+    schedule: Optional[Schedule] = None
+
+    def __post_init__(self):
+        if self.steps is None:
+            self.steps = torch.arange(self.logp.shape[1])
 
     @property
     def final(self) -> torch.Tensor:
         return self.latents[:, -1]
+
+    def transitions(self, rows: torch.Tensor, columns: torch.Tensor):
+        """(x_t, x_next, schedule step) of the recorded transitions (rows[k], columns[k])."""
+        step = self.steps[columns.cpu().long()]
+        rows = rows.cpu().long()
+        return self.latents[rows, step], self.latents[rows, step + 1], step
+
+
+def join_trajectories(chunks: Sequence[Trajectories]) -> Trajectories:
+    """Rows of several sampling calls of one schedule, concatenated."""
+    joined = (lambda name: None if getattr(chunks[0], name) is None else torch.cat([getattr(c, name) for c in chunks]))
+    first = chunks[0]
+    return Trajectories(joined("latents"), joined("logp"), first.timesteps, first.prev_timesteps,
+                        logp_ref=joined("logp_ref"), kl=joined("kl"), steps=first.steps, policy=first.policy,
+                        schedule=first.schedule)
+
+
+def recorded_logprob(backend: Backend, traj: Trajectories, rows: torch.Tensor, columns: torch.Tensor,
+                     cond: Cond, uncond: Cond, *, cfg: float, reduce: str = "mean",
+                     eta: Optional[float] = None) -> torch.Tensor:
+    """log-probs [k] of recorded transitions (rows[k], log-prob column columns[k]) of `traj`
+    under the backend's current weights; cond/uncond have one row per transition.
+    Differentiable with respect to the model's trainable parameters. Trajectories without a
+    recorded policy are DDPM ones (`eta` needed)."""
+    x_t, x_next, step = traj.transitions(rows, columns)
+    if traj.policy is None:
+        if eta is None:
+            raise ValueError("these trajectories carry no policy: give eta (DDPM)")
+        return transition_logprob(backend, x_t.to(backend.device), x_next.to(backend.device), traj.timesteps[columns],
+                                  traj.prev_timesteps[columns], cond, uncond, cfg=cfg, eta=eta, reduce=reduce)
+    mean, std = policy_step_distribution(backend, traj.policy, traj.schedule, x_t.to(backend.device), step, cond,
+                                         uncond, cfg=cfg)
+    if std is None:
+        raise ValueError("a deterministic step has no log-prob; re-evaluate only the trained steps")
+    return gaussian_logprob(x_next.to(mean.device), mean, std, reduce)
 
 
 def cpu_noise(n: int, shape: Sequence[int], generator) -> torch.Tensor:
@@ -173,18 +198,24 @@ def cpu_noise(n: int, shape: Sequence[int], generator) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_trajectories(backend: Backend, cond: Cond, uncond: Cond, *, steps: int, cfg: float,
-                        eta: float, latent_shape: Sequence[int], generator: torch.Generator,
-                        reduce: str = "mean", on_step=None, with_reference: bool = False) -> Trajectories:
-    """Sample one trajectory per row of `cond` (uncond has the same batch size).
+                        latent_shape: Sequence[int], generator, eta: Optional[float] = None,
+                        policy: Optional[Policy] = None, reduce: str = "mean", on_step=None,
+                        with_reference: bool = False) -> Trajectories:
+    """Sample one trajectory per row of `cond` (uncond has the same batch size) with `policy`
+    (or, given only `eta`, the DDPM policy with that eta).
 
-    Noise comes from `generator` on the CPU (see `cpu_noise`), so a seed gives the same
-    images on any device. With `with_reference`, the base model (adapters disabled) is
-    evaluated at each visited x_t too, filling `logp_ref` and `kl`.
-    `on_step(i, T)` is called after each denoising step.
+    Noise comes from `generator` on the CPU (see `cpu_noise`: one generator, or one per row),
+    so a seed gives the same images on any device; deterministic steps draw none. With
+    `with_reference`, the base model (adapters disabled) is evaluated at each visited x_t of a
+    trained step too, filling `logp_ref` and `kl`. `on_step(i, S)` is called after each step.
     """
-    check_eta(eta)
+    if policy is None:
+        if eta is None:
+            raise ValueError("sample_trajectories needs a policy (or eta for DDPM)")
+        policy = DDPMPolicy(eta)
+    policy.check_backend(backend)
+    schedule = policy.schedule(backend, steps)
     n = next(iter(cond.values())).shape[0]
-    timesteps, previous = ddim_timesteps(len(backend.alphas_cumprod), steps)
     x = cpu_noise(n, latent_shape, generator)
     latents = [x]
     logps: List[torch.Tensor] = []
@@ -192,25 +223,31 @@ def sample_trajectories(backend: Backend, cond: Cond, uncond: Cond, *, steps: in
     kls: List[torch.Tensor] = []
     device = backend.device
     x = x.to(device)
-    for i in range(steps):
-        t = timesteps[i].repeat(n)
-        t_prev = previous[i].repeat(n)
-        mean, std = guided_step_distribution(backend, x, t, t_prev, cond, uncond, cfg=cfg, eta=eta)
-        noise = cpu_noise(n, latent_shape, generator).to(device)
-        x_prev = mean + std.float().to(device) * noise
-        logps.append(gaussian_logprob(x_prev, mean, std, reduce).cpu())
-        if with_reference:
-            with backend.adapters_disabled():
-                mean_ref, _ = guided_step_distribution(backend, x, t, t_prev, cond, uncond, cfg=cfg, eta=eta)
-            logps_ref.append(gaussian_logprob(x_prev, mean_ref, std, reduce).cpu())
-            kls.append(gaussian_kl_same_std(mean, mean_ref, std, reduce).cpu())
-        latents.append(x_prev.cpu())
-        x = x_prev
+    total = schedule.steps
+    for i in range(total):
+        step = torch.full((n,), i, dtype=torch.long)
+        mean, std = policy_step_distribution(backend, policy, schedule, x, step, cond, uncond, cfg=cfg)
+        if std is None:
+            x_next = mean
+        else:
+            noise = cpu_noise(n, latent_shape, generator).to(device)
+            x_next = mean + std.float().to(device) * noise
+            logps.append(gaussian_logprob(x_next, mean, std, reduce).cpu())
+            if with_reference:
+                with backend.adapters_disabled():
+                    mean_ref, _ = policy_step_distribution(backend, policy, schedule, x, step, cond, uncond, cfg=cfg)
+                logps_ref.append(gaussian_logprob(x_next, mean_ref, std, reduce).cpu())
+                kls.append(gaussian_kl_same_std(mean, mean_ref, std, reduce).cpu())
+        latents.append(x_next.cpu())
+        x = x_next
         if on_step is not None:
-            on_step(i + 1, steps)
+            on_step(i + 1, total)
     stacked = (lambda values: torch.stack(values, dim=1) if values else None)
-    return Trajectories(torch.stack(latents, dim=1), stacked(logps), timesteps, previous,
-                        logp_ref=stacked(logps_ref), kl=stacked(kls))
+    trained = schedule.trained
+    logp = stacked(logps) if logps else torch.empty(n, 0, dtype=torch.float64)
+    return Trajectories(torch.stack(latents, dim=1), logp, schedule.times[trained], schedule.next_times[trained],
+                        logp_ref=stacked(logps_ref), kl=stacked(kls), steps=trained.clone(), policy=policy,
+                        schedule=schedule)
 
 
 def repeat_cond(cond: Cond, repeats: int) -> Cond:

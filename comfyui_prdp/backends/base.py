@@ -4,12 +4,19 @@ The sampler, the objective and the trainer only ever talk to a `Backend`. A back
 one host (diffusers, ComfyUI) to a handful of verbs; nothing above it knows which host runs.
 
 Conventions every backend follows:
-- Latents are in variance-preserving (VP) form: x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps,
-  where a_t = `alphas_cumprod[t]` and t is an integer training timestep (0..len-1).
+- `sampling_kind` says how its model samples, which picks the policy (policies/):
+  "vp": latents in variance-preserving form, x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps, where
+  a_t = `alphas_cumprod[t]` and t is an integer training timestep (0..len-1);
+  "flow": rectified flow, x_sigma = (1 - sigma) * x0 + sigma * noise, sigma in [0, 1], with the
+  model's own schedule from `flow_sigmas(steps)`; no input rescaling.
+- `predict(x, t, cond)` answers in the model's own terms, named by `prediction`: "eps" (noise),
+  "x0" (denoised, e.g. ComfyUI's apply_model) or "velocity" (flow: noise - x0). t is what the
+  policy's schedule holds: integer timesteps (vp) or sigmas (flow). The policy converts.
 - Conditioning is a `Cond`: a dict of batch-first tensors (e.g. {"context": [n, 77, 768]},
   SDXL adds pooled outputs), so the sampler can index, repeat and concatenate it generically.
-- `predict_eps` returns the noise prediction for a batch (eps- and v-prediction models alike:
-  the backend converts), in any dtype; the sampler casts to float32.
+- `predict_eps` (vp backends) returns the noise prediction for a batch (eps- and v-prediction
+  models alike: the backend converts), in any dtype; the sampler casts to float32. The default
+  `predict` is `predict_eps`.
 - While `adapters_disabled()` is active the model is the frozen base model (the LoRA has no
   effect); this is how reference log-probs are computed without a second copy of the model.
 """
@@ -28,16 +35,24 @@ class Backend:
 
     #: device the model computes on
     device: torch.device = torch.device("cpu")
-    #: dtype the model computes in (log-probs are always float32)
+    #: dtype the model computes in (log-probs are always float64)
     dtype: torch.dtype = torch.float32
     #: a short human-readable name of the base model, written into LoRA metadata
     model_name: str = "unknown"
+    #: "vp" (discrete DDPM schedule) or "flow" (rectified flow); see the module docstring
+    sampling_kind: str = "vp"
+    #: what `predict` returns: "eps", "x0" or "velocity"
+    prediction: str = "eps"
 
     # --- schedule -----------------------------------------------------------------------
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        """float64 tensor [num_train_timesteps] of the VP schedule, on the CPU."""
+        """vp backends: float64 tensor [num_train_timesteps] of the VP schedule, on the CPU."""
         raise NotImplementedError
+
+    def flow_sigmas(self, steps: int) -> torch.Tensor:
+        """flow backends: float64 [steps + 1] sigmas from 1 down to 0 (the model's own shift)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a flow-matching backend")
 
     def latent_shape(self, height: int, width: int) -> Sequence[int]:
         """(channels, h, w) of the latent for an image of height x width pixels."""
@@ -52,8 +67,12 @@ class Backend:
         """Noise prediction for VP latents x [n, C, h, w] at integer timesteps t [n]."""
         raise NotImplementedError
 
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The model's prediction (kind `prediction`) at latents x [n, C, h, w] and times t [n]."""
+        return self.predict_eps(x, t, cond)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VP x0 latents [n, C, h, w] -> images [n, H, W, 3] float32 in 0..1 on the CPU."""
+        """x0 latents [n, C, h, w] -> images [n, H, W, 3] float32 in 0..1 on the CPU."""
         raise NotImplementedError
 
     # --- the LoRA -----------------------------------------------------------------------
