@@ -13,10 +13,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .config import PRESETS, TrainConfig, preset
-from .prompts import PromptTextError, read_prompt_file
+from .prompts import PromptTextError, open_prompt_file
 
 DEFAULT_PROMPTS = [f"a painting of a {animal}" for animal in (
     "cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "lion", "turtle", "goat", "duck")]
@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--reward-spec", default=None,
                        help="for --reward weighted: e.g. 'pickscore:10, hpsv2:2, aesthetic:0.05'")
     train.add_argument("--reward-path", default=None, help="weights file or folder of the reward model")
-    train.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line")
+    train.add_argument("--prompts", type=Path, default=None,
+                       help="prompt file: text (one prompt per line), .jsonl, .json list or .csv with a "
+                            "prompt field/column; read lazily, so 100K+ prompts are fine")
+    train.add_argument("--prompt-field", default=None,
+                       help="JSON field or CSV column holding the prompt (default: the first of prompt, "
+                            "caption, text; a CSV's only column)")
     train.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="hyperparameter preset (default: cpu-smoke without --base, consumer-gpu with it)")
     train.add_argument("--seed", type=int, default=None)
@@ -83,11 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompts(path: Optional[Path]) -> List[str]:
+def read_prompts(path: Optional[Path], field: Optional[str] = None) -> Sequence[str]:
+    """The default prompts, or the prompts of a file (a lazy PromptSet)."""
     if path is None:
         return list(DEFAULT_PROMPTS)
     try:
-        prompts = read_prompt_file(path)
+        prompts = open_prompt_file(path, field=field, allow_empty=True)
     except (FileNotFoundError, PromptTextError) as error:
         raise SystemExit(f"error: {error}") from None
     except OSError as error:
@@ -225,7 +231,7 @@ def train(args) -> int:
     config = make_config(args)
     check_device(args.device)
     check_base(args.base, args.base_config)
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, args.prompt_field)
     check_out_path(args.out)
     lock = claim_out_dir(args.out, args.resume)
     try:

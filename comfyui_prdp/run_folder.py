@@ -18,7 +18,6 @@ so nothing is overwritten.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from . import checkpoints
 from .config import TrainConfig
 from .lora import atomic_write
+from .prompts import prompts_sha256
 from .run_lock import LOCK_FILE
 
 RUN_RECORD = "config.json"
@@ -192,7 +192,7 @@ def write_run_record(out: Path, config: TrainConfig, run_info: Mapping[str, Any]
 def run_info(base: Optional[str], reward: str, reward_spec: Optional[str], prompts: Sequence[str],
              prompts_file: Optional[Path]) -> Dict[str, Any]:
     """The parts of a run that are not TrainConfig settings but must match on resume."""
-    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+    digest = prompts_sha256(prompts)     # streamed: a large PromptSet is never joined
     return {"base": base or "embedded-tiny-sd", "reward": reward, "reward_spec": reward_spec,
             "prompts": len(prompts), "prompts_sha256": digest,
             "prompts_file": str(prompts_file) if prompts_file else None}
