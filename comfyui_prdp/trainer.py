@@ -28,8 +28,9 @@ from .config import TrainConfig
 from .lora import atomic_write, lora_metadata, save_lora, unique_path
 from .objective import LOSSES, clip_fraction, logp_gradient_weights
 from .prompts import PromptSet
-from .sampling import (Trajectories, broadcast_row, index_cond, repeat_cond, sample_trajectories,
-                       transition_logprob)
+from .policies import policy_for
+from .sampling import (Trajectories, broadcast_row, index_cond, join_trajectories, recorded_logprob, repeat_cond,
+                       sample_trajectories)
 
 Callback = Callable[[dict], None]
 CHECKPOINT_STATE = checkpoints.STATE_FILE
@@ -201,12 +202,10 @@ class Trainer:
             rows = torch.arange(start, min(total, start + cfg.sample_batch_size))
             chunks.append(sample_trajectories(
                 self.backend, index_cond(cond, rows), index_cond(uncond, rows), steps=cfg.steps,
-                cfg=cfg.cfg, eta=cfg.eta, latent_shape=self.latent_shape, generator=generator,
+                cfg=cfg.cfg, policy=policy_for(cfg, self.backend), latent_shape=self.latent_shape, generator=generator,
                 reduce=cfg.logprob_reduce, on_step=lambda i, n: self._step(epoch, "sampling"),
                 with_reference=True))
-        joined = (lambda name: torch.cat([getattr(c, name) for c in chunks]))
-        traj = Trajectories(joined("latents"), joined("logp"), chunks[0].timesteps, chunks[0].prev_timesteps,
-                            logp_ref=joined("logp_ref"), kl=joined("kl"))
+        traj = join_trajectories(chunks)
         return EpochBatch(prompts, cond, uncond, traj, logp_ref=traj.logp_ref,
                           rewards=torch.empty(0), images=torch.empty(0))
 
@@ -244,7 +243,7 @@ class Trainer:
         """log-probs of every recorded transition under the base model (LoRA disabled), as a
         separate pass in training micro-batches. Training takes them from sampling instead
         (`sample_epoch`); this re-evaluation checks that they agree."""
-        rows, steps = self._all_transitions(batch.traj.logp.shape[0])
+        rows, steps = self._all_transitions(*batch.traj.logp.shape)
         with self.backend.adapters_disabled():
             values = self._logprobs(batch, rows, steps, grad_weights=None, epoch=epoch, phase="reference")
         return values.view_as(batch.traj.logp)
@@ -264,7 +263,7 @@ class Trainer:
         for _ in range(cfg.updates_per_epoch):
             prompt_order = torch.randperm(N, generator=generator)
             for start in range(0, N, minibatch):
-                train_steps = self._train_steps(generator)
+                train_steps = self._train_steps(generator, batch.traj.logp.shape[1])
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = self.minibatch_gradient(batch, prompt_order[start:start + minibatch], train_steps,
                                                 on_policy, epoch)
@@ -302,7 +301,7 @@ class Trainer:
         than T the gradient is approximate (other steps keep their recorded values).
         """
         cfg = self.config
-        B, T = cfg.images_per_prompt, cfg.steps
+        B, T = cfg.images_per_prompt, batch.traj.logp.shape[1]    # T: the policy's trained steps
         G = len(groups)
         rows = (groups[:, None] * B + torch.arange(B)[None, :]).reshape(-1)   # [G*B], prompt-major
         logp_old = batch.traj.logp[rows]
@@ -333,8 +332,8 @@ class Trainer:
             stats["onpolicy_max_diff"] = (recomputed - batch.traj.logp[r_idx, t_idx]).abs().max().item()
         return stats
 
-    def _train_steps(self, generator: torch.Generator) -> torch.Tensor:
-        T = self.config.steps
+    def _train_steps(self, generator: torch.Generator, T: int) -> torch.Tensor:
+        """T: the trajectories' log-prob columns (the policy's stochastic steps)."""
         count = max(1, round(T * self.config.timestep_fraction))
         if count >= T:
             return torch.arange(T)
@@ -345,8 +344,8 @@ class Trainer:
         """Flattened (row, step) index pairs, row-major."""
         return rows.repeat_interleave(len(steps)), steps.repeat(len(rows))
 
-    def _all_transitions(self, n_rows: int):
-        return self._transitions(torch.arange(n_rows), torch.arange(self.config.steps))
+    def _all_transitions(self, n_rows: int, n_columns: int):
+        return self._transitions(torch.arange(n_rows), torch.arange(n_columns))
 
     def _logprobs(self, batch: EpochBatch, rows: torch.Tensor, steps: torch.Tensor,
                   grad_weights: Optional[torch.Tensor], epoch: int, phase: str) -> torch.Tensor:
@@ -359,18 +358,14 @@ class Trainer:
             self._check_stop()
             r = rows[start:start + cfg.train_batch_size]
             s = steps[start:start + cfg.train_batch_size]
-            device = self.backend.device
-            x_t = traj.latents[r, s].to(device)
-            x_prev = traj.latents[r, s + 1].to(device)
-            args = (x_t, x_prev, traj.timesteps[s], traj.prev_timesteps[s],
-                    index_cond(batch.cond, r), index_cond(batch.uncond, r))
+            args = (traj, r, s, index_cond(batch.cond, r), index_cond(batch.uncond, r))
             kwargs = dict(cfg=cfg.cfg, eta=cfg.eta, reduce=cfg.logprob_reduce)
             if grad_weights is None:
                 with torch.no_grad():
-                    logp = transition_logprob(self.backend, *args, **kwargs)
+                    logp = recorded_logprob(self.backend, *args, **kwargs)
             else:
                 with torch.enable_grad():
-                    logp = transition_logprob(self.backend, *args, **kwargs)
+                    logp = recorded_logprob(self.backend, *args, **kwargs)
                     w = grad_weights[start:start + cfg.train_batch_size].to(logp.device)
                     (w * logp).sum().backward()
                 logp = logp.detach()
