@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-DEFAULT_SIZE = 512      # the train node's width/height default: "the model's native size"
+DEFAULT_SIZE = 512      # the size of a family no tool knows
+NATIVE_SIZE = 0         # a width/height of 0 (the train node's default): the model's native size
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,6 @@ def diffusers_family(is_sdxl: bool, v_prediction: bool, cross_attention_dim: int
 
 
 def training_size(width: int, height: int, family: ModelFamily) -> tuple:
-    """(width, height) to train at: the family's native size when both were left at the
-    node's default, else what was given."""
-    if (width, height) == (DEFAULT_SIZE, DEFAULT_SIZE):
-        return family.native_size, family.native_size
-    return width, height
+    """(width, height) to train at: a side given as NATIVE_SIZE (0, the node's default) is
+    the family's native size; any other value is kept (512 on SDXL trains at 512)."""
+    return tuple(family.native_size if side == NATIVE_SIZE else side for side in (width, height))

@@ -14,8 +14,8 @@ from ..comfyui_prdp.model_families import comfy_model_family, training_size
 from ..comfyui_prdp.prompts import read_prompt_file
 from . import train_paths
 from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems
-from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, LIMITS, build_config, config_summary,
-                         parse_prompts, validate_form)
+from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, LIMITS, MIN_SIZE, NATIVE_SIZE, build_config,
+                         config_summary, parse_prompts, validate_form)
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +78,14 @@ class PRDPTrainLoRA:
                 "updates_per_epoch": _int("updates_per_epoch", 1, "Gradient updates per epoch on the same samples."),
                 "learning_rate": _float("learning_rate", 3e-4, 1e-5, "AdamW learning rate of the LoRA.", True),
                 "lora_rank": _int("lora_rank", 8, "LoRA rank (alpha = rank)."),
-                "width": _int("width", 512, "Width of training images (multiple of 8). Width and height both "
-                                                 "at 512 (the default) mean the model's native size: 1024 for "
-                                                 "SDXL, 768 for SD2.x 768-v, 512 for SD1.x. prompts x images "
-                                                 "x size is limited by the memory one epoch needs.", 8),
-                "height": _int("height", 512, "Height of training images (multiple of 8); see width for "
-                                              "the default.", 8),
+                "width": _int("width", NATIVE_SIZE, "Width of training images (a multiple of 8, at least "
+                                                         f"{MIN_SIZE}). 0 (the default): the model's native size, "
+                                                         "1024 for SDXL, 768 for SD2.x 768-v, 512 for SD1.x. "
+                                                         "prompts x images x size is limited by the memory one "
+                                                         "epoch needs.", 8),
+                "height": _int("height", NATIVE_SIZE, "Height of training images (a multiple of 8, at least "
+                                                           f"{MIN_SIZE}); 0 (the default): the model's native "
+                                                           "size, as for width.", 8),
                 "seed": ("INT", {"default": 0, "min": LIMITS["seed"][0], "max": LIMITS["seed"][1],
                                  "tooltip": "Seed of prompt order, noise and LoRA initialisation. The same "
                                             "seed and settings give the same run."}),
@@ -165,7 +167,7 @@ class PRDPTrainLoRA:
 
         prompt_list = self._prompts(prompts, prompt_file)
         family = comfy_model_family(model)
-        width, height = training_size(width, height, family)     # 512 x 512 (the default): native size
+        width, height = training_size(width, height, family)     # a side of 0 (the default): native size
         logger.info("PRDP: %s model, training at %dx%d", family.name, width, height)
         config = build_config(preset, epochs=epochs, prompts_per_epoch=prompts_per_epoch,
                               images_per_prompt=images_per_prompt, steps=steps, cfg=cfg, beta=beta,

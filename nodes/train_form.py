@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from ..comfyui_prdp.config import PRESETS, TrainConfig, preset as preset_config
+from ..comfyui_prdp.model_families import NATIVE_SIZE    # width/height 0 (the default): native size
 from ..comfyui_prdp.prompts import PromptTextError, parse_prompt_text
 from .common import widget_problem
 
@@ -18,6 +19,8 @@ DEFAULT_PROMPTS = "\n".join([
 ])
 MAX_STEPS = 1000
 MAX_SIZE = 2048                  # SD1.x/2.x are trained at 512-768; 2048 already needs a large GPU
+MIN_SIZE = 64
+SIZE_WIDGETS = ("width", "height")
 #: the CPU memory one epoch's trajectories and decoded images may take (a shared server's limit)
 MAX_EPOCH_MEMORY_BYTES = 16 * 2 ** 30
 
@@ -27,7 +30,7 @@ LIMITS = {
     "epochs": (1, 100000), "prompts_per_epoch": (1, 4096), "images_per_prompt": (2, 256),
     "steps": (1, MAX_STEPS), "cfg": (1.0, 30.0), "beta": (1e-9, 10.0), "clip_range": (1e-9, 10.0),
     "updates_per_epoch": (1, 1000), "learning_rate": (1e-9, 1.0), "lora_rank": (1, 256),
-    "width": (64, MAX_SIZE), "height": (64, MAX_SIZE), "seed": (0, 0xFFFFFFFFFFFFFFFF),
+    "width": (NATIVE_SIZE, MAX_SIZE), "height": (NATIVE_SIZE, MAX_SIZE), "seed": (0, 0xFFFFFFFFFFFFFFFF),
     "checkpoint_every": (0, 100000),
 }
 
@@ -46,12 +49,16 @@ def parse_prompts(text: Optional[str], source: str = "prompts") -> List[str]:
 
 
 def limit_problem(name: str, value: Any) -> Optional[str]:
-    """What is wrong with a numeric widget value against LIMITS (None when fine or not numeric)."""
+    """What is wrong with a numeric widget value against LIMITS (None when fine or not numeric);
+    a width/height is 0 (native) or at least MIN_SIZE."""
     if name not in LIMITS:
         return None
     low, high = LIMITS[name]
     kind = "INT" if isinstance(low, int) else "FLOAT"
-    return widget_problem(name, kind, {"min": low, "max": high}, value)
+    problem = widget_problem(name, kind, {"min": low, "max": high}, value)
+    if problem is None and name in SIZE_WIDGETS and NATIVE_SIZE < value < MIN_SIZE:
+        problem = f"{name}={value}: at least {MIN_SIZE} (or {NATIVE_SIZE} for the model's native size)"
+    return problem
 
 
 def epoch_memory_bytes(config: TrainConfig) -> int:
@@ -73,13 +80,19 @@ def memory_problem(config: TrainConfig) -> Optional[str]:
 
 def build_config(preset: str, **widgets: Any) -> TrainConfig:
     """The preset's values for everything not on the node, overridden by the widget values
-    that are given (None: keep the preset's). Raises ValueError naming every bad value."""
+    that are given (None: keep the preset's). Raises ValueError naming every bad value.
+
+    A width/height of NATIVE_SIZE keeps the preset's too: the node resolves it to the model's
+    native size before its run-time call, so only VALIDATE_INPUTS (no model yet) passes it."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
     overrides = {name: widgets[name] for name in CONFIG_WIDGETS if widgets.get(name) is not None}
     problems = [limit_problem(name, value) for name, value in overrides.items() if limit_problem(name, value)]
     if problems:    # the checks below assume numbers in range
         raise ValueError("; ".join(problems))
+    for name in SIZE_WIDGETS:
+        if overrides.get(name) == NATIVE_SIZE:
+            del overrides[name]
     try:
         config = preset_config(preset, **overrides)
     except ValueError as error:

@@ -236,13 +236,15 @@ def test_a_short_run_trains_on_policy_and_its_lora_loads_in_comfyui(family, tmp_
     assert torch.allclose(through_loader, trained, atol=1e-4), (through_loader - trained).abs().max()
 
 
-# --- the train node: width/height left at the default train at the model's native size -----------
+# --- the train node: width/height left at the default (0) train at the model's native size ------
 class SizeSeen(Exception):
     pass
 
 
-@pytest.mark.parametrize("kind, widgets, expected", [("sdxl", (512, 512), (1024, 1024)),
-                                                     ("sd2-v", (512, 512), (768, 768)),
+@pytest.mark.parametrize("kind, widgets, expected", [("sdxl", (0, 0), (1024, 1024)),
+                                                     ("sd2-v", (0, 0), (768, 768)),
+                                                     ("sdxl", (512, 512), (512, 512)),     # a user's choice
+                                                     ("sdxl", (0, 768), (1024, 768)),
                                                      ("sdxl", (832, 1216), (832, 1216))])
 def test_the_train_node_trains_at_the_native_size_when_the_size_is_left_at_its_default(
         kind, widgets, expected, monkeypatch):
@@ -253,7 +255,8 @@ def test_the_train_node_trains_at_the_native_size_when_the_size_is_left_at_its_d
     plugin = load_plugin_package()
     node_class = plugin.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]
     defaults = node_class.INPUT_TYPES()["required"]
-    assert (defaults["width"][1]["default"], defaults["height"][1]["default"]) == (512, 512)
+    assert (defaults["width"][1]["default"], defaults["height"][1]["default"]) == (0, 0)
+    assert node_class.VALIDATE_INPUTS(width=widgets[0], height=widgets[1]) is True
     assert all(word in node_class.DESCRIPTION for word in ("SD1.x", "SD2.x", "v-prediction", "SDXL", "refused"))
     train_module = sys.modules[node_class.__module__]
     real_build_config = train_module.build_config

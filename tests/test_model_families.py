@@ -17,10 +17,14 @@ def test_comfyui_configs_map_to_their_family(config_name, v_pred, size, version)
     assert family.is_sdxl == (version == "sdxl_base_v1-0")
 
 
-def test_the_default_size_means_native_and_any_other_size_is_kept():
-    assert mf.training_size(512, 512, mf.SDXL) == (1024, 1024)
-    assert mf.training_size(512, 512, mf.SD2_V) == (768, 768)
-    assert mf.training_size(512, 512, mf.SD1) == (512, 512)
+def test_a_zero_side_means_native_and_any_other_size_is_kept():
+    native = mf.NATIVE_SIZE
+    assert native == 0
+    assert mf.training_size(native, native, mf.SDXL) == (1024, 1024)
+    assert mf.training_size(native, native, mf.SD2_V) == (768, 768)
+    assert mf.training_size(native, native, mf.SD1) == (512, 512)
+    assert mf.training_size(native, 768, mf.SDXL) == (1024, 768)       # each side on its own
+    assert mf.training_size(512, 512, mf.SDXL) == (512, 512)           # 512 is a choice on SDXL too
     assert mf.training_size(768, 512, mf.SDXL) == (768, 512)
     assert mf.training_size(832, 1216, mf.SDXL) == (832, 1216)
 

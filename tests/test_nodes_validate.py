@@ -134,6 +134,16 @@ def test_form_values_override_the_preset_and_the_preset_fills_the_rest(package):
     assert form.parse_prompts("a cat\n\n  # note\n a dog  \n") == ["a cat", "a dog"]
 
 
+def test_a_zero_size_is_accepted_as_the_models_native_size_and_512_stays_a_choice(nodes, package):
+    """0 (the default) is resolved by the node once the model is known; until then the preset's
+    size stands in (its memory bound is checked again at run time with the real size)."""
+    form = __import__(f"{package.__name__}.nodes.train_form", fromlist=["build_config"])
+    assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, "width": 0, "height": 0}) is True
+    assert (form.build_config("consumer-gpu-sdxl", width=0, height=0).width) == 1024
+    config = form.build_config("consumer-gpu-sdxl", width=512, height=512)
+    assert (config.width, config.height) == (512, 512)
+
+
 def test_load_reward_validation(nodes):
     load = nodes["PRDPLoadRewardModel"]
     assert load.VALIDATE_INPUTS("jpeg-compressibility", "(auto)") is True
@@ -201,7 +211,8 @@ def test_workflows_are_consistent_ui_graphs(nodes, path):
     for node in train:   # real-use defaults, and a seed that does not change on every queue
         values = dict(zip([k for s in ("required", "optional") for k in nodes["PRDPTrainLoRA"].INPUT_TYPES()[s]
                            if k not in ("model", "clip", "vae", "reward_model")], node["widgets_values"][:16]))
-        assert values["width"] == values["height"] == 512
+        # 0: the checkpoint's native size; 512 is SD1.5's, set by hand
+        assert values["width"] == values["height"] and values["width"] in (0, 512)
         assert node["widgets_values"][16] == "fixed"
         assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(
             **dict(zip(["prompts", "negative_prompt", "preset", "epochs", "prompts_per_epoch", "images_per_prompt",
@@ -209,7 +220,8 @@ def test_workflows_are_consistent_ui_graphs(nodes, path):
                         "width", "height", "seed"], node["widgets_values"][:16])),
             lora_name=node["widgets_values"][17]) is True
     checkpoints = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
-    assert [n["widgets_values"] for n in checkpoints] == [["v1-5-pruned-emaonly.safetensors"]]
+    expected = "sd_xl_base_1.0.safetensors" if path.stem.endswith("_sdxl") else "v1-5-pruned-emaonly.safetensors"
+    assert [n["widgets_values"] for n in checkpoints] == [[expected]]
 
 
 def test_the_three_workflows_exist():
@@ -218,7 +230,8 @@ def test_the_three_workflows_exist():
 
 # --- the node's own limits (issue 8, item 3) ------------------------------------------------------
 @pytest.mark.parametrize("change, fragment", [
-    ({"width": 8}, "width=8: at least 64"),
+    ({"width": 8}, "width=8: at least 64 (or 0 for the model's native size)"),
+    ({"height": 56}, "height=56: at least 64 (or 0 for the model's native size)"),
     ({"epochs": 100001}, "epochs=100001: at most 100000"),
     ({"seed": -1}, "seed=-1: at least 0"),
     ({"lora_rank": 100000}, "lora_rank=100000: at most"),
