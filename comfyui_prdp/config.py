@@ -30,6 +30,13 @@ class TrainConfig:
     height: int = 512
     negative_prompt: str = ""
     logprob_reduce: str = "mean"        # [choice] mean (DDPO convention) or sum over latent elements
+    # policy (policies/): "auto" = ddpm for eps / v-prediction models, flow_sde for flow models
+    policy: str = "auto"
+    flow_noise_level: float = 0.7       # flow_sde: Flow-GRPO's a (noise level of the SDE)
+    flow_sde_variant: str = "sde"       # flow_sde: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    # flow_sde: [first, stop) steps that are stochastic and trained (MixGRPO), the rest ODE
+    # steps; None = every step but the last. A window is an APPROXIMATION of the objective
+    sde_window: Optional[List[int]] = None
     # objective
     algorithm: str = "prdp"             # "prdp" or "ddpo" (the baseline of spec section 6)
     beta: float = 3e-5
@@ -59,6 +66,13 @@ class TrainConfig:
     mixed_precision: str = "no"         # "no", "fp16" or "bf16" (GPU)
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0           # epochs between checkpoints (0: only at the end/stop)
+    # held-out evaluation (heldout.py): every eval_every epochs (0: off) on eval_prompts prompts
+    # (split off the training set, or the first of an evaluation file; 0 there: all of it) x
+    # eval_seeds seeds; early stop after early_stop_patience diverging evaluations (0: never)
+    eval_every: int = 0
+    eval_prompts: int = 4
+    eval_seeds: int = 2
+    early_stop_patience: int = 0
     seed: int = 0
 
     def replace(self, **overrides: Any) -> "TrainConfig":
@@ -112,6 +126,7 @@ class TrainConfig:
         need(0 < self.eta <= 1, f"eta={self.eta}: must be in (0, 1] (eta=0 is deterministic DDIM, which has "
              "no log-probs; above 1 the DDIM variance is no longer valid)")
         need(self.cfg >= 1.0, f"cfg={self.cfg}: must be >= 1")
+        problems.extend(_policy_problems(self))
         for name in ("width", "height"):
             value = getattr(self, name)
             need(value >= 8 and value % 8 == 0,
@@ -137,6 +152,12 @@ class TrainConfig:
         need(self.mixed_precision in ("no", "fp16", "bf16"),
              f"mixed_precision={self.mixed_precision!r}: use 'no', 'fp16' or 'bf16'")
         need(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every}: must be >= 0")
+        need(self.eval_every >= 0, f"eval_every={self.eval_every}: must be >= 0 (0: no held-out evaluation)")
+        need(self.eval_prompts >= 0, f"eval_prompts={self.eval_prompts}: must be >= 0")
+        need(1 <= self.eval_seeds <= 64, f"eval_seeds={self.eval_seeds}: must be 1 to 64")
+        need(self.early_stop_patience >= 0, f"early_stop_patience={self.early_stop_patience}: must be >= 0")
+        need(not self.early_stop_patience or self.eval_every,
+             f"early_stop_patience={self.early_stop_patience} needs the held-out evaluation: set eval_every too")
         need(self.adv_clip > 0, f"adv_clip={self.adv_clip}: must be > 0")
         need(self.adam_eps > 0, f"adam_eps={self.adam_eps}: must be > 0 (e.g. 1e-8)")
         need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
@@ -147,6 +168,26 @@ class TrainConfig:
         if problems:
             raise ValueError("invalid training configuration:\n  - " + "\n  - ".join(problems))
         return self
+
+
+def _policy_problems(config: "TrainConfig") -> List[str]:
+    """What is wrong with the policy options (policies/ holds the samplers)."""
+    problems = []
+    if config.policy not in ("auto", "ddpm", "flow_sde"):
+        problems.append(f"policy={config.policy!r}: use 'auto' (ddpm for eps / v-prediction models, flow_sde "
+                        "for flow models), 'ddpm' or 'flow_sde'")
+    if not 0 < config.flow_noise_level <= 1:
+        problems.append(f"flow_noise_level={config.flow_noise_level}: must be in (0, 1] (Flow-GRPO uses 0.7)")
+    if config.flow_sde_variant not in ("sde", "cps"):
+        problems.append(f"flow_sde_variant={config.flow_sde_variant!r}: use 'sde' (Flow-GRPO) or 'cps'")
+    window = config.sde_window
+    if window is not None:
+        if config.policy == "ddpm":
+            problems.append("sde_window is a flow_sde option; unset it for policy 'ddpm'")
+        elif len(window) != 2 or not 0 <= window[0] < window[1] <= config.steps - 1:
+            problems.append(f"sde_window={list(window)}: need [first, stop] with 0 <= first < stop <= steps - 1 = "
+                            f"{config.steps - 1} (the last flow step is deterministic)")
+    return problems
 
 
 def _field_hints():
@@ -167,6 +208,7 @@ def _kind_problem(name: str, hint: Any, value: Any) -> Optional[str]:
         if value is None:
             return None
         hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
     if hint is bool:
         return None if isinstance(value, bool) else f"{name}={value!r}: must be true or false"
     if hint is int:
