@@ -48,6 +48,7 @@ OVERRIDES = {
     "timestep_fraction": finite_float, "algorithm": str, "mixed_precision": str,
     "negative_prompt": str, "logprob_reduce": str, "step_reduce": str,
     "adv_clip": finite_float, "ddpo_advantages": str, "ddpo_buffer_size": int, "ddpo_min_count": int,
+    "eval_every": int, "eval_prompts": int, "eval_seeds": int, "early_stop_patience": int,
 }
 
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prompt-field", default=None,
                        help="JSON field or CSV column holding the prompt (default: the first of prompt, "
                             "caption, text; a CSV's only column)")
+    train.add_argument("--eval-prompts-file", type=Path, default=None,
+                       help="held-out prompts for --eval-every (any --prompts format); without it "
+                            "--eval-prompts N prompts are split off the training prompts")
     train.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="hyperparameter preset (default: cpu-smoke without --base, consumer-gpu with it)")
     train.add_argument("--seed", type=int, default=None)
@@ -218,6 +222,16 @@ class ProgressPrinter:
                            f"on-policy diff {m['onpolicy_max_diff']:.1e}")
         elif event["type"] == "checkpoint":
             self.bar.write(f"checkpoint: {event['path']}")
+        elif event["type"] == "eval":
+            m = event["metrics"]
+            self.bar.write(f"held-out after epoch {event['epoch']}: reward {m['eval/reward_mean']:+.4f} "
+                           f"(best {m['eval/best_reward_mean']:+.4f} at epoch {m['eval/best_epoch']}"
+                           + (f", {m['eval/divergence_strikes']} diverging" if m['eval/divergence_strikes'] else "")
+                           + ")")
+        elif event["type"] == "done" and event.get("early_stopped"):
+            self.bar.close()
+            print(f"early stop after epoch {event['epochs']}: the held-out reward fell while the training "
+                  "reward rose (best LoRA in best/)", file=sys.stderr)
         elif event["type"] == "done":
             self.bar.n = 1000 if not event["stopped"] else self.bar.n
             self.bar.close()
@@ -232,6 +246,7 @@ def train(args) -> int:
     check_device(args.device)
     check_base(args.base, args.base_config)
     prompts = read_prompts(args.prompts, args.prompt_field)
+    split_held_out(args, config, prompts)      # refused here, before --out is touched
     check_out_path(args.out)
     lock = claim_out_dir(args.out, args.resume)
     try:
@@ -266,7 +281,11 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
               f"over in {args.out}", file=sys.stderr)
         return 130
     printer = ProgressPrinter(config.epochs)
+    prompts, held_out = split_held_out(args, config, prompts)
     trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer)
+    if held_out is not None:
+        from .heldout import HeldOutMonitor
+        trainer.held_out = HeldOutMonitor(held_out, config)
     resume_from = checkpoint.path if checkpoint is not None else None
     start = time.perf_counter()
     try:
@@ -291,6 +310,19 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
               f"-> after {summary['held_out_reward_after']:+.4f}")
     print(f"wrote {args.out}/metrics.jsonl, reward_curve.png" + (", before_after.png" if evaluate else ""))
     return 0
+
+
+def split_held_out(args, config: TrainConfig, prompts: Sequence[str]):
+    """(training prompts, heldout.HeldOutSet or None) for --eval-every (see heldout.py)."""
+    from .heldout import held_out_split
+
+    eval_file = read_prompts(args.eval_prompts_file, args.prompt_field) if args.eval_prompts_file else None
+    if eval_file is not None and not config.eval_every:
+        raise SystemExit("error: --eval-prompts-file needs --eval-every N (epochs between held-out evaluations)")
+    try:
+        return held_out_split(prompts, config, eval_file)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def check_base(base: Optional[str], base_config: Optional[str]) -> None:

@@ -67,10 +67,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0           # epochs between checkpoints (0: only at the end/stop)
     # held-out evaluation (heldout.py): every eval_every epochs (0: off) on eval_prompts prompts
-    # (split off the training set, or the first of an evaluation file; 0 there: all of it) x
+    # (split off the training set, 0: 4; or the first of an evaluation file, 0: all of it) x
     # eval_seeds seeds; early stop after early_stop_patience diverging evaluations (0: never)
     eval_every: int = 0
-    eval_prompts: int = 4
+    eval_prompts: int = 0
     eval_seeds: int = 2
     early_stop_patience: int = 0
     seed: int = 0

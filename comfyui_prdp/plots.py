@@ -11,6 +11,7 @@ BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
 LINE = (31, 119, 180)
 BAND = (198, 219, 239)
+HELD_OUT = (214, 96, 39)
 
 
 def _font(size: int = 12):
@@ -22,7 +23,8 @@ def _font(size: int = 12):
 
 def reward_curve(metrics: Sequence[dict], width: int = 640, height: int = 360,
                  title: str = "reward per epoch (mean ± std)") -> Image.Image:
-    """Line plot of reward_mean per epoch with a ±std band."""
+    """Line plot of reward_mean per epoch with a ±std band, and the held-out reward
+    (`eval/reward_mean`, heldout.py) as a second line where epochs have one."""
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     font = _font(13)
@@ -35,7 +37,11 @@ def reward_curve(metrics: Sequence[dict], width: int = 640, height: int = 360,
     epochs = [float(m["epoch"]) for m in metrics]
     means = np.array([float(m["reward_mean"]) for m in metrics])
     stds = np.array([float(m.get("reward_std", 0.0)) for m in metrics])
+    held_out = [(float(m["epoch"]), float(m["eval/reward_mean"])) for m in metrics if "eval/reward_mean" in m]
     low, high = float((means - stds).min()), float((means + stds).max())
+    if held_out:
+        values = [v for _, v in held_out]
+        low, high = min(low, min(values)), max(high, max(values))
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5
     pad = 0.05 * (high - low)
@@ -57,6 +63,17 @@ def reward_curve(metrics: Sequence[dict], width: int = 640, height: int = 360,
         draw.line(points, fill=LINE, width=2)
     for x, y in points:
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=LINE)
+    if held_out:
+        held_points = [to_xy(e, v) for e, v in held_out]
+        if len(held_points) > 1:
+            draw.line(held_points, fill=HELD_OUT, width=2)
+        for x, y in held_points:
+            draw.rectangle([x - 3, y - 3, x + 3, y + 3], fill=HELD_OUT)
+        legend_x = max(left + 10, right - 170)
+        draw.line([(legend_x, top + 12), (legend_x + 18, top + 12)], fill=LINE, width=2)
+        draw.text((legend_x + 24, top + 5), "training", fill=INK, font=font)
+        draw.line([(legend_x, top + 28), (legend_x + 18, top + 28)], fill=HELD_OUT, width=2)
+        draw.text((legend_x + 24, top + 21), "held-out", fill=INK, font=font)
     for value in (low + pad, (low + high) / 2, high - pad):
         _, y = to_xy(x_min, value)
         draw.text((5, y - 7), f"{value:.4g}", fill=INK, font=font)

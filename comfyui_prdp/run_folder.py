@@ -34,7 +34,7 @@ METRICS = "metrics.jsonl"
 RECORD_FORMAT = "comfyui-prdp-run"
 RESULT_FILES = frozenset({"reward_curve.png", "before_after.png", "held_out.json"})
 #: settings that may change on resume without changing what is trained
-FREE_SETTINGS = frozenset({"epochs", "checkpoint_every"})
+FREE_SETTINGS = frozenset({"epochs", "checkpoint_every", "eval_every", "early_stop_patience"})
 #: settings that change only how the work is batched or computed: allowed with a warning
 EXECUTION_SETTINGS = frozenset({"sample_batch_size", "train_batch_size", "mixed_precision",
                                 "gradient_checkpointing"})

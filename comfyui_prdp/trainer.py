@@ -27,6 +27,7 @@ from .advantages import PerPromptStatTracker
 from .config import TrainConfig
 from .lora import atomic_write, lora_metadata, save_lora, unique_path
 from .objective import LOSSES, clip_fraction, logp_gradient_weights
+from .heldout import HeldOutMonitor
 from .prompts import PromptSet
 from .policies import policy_for
 from .sampling import (Trajectories, broadcast_row, index_cond, join_trajectories, recorded_logprob, repeat_cond,
@@ -48,6 +49,7 @@ class TrainResult:
     metrics: List[dict] = field(default_factory=list)
     lora_path: Optional[Path] = None
     checkpoint_path: Optional[Path] = None
+    early_stopped: bool = False        # the held-out early stop ended the run (heldout.py)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -100,17 +102,24 @@ class Trainer:
         self.latent_shape = tuple(backend.latent_shape(config.height, config.width))
         self.metrics: List[dict] = []
         self.epoch = 0
+        #: set to a heldout.HeldOutMonitor (before run) to score held-out pairs every eval_every epochs
+        self.held_out: Optional[HeldOutMonitor] = None
         self._progress_units = 0
         self._uncond_one = None
         self.ddpo_tracker = PerPromptStatTracker(config.ddpo_buffer_size, config.ddpo_min_count)
 
     def _extra_state(self) -> dict:
         """JSON-serialisable trainer state beyond weights and optimizer (saved in checkpoints)."""
-        return {"ddpo_tracker": self.ddpo_tracker.state_dict()}
+        state = {"ddpo_tracker": self.ddpo_tracker.state_dict()}
+        if self.held_out is not None:
+            state["held_out"] = self.held_out.state_dict()
+        return state
 
     def _load_extra_state(self, state: dict) -> None:
         if "ddpo_tracker" in state:
             self.ddpo_tracker.load_state_dict(state["ddpo_tracker"])
+        if self.held_out is not None and "held_out" in state:
+            self.held_out.load_state_dict(state["held_out"])
 
     # ------------------------------------------------------------------ public entry
     def run(self, resume_from: Optional[Path] = None) -> TrainResult:
@@ -119,23 +128,51 @@ class Trainer:
         stopped = False
         checkpoint_path = None
         try:
-            while self.epoch < self.config.epochs:
+            while self.epoch < self.config.epochs and not (self.held_out and self.held_out.stopped_early):
                 self._check_stop()
                 self._mark_epoch_start()
                 metrics = self.train_epoch(self.epoch)
                 self.epoch += 1
                 self.metrics.append(metrics)
+                early_stop = self._held_out_evaluation(metrics)   # eval/... into metrics, best/
                 self._append_metrics(metrics)
+                if early_stop:
+                    break
                 every = self.config.checkpoint_every
                 if every and self.epoch % every == 0 and self.epoch < self.config.epochs:
                     checkpoint_path = self.save_checkpoint()
         except StopRequested:
             stopped = True
-        if stopped or self.config.checkpoint_every:
+        early_stopped = self.held_out is not None and self.held_out.stopped_early
+        if stopped or early_stopped or self.config.checkpoint_every:
             checkpoint_path = self.save_checkpoint(partial=stopped)
         lora_path = self.save_final_lora()
-        self.callback({"type": "done", "stopped": stopped, "epochs": self.epoch})
-        return TrainResult(self.epoch, stopped, list(self.metrics), lora_path, checkpoint_path)
+        self.callback({"type": "done", "stopped": stopped, "epochs": self.epoch, "early_stopped": early_stopped})
+        return TrainResult(self.epoch, stopped, list(self.metrics), lora_path, checkpoint_path, early_stopped)
+
+    def _held_out_evaluation(self, metrics: dict) -> bool:
+        """Score the held-out pairs when due (heldout.py): `eval/...` into this epoch's `metrics`,
+        a new best into best/. True when the early stop ends the run (every rank alike)."""
+        monitor = self.held_out
+        if monitor is None or not monitor.due(self.epoch, self.config.epochs):
+            return False
+        self._event_phase(self.epoch - 1, "held-out evaluation")
+        start = time.perf_counter()
+        mean, std, _ = monitor.evaluate(self)
+        previous = monitor.evaluations[-1]["epoch"] if monitor.evaluations else 0
+        since = [m["reward_mean"] for m in self.metrics if m["epoch"] > previous]   # since the last one
+        metrics.update(monitor.observe(self.epoch, mean, sum(since) / len(since)))
+        metrics["eval/reward_std"] = std
+        metrics["seconds_eval"] = round(time.perf_counter() - start, 4)
+        if metrics["eval/is_best"]:
+            best = monitor.save_best(self)
+            if best is not None:
+                self.callback({"type": "best", "epoch": self.epoch, "path": str(best)})
+        self.callback({"type": "eval", "epoch": self.epoch,
+                       "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")}})
+        dist = getattr(self, "dist", None)         # distributed runs: every rank stops alike
+        monitor.stopped_early = dist.any(monitor.stopped_early) if dist is not None else monitor.stopped_early
+        return monitor.stopped_early
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> dict:
