@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in OVERRIDES.items():
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
     train.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. to_q,to_k,to_v,to_out.0")
+    from .reward_server import add_parser as add_serve_reward_parser
+    add_serve_reward_parser(commands)
     return parser
 
 
@@ -189,6 +191,7 @@ def plan_out_dir(args, config: TrainConfig, prompts: List[str]):
 
 def make_reward(args):
     from .rewards import create_reward
+    from .rewards.remote import RewardServerError
     kwargs = {}
     if args.reward == "weighted":
         if not args.reward_spec:
@@ -198,7 +201,7 @@ def make_reward(args):
         kwargs["path"] = args.reward_path
     try:
         return create_reward(args.reward, **kwargs)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RewardServerError) as error:   # a URL: server down or refusing
         raise SystemExit(f"error: {error}")
 
 
@@ -263,6 +266,7 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
     """Load, evaluate, train (from `checkpoint` when given) and report, in a claimed --out."""
     from .evaluation import evaluate_reward
     from .plots import comparison_grid, reward_curve
+    from .rewards.remote import RewardServerError
     from .trainer import Trainer
 
     evaluate = not args.no_eval
@@ -290,6 +294,11 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
     start = time.perf_counter()
     try:
         result = trainer.run(resume_from=resume_from)
+    except RewardServerError as error:      # --reward http://...: the server went away mid-run
+        printer.bar.close()
+        path = trainer.save_checkpoint(partial=True)
+        print(f"error: {error}\ncheckpoint: {path} (continue with --resume once the server is back)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         printer.bar.close()
         print("interrupted: saving a checkpoint", file=sys.stderr)
@@ -347,9 +356,12 @@ def check_device(device: Optional[str]) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command; a refused input prints one 'error: ...' line and returns 2."""
     args = build_parser().parse_args(argv)
-    if args.command != "train":
+    if args.command not in ("train", "serve-reward"):
         return 2
     try:
+        if args.command == "serve-reward":
+            from .reward_server import serve
+            return serve(args)
         return train(args)
     except SystemExit as stop:
         if not isinstance(stop.code, str):

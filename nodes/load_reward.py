@@ -1,4 +1,5 @@
-"""Load Reward Model (PRDP): a reward by name, its weights file, and where it runs."""
+"""Load Reward Model (PRDP): a reward by name, its weights file, and where it runs; or a reward
+server's URL (`serve-reward`, rewards/remote.py)."""
 from __future__ import annotations
 
 import inspect
@@ -6,6 +7,7 @@ import math
 from typing import Any, Dict, List
 
 from ..comfyui_prdp import rewards
+from ..comfyui_prdp.rewards.remote import check_reward_url
 from .common import CATEGORY, REWARD_TYPE, comfy_device_name, folder_paths_module, refuse, widget_problems
 
 AUTO_WEIGHTS = "(auto)"
@@ -97,6 +99,12 @@ class PRDPLoadRewardModel:
                     "default": True,
                     "tooltip": "Allow downloading missing weights from Hugging Face (never when "
                                "HF_HUB_OFFLINE is set). Off: only local files are used."}),
+                "server_url": ("STRING", {
+                    "default": "",
+                    "tooltip": "A reward server's address, e.g. http://127.0.0.1:8190 (started with "
+                               "`python -m comfyui_prdp serve-reward --reward NAME`): images are scored "
+                               "there, in its own process; reward, weights, device and dtype are then the "
+                               "server's. Empty: the reward is loaded here."}),
             },
         }
 
@@ -108,10 +116,17 @@ class PRDPLoadRewardModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, reward=None, weights=None, device=None, dtype=None, components=None,
-                        allow_download=None):
+                        allow_download=None, server_url=None):
         """True, or FormRefused with every problem (see nodes.common.FormRefused)."""
         names = rewards.available_rewards()
         problems = []
+        if isinstance(server_url, str) and server_url.strip():
+            try:
+                check_reward_url(server_url.strip())
+            except ValueError as error:
+                problems.append(f"server_url: {error}")
+            refuse(TITLE, problems)
+            return True          # the server's reward: the other widgets are not used
         if reward is not None and reward not in names:
             problems.append(f"unknown reward {reward!r}; choose one of: {', '.join(names)}")
         if weights not in (AUTO_WEIGHTS, None):
@@ -145,7 +160,10 @@ class PRDPLoadRewardModel:
             problems.append(f"components: weights must be finite numbers, not {', '.join(not_finite)}")
         return problems
 
-    def load(self, reward, weights, device, dtype, components=DEFAULT_COMPONENTS, allow_download=True):
+    def load(self, reward, weights, device, dtype, components=DEFAULT_COMPONENTS, allow_download=True,
+             server_url=""):
+        if isinstance(server_url, str) and server_url.strip():
+            return (rewards.create_reward(check_reward_url(server_url.strip())),)   # asks the server now
         weights_path = None
         if weights != AUTO_WEIGHTS:
             folder_paths = folder_paths_module()

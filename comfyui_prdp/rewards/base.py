@@ -113,7 +113,11 @@ def available_rewards() -> List[str]:
 
 
 def create_reward(name: str, **kwargs) -> Reward:
-    """Build a reward by registry name; unknown names get an error listing the known ones."""
+    """Build a reward by registry name, or by a reward server's URL (http://..., rewards/remote.py);
+    unknown names get an error listing the known ones."""
+    if isinstance(name, str) and name.lower().startswith(("http://", "https://")):
+        from .remote import create_remote_reward
+        return create_remote_reward(name, **kwargs)
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown reward {name!r}; choose one of: {', '.join(available_rewards())}"
