@@ -392,13 +392,13 @@ def test_training_reports_progress_and_epoch_metrics(trained):
     assert result.outputs.get(curve[0], {}).get("images"), "no reward curve image"
 
 
-def _sample_through_lora_loader(server, relative: str):
+def _sample_through_lora_loader(server, relative: str, ckpt_name: str = harness.TINY_SD15_FILENAME):
     """Checkpoint -> core LoraLoader(relative) -> sampler; returns (result, log lines, image)."""
     fresh_info = server.object_info()  # the LoRA list is read again on each request
     choices = fresh_info["LoraLoader"]["input"]["required"]["lora_name"][0]
     assert relative in choices, f"LoraLoader does not list {relative}: {choices}"
     g = UiWorkflowBuilder(fresh_info)
-    ckpt = g.node("CheckpointLoaderSimple", {"ckpt_name": harness.TINY_SD15_FILENAME})
+    ckpt = g.node("CheckpointLoaderSimple", {"ckpt_name": ckpt_name})
     loader = g.node("LoraLoader", {"lora_name": relative, "strength_model": 1.0, "strength_clip": 1.0})
     g.link(ckpt, 0, loader, "model")
     g.link(ckpt, 1, loader, "clip")
@@ -587,3 +587,85 @@ def test_example_workflow_runs_with_tiny_settings(server, object_info, path, req
     saved = [n for n in harness.nodes_of_type(prompt, "SaveImage") if not n.startswith("probe_")]
     for node_id in saved:
         assert (result.outputs.get(node_id) or {}).get("images"), f"SaveImage {node_id} wrote nothing"
+
+
+# --------------------------------------------------------------------------------------
+# The SDXL example workflow on a checkpoint ComfyUI detects as SDXL
+# --------------------------------------------------------------------------------------
+
+SDXL_WORKFLOW = harness.REPO_ROOT / "example_workflows" / "train_and_compare_sdxl.json"
+
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoint(server, tmp_path_factory):
+    """The tiny SDXL checkpoint (tests/comfy_tiny_sdxl_checkpoint.py) in the server's
+    checkpoints folder; its name."""
+    from comfy_tiny_sdxl_checkpoint import cached_tiny_sdxl_checkpoint
+
+    path = cached_tiny_sdxl_checkpoint(tmp_path_factory.getbasetemp() / "comfy_harness_cache", server.comfyui_root)
+    link = server.checkpoints_dir / path.name
+    if not link.exists():
+        link.symlink_to(path)
+    return path.name
+
+
+def test_the_sdxl_workflow_trains_an_sdxl_lora_and_compares_on_an_sdxl_checkpoint(server, sdxl_checkpoint):
+    """train_and_compare_sdxl.json as shipped (SDXL checkpoint, the SDXL preset, native size,
+    1024 px comparison), run with tiny settings on a checkpoint ComfyUI detects as SDXL: the
+    node trains the SDXL model (pooled + size conditioning), the LoRA is an SDXL one by its
+    metadata and keys, the finetuned image differs from the base and is scored, and the file
+    loads through core LoraLoader with no key left over and gives the trained model's image."""
+    from safetensors import safe_open
+
+    object_info = server.object_info()        # read again: the checkpoint list now has the SDXL file
+    _require_nodes(object_info)
+    assert sdxl_checkpoint in object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    prompt = workflow_to_api_prompt(json.loads(SDXL_WORKFLOW.read_text()), object_info)
+    (ckpt,), (train,), (latent,) = (harness.nodes_of_type(prompt, kind) for kind in
+                                    ("CheckpointLoaderSimple", "PRDPTrainLoRA", "EmptyLatentImage"))
+    shipped = prompt[train]["inputs"]
+    assert prompt[ckpt]["inputs"]["ckpt_name"] == "sd_xl_base_1.0.safetensors"
+    assert (shipped["preset"], shipped["width"], shipped["height"]) == ("consumer-gpu-sdxl", 0, 0)
+    assert (prompt[latent]["inputs"]["width"], prompt[latent]["inputs"]["height"]) == (1024, 1024)
+    base, tuned = _base_and_finetuned_decodes(prompt)
+    assert len(base) == len(tuned) == 1
+
+    prompt = tiny_workflow_overrides(prompt, object_info, "harness_sdxl")
+    # the comparison sampled as _sample_through_lora_loader samples, for the file check below
+    negatives = [n for n in harness.nodes_of_type(prompt, "CLIPTextEncode") if prompt[n]["inputs"]["text"] != COMPARE_PROMPT]
+    prompt = override_inputs(prompt, {"CheckpointLoaderSimple": {"ckpt_name": sdxl_checkpoint},
+                                      "KSampler": {"seed": COMPARE_SEED, "steps": 2, "cfg": 4.0,
+                                                   "sampler_name": "euler", "scheduler": "normal"},
+                                      **{n: {"text": ""} for n in negatives}})
+    probes = add_image_probes(prompt, "sdxl")
+    before = _lora_files(server)
+    mark = server.log_mark()
+    started = time.monotonic()
+    result = server.run(prompt, timeout=900)
+    print(f"{SDXL_WORKFLOW.name} on the tiny SDXL checkpoint: {time.monotonic() - started:.1f} s")
+    _assert_success(server, result)
+    log = server.log_since(mark)
+    assert f"PRDP: SDXL model, training at {IMAGE_SIZE}x{IMAGE_SIZE}" in log, log[-4000:]
+
+    new = sorted(_lora_files(server) - before)
+    assert len(new) == 1 and new[0].name.startswith("harness_sdxl"), new
+    with safe_open(str(new[0]), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata() or {}
+        cross_attention = [k for k in keys if k.endswith("attn2_to_k.lora_down.weight")]
+        widths = {handle.get_slice(k).get_shape()[1] for k in cross_attention}
+    assert (metadata.get("ss_base_model_version"), metadata.get("ss_resolution")) == \
+        ("sdxl_base_v1-0", f"({IMAGE_SIZE}, {IMAGE_SIZE})"), metadata
+    assert keys and all(k.startswith("lora_unet_") for k in keys), keys[:5]
+    assert widths == {2048}, f"cross-attention LoRAs of SDXL read the 2048-wide text context, got {widths}"
+
+    images = probe_images(server, result, probes)
+    changed = _mean_abs_diff(images[base[0]][0], images[tuned[0]][0])
+    assert changed > 0.5, f"the finetuned SDXL image equals the base one (mean |diff| {changed:.3f} of 255)"
+    for node_id in harness.nodes_of_type(prompt, "PRDPScoreImages"):
+        assert (result.outputs.get(node_id) or {}).get("text"), f"Score Images {node_id} showed no scores"
+
+    _, loader_log, from_file = _sample_through_lora_loader(
+        server, new[0].relative_to(server.loras_dir).as_posix(), ckpt_name=sdxl_checkpoint)
+    assert not _unmatched_key_lines(loader_log), loader_log[-6000:]
+    assert _mean_abs_diff(from_file, images[tuned[0]][0]) < 0.25 * changed, (
+        _mean_abs_diff(from_file, images[tuned[0]][0]), changed)
