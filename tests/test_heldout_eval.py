@@ -203,3 +203,26 @@ def test_cli_refuses_held_out_settings_that_cannot_work(tmp_path, capsys, monkey
     code, err = run_cli(["--out", str(out), "--early-stop-patience", "2"], capsys, monkeypatch)
     assert code == 2 and "set eval_every too" in err, err
     assert not out.exists()
+
+
+def test_cli_trains_with_held_out_evaluation_and_resume_keeps_the_best(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(model_loading, "load_backend", lambda *a, **k: ToyBackend(image_size=64))
+    out = tmp_path / "run"
+    small = ["--steps", "3", "--prompts-per-epoch", "2", "--images-per-prompt", "2", "--updates-per-epoch", "1"]
+    code = cli.main(["train", "--out", str(out), "--epochs", "2", "--eval-every", "1", "--eval-prompts", "3",
+                     "--checkpoint-every", "1", "--no-eval", *small])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "held-out after epoch 2: reward" in printed.out
+    first = metrics_file(out)
+    assert [m["epoch"] for m in first] == [1, 2] and all("eval/reward_mean" in m for m in first)
+    assert best_checkpoint(out).name == f"epoch_{first[-1]['eval/best_epoch']:05d}"
+    assert (out / "reward_curve.png").exists()
+    code = cli.main(["train", "--out", str(out), "--resume", "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = metrics_file(out)
+    assert lines[:2] == first and len(lines) == 3
+    scores = [m["eval/reward_mean"] for m in lines]
+    assert lines[-1]["eval/best_epoch"] == 1 + max(range(3), key=scores.__getitem__)
+    assert best_checkpoint(out).name == f"epoch_{lines[-1]['eval/best_epoch']:05d}"

@@ -287,3 +287,25 @@ def test_load_reward_node_takes_a_server_url(serve):
     with pytest.raises(RuntimeError, match="not reachable") as caught:   # the package's own RewardServerError
         node().load("pickscore", "(auto)", "auto", "auto", server_url=down)
     assert type(caught.value).__name__ == "RewardServerError"
+
+
+def test_cli_trains_through_a_server_and_resume_reports_it_down(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(model_loading, "load_backend", lambda *a, **k: ToyBackend(image_size=64))
+    server = RewardServer(create_reward("jpeg-compressibility"), "127.0.0.1", 0)
+    url = server.start()
+    out = tmp_path / "run"
+    try:
+        code = cli.main(["train", "--out", str(out), "--reward", url, "--epochs", "1", "--steps", "3",
+                         "--prompts-per-epoch", "2", "--images-per-prompt", "2", "--updates-per-epoch", "1",
+                         "--checkpoint-every", "1"])
+        err = capsys.readouterr().err
+        assert code == 0, err
+    finally:
+        server.stop()
+    record = json.loads((out / "config.json").read_text())
+    assert record["reward"] == url and (out / "lora.safetensors").exists()
+    code = cli.main(["train", "--out", str(out), "--resume", "--epochs", "2", "--reward", url])
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: reward server") and \
+        "not reachable" in errors[0], errors
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_00001"]   # nothing written
