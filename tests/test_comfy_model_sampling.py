@@ -1,11 +1,11 @@
-"""ComfyBackend trains discrete VP models (eps, v-prediction) and refuses flow-matching ones
-(issue 7.3), on ComfyUI's real model-sampling objects.
+"""ComfyBackend tells discrete VP models (eps, v-prediction: the DDPM policy) from rectified-flow
+ones (SD3, Flux: the flow-SDE policy) by their model-sampling classes, and refuses every other
+sampling (EDM, continuous v, Cosmos RFlow) with a clear error, on ComfyUI's real objects.
 
 ComfyUI builds every model-sampling object as `class ModelSampling(schedule, parameterisation)`
 in `comfy.model_base.model_sampling(model_config, model_type)`, so a test on the class name
-lets SD3/Flux (CONST + ModelSamplingDiscreteFlow / ModelSamplingFlux) through, and they would
-be trained with VP formulas. The samplings here are built exactly that way, from the real
-model configs of each model family.
+would train SD3/Flux (CONST + ModelSamplingDiscreteFlow / ModelSamplingFlux) with VP formulas
+(issue 7.3). The samplings here are built exactly that way, from the real model configs.
 """
 import pytest
 import torch
@@ -17,12 +17,17 @@ import_comfy()
 import comfy.model_base  # noqa: E402
 import comfy.supported_models  # noqa: E402
 
-from comfyui_prdp.backends.comfy_backend import ComfyBackend, vp_sigmas  # noqa: E402
+from comfyui_prdp.backends.comfy_backend import ComfyBackend, flow_sigmas, sampling_kind, vp_sigmas  # noqa: E402
 
 ModelType = comfy.model_base.ModelType
 #: (model config class, model type) as ComfyUI's model detection pairs them
 ACCEPTED = {"EPS (SD1.5)": ("SD15", "EPS"), "V_PREDICTION (SD2.x 768-v)": ("SD20", "V_PREDICTION")}
-REFUSED = {"FLOW / CONST (SD3)": ("SD3", "FLOW"), "FLUX / CONST (Flux)": ("Flux", "FLUX")}
+FLOW = {"FLOW / CONST (SD3)": ("SD3", "FLOW"), "FLUX / CONST (Flux)": ("Flux", "FLUX")}
+#: samplings no policy here can give log-probs for (present in this ComfyUI's ModelType)
+REFUSED = {name: case for name, case in {"EDM (continuous)": ("SD15", "EDM"),
+                                         "V_PREDICTION_CONTINUOUS": ("SD15", "V_PREDICTION_CONTINUOUS"),
+                                         "FLOW_COSMOS (Cosmos RFlow)": ("SD3", "FLOW_COSMOS")}.items()
+           if hasattr(ModelType, case[1])}
 
 
 def real_sampling(config_name: str, model_type: str):
@@ -31,10 +36,10 @@ def real_sampling(config_name: str, model_type: str):
     return comfy.model_base.model_sampling(config, getattr(ModelType, model_type))
 
 
-@pytest.mark.parametrize("case", list(ACCEPTED) + list(REFUSED))
+@pytest.mark.parametrize("case", list(ACCEPTED) + list(FLOW) + list(REFUSED))
 def test_comfyui_names_every_sampling_class_the_same(case):
     """The premise of the bug: the class name says nothing about the parameterisation."""
-    config_name, model_type = {**ACCEPTED, **REFUSED}[case]
+    config_name, model_type = {**ACCEPTED, **FLOW, **REFUSED}[case]
     assert type(real_sampling(config_name, model_type)).__name__ == "ModelSampling"
 
 
@@ -48,14 +53,34 @@ def test_eps_and_v_prediction_samplings_are_accepted_with_their_schedule(case):
     assert torch.allclose(sigmas.double(), expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", list(REFUSED))
-def test_flow_samplings_are_refused_with_a_clear_error(case):
-    sampling = real_sampling(*REFUSED[case])
-    assert isinstance(getattr(sampling, "sigmas", None), torch.Tensor)   # it looks like a schedule
-    with pytest.raises(ValueError, match="flow matching") as error:
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_vp_samplings_are_vp(case):
+    assert sampling_kind(real_sampling(*ACCEPTED[case])) == "vp"
+
+
+@pytest.mark.parametrize("case", list(FLOW))
+def test_flow_samplings_are_accepted_as_flow_with_their_own_schedule(case):
+    sampling = real_sampling(*FLOW[case])
+    assert isinstance(getattr(sampling, "sigmas", None), torch.Tensor)   # it looks like a VP schedule
+    assert sampling_kind(sampling) == "flow"
+    t = 1 - torch.arange(9, dtype=torch.float64) / 8
+    if FLOW[case][1] == "FLOW":          # SD3: shift 3.0 in its sampling settings
+        expected = 3.0 * t / (1 + 2.0 * t)
+    else:                                # Flux: exp(mu) / (exp(mu) + 1/t - 1), mu = 1.15
+        expected = torch.where(t > 0, torch.exp(torch.tensor(1.15, dtype=torch.float64)) /
+                               (torch.exp(torch.tensor(1.15, dtype=torch.float64)) + 1 / t.clamp(min=1e-9) - 1),
+                               torch.zeros_like(t))
+    assert torch.allclose(flow_sigmas(sampling, 8), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="flow matching") as error:     # never read as a VP schedule
         vp_sigmas(sampling)
-    message = str(error.value)
-    assert "CONST" in message and "SD1.x/SD2.x/SDXL" in message and "\n" not in message
+    assert "CONST" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_other_samplings_are_refused_with_a_clear_error(case):
+    with pytest.raises(ValueError, match="PRDP cannot sample it with log-probs") as error:
+        sampling_kind(real_sampling(*REFUSED[case]))
+    assert "\n" not in str(error.value)
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +88,42 @@ def sd15():
     return load_tiny_sd15()
 
 
+def user_model_untouched(model):
+    return model.weight_wrapper_patches == {} and all(
+        not getattr(m, "weight_function", None) and not getattr(m, "bias_function", None)
+        and "forward" not in m.__dict__ for m in model.model.diffusion_model.modules())
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_the_backend_refuses_an_sd_model_patched_to_flow_sampling(sd15, case):
-    """What the ModelSamplingSD3 / ModelSamplingFlux nodes do: an object patch on the MODEL.
-    Refused before anything is attached (the user's model keeps no wrapper)."""
+def test_the_backend_refuses_an_sd_model_patched_to_an_unsupported_sampling(sd15, case):
+    """What a model-sampling node upstream does: an object patch on the MODEL. Refused before
+    anything is attached (the user's model keeps no wrapper)."""
     model, clip, vae = sd15
     patched = model.clone()
     patched.add_object_patch("model_sampling", real_sampling(*REFUSED[case]))
-    with torch.inference_mode(), pytest.raises(ValueError, match="flow matching"):
+    with torch.inference_mode(), pytest.raises(ValueError, match="PRDP cannot sample it"):
         ComfyBackend(patched, clip, vae, rank=2)
-    assert patched.weight_wrapper_patches == {} and model.weight_wrapper_patches == {}
-    assert all(not getattr(m, "weight_function", None) and not getattr(m, "bias_function", None)
-               for m in model.model.diffusion_model.modules())
+    assert patched.weight_wrapper_patches == {} and user_model_untouched(model)
+
+
+@pytest.mark.parametrize("case", list(FLOW))
+def test_an_sd_model_patched_to_flow_sampling_is_sampled_as_flow(sd15, case):
+    """A ModelSamplingSD3 / ModelSamplingFlux node on a UNet model: the flow policy's terms
+    (x0 predictions, the patched schedule), never VP formulas."""
+    model, clip, vae = sd15
+    patched = model.clone()
+    sampling = real_sampling(*FLOW[case])
+    patched.add_object_patch("model_sampling", sampling)
+    with torch.inference_mode():
+        backend = ComfyBackend(patched, clip, vae, rank=2)
+    try:
+        assert (backend.sampling_kind, backend.prediction) == ("flow", "x0")
+        assert torch.equal(backend.flow_sigmas(5), flow_sigmas(sampling, 5))
+        with pytest.raises(ValueError, match="no VP schedule"):
+            backend.alphas_cumprod
+    finally:
+        backend.release()
+    assert user_model_untouched(model)
 
 
 def test_the_backend_trains_an_sd_model_patched_to_v_prediction(sd15):

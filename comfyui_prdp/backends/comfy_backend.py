@@ -26,12 +26,19 @@ flag is set, in whatever thread runs the model, and clears the flag. Model calls
 `ModelInterrupted` (a `StopRequested`: the trainer drops the partial step, saves a checkpoint and
 returns) and set `interrupted`, so the node can end as interrupted.
 
-Only discrete VP schedules (eps / v-prediction) are trained: flow / CONST samplings are refused.
+Two kinds of model sampling are trained, told apart by the model-sampling object's classes
+(never its name): discrete VP schedules (EPS / V_PREDICTION: SD1.x, SD2.x, SDXL), sampled with
+the DDPM policy, and rectified flow (CONST with a ModelSamplingDiscreteFlow or ModelSamplingFlux
+schedule: SD3/3.5, Flux, Lumina2/Z-Image, Qwen-Image, Chroma, HiDream, ...), sampled with the
+flow-SDE policy. Anything else (EDM, Cosmos RFlow, X0, ...) is refused with a clear error.
 
-Conventions (see base.py): latents are VP latents in the space the sampler works in
-(`process_latent_in`, e.g. x 0.18215 for SD1.x); ComfyUI's sigma space is x_vp / sqrt(a_t);
-`apply_model` returns the denoised x0 for eps and v models alike, so
-eps = (x_sigma - x0) / sigma.
+Conventions (see base.py): latents are in the space the sampler works in (`process_latent_in`,
+e.g. x 0.18215 for SD1.x, scale + shift for Flux); `apply_model` returns the denoised x0 for
+every model type. VP: ComfyUI's sigma space is x_vp / sqrt(a_t), so eps = (x_sigma - x0) / sigma
+(`predict_eps`). Flow: the latent is ComfyUI's x_sigma itself (no input rescaling) and the
+backend answers x0 (`prediction = "x0"`); the policy takes v = (x - x0) / sigma. The flow
+schedule is the model's own (`model_sampling.percent_to_sigma`: its shift, a ModelSamplingSD3 /
+ModelSamplingFlux node upstream included).
 
 ComfyUI modules are imported inside functions: this module is importable without ComfyUI.
 """
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fnmatch
 import math
 import uuid
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -51,6 +59,17 @@ from ..trainer import StopRequested
 from .base import Backend, Cond
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: LoRA targets per transformer architecture (globs on ComfyUI's module names), used when the
+#: default UNet targets match nothing: Flux/Chroma (fused qkv, attention out, single-block
+#: linear1/linear2), SD3's MMDiT (joint blocks' image and text attention), Lumina2/Z-Image
+#: (NextDiT attention). Models with to_q/to_k/to_v/to_out (Qwen-Image, ...) match the default.
+ARCHITECTURE_TARGETS = (
+    ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.qkv",
+     "double_blocks.*.txt_attn.proj", "single_blocks.*.linear1", "single_blocks.*.linear2"),
+    ("joint_blocks.*.x_block.attn.qkv", "joint_blocks.*.x_block.attn.proj",
+     "joint_blocks.*.context_block.attn.qkv", "joint_blocks.*.context_block.attn.proj"),
+    ("layers.*.attention.qkv", "layers.*.attention.out"),
+)
 PROMPT_CACHE_SIZE = 64
 
 
@@ -81,6 +100,8 @@ class ModelInterrupted(StopRequested):
 #: flow-matching parameterisations and schedules of comfy.model_sampling (CONST: SD3, Flux, ...)
 FLOW_SAMPLING_CLASSES = ("CONST", "COSMOS_RFLOW", "ModelSamplingDiscreteFlow", "ModelSamplingFlux",
                          "ModelSamplingAV", "ModelSamplingCosmosRFlow")
+#: the flow schedules the flow-SDE policy samples (sigma = percent_to_sigma, 1 -> 0, with CONST)
+TRAINED_FLOW_SCHEDULES = ("ModelSamplingDiscreteFlow", "ModelSamplingFlux")
 
 
 def flow_sampling_base(sampling) -> Optional[str]:
@@ -98,19 +119,61 @@ def flow_sampling_base(sampling) -> Optional[str]:
     return None
 
 
+def sampling_bases(sampling) -> str:
+    return " + ".join(c.__name__ for c in type(sampling).__bases__) or type(sampling).__name__
+
+
+def is_trained_flow(sampling) -> bool:
+    """CONST (rectified flow, x0 = x - v sigma) with a 1 -> 0 flow schedule the policy samples."""
+    import comfy.model_sampling
+
+    const = getattr(comfy.model_sampling, "CONST", None)
+    schedules = tuple(getattr(comfy.model_sampling, n) for n in TRAINED_FLOW_SCHEDULES
+                      if hasattr(comfy.model_sampling, n))
+    return const is not None and isinstance(sampling, const) and bool(schedules) and \
+        isinstance(sampling, schedules) and callable(getattr(sampling, "percent_to_sigma", None))
+
+
+def sampling_kind(sampling) -> str:
+    """"vp" or "flow" for a model sampling PRDP trains, else a one-line ValueError naming it."""
+    if flow_sampling_base(sampling) is not None:
+        if is_trained_flow(sampling):
+            return "flow"
+        raise ValueError(f"this model's flow sampling ({sampling_bases(sampling)}) is not rectified flow with a "
+                         "1 -> 0 schedule (CONST + ModelSamplingDiscreteFlow / ModelSamplingFlux, as SD3, Flux, "
+                         "Lumina2, Qwen-Image); PRDP cannot sample it with log-probs")
+    import comfy.model_sampling
+
+    discrete = getattr(comfy.model_sampling, "ModelSamplingDiscrete", None)
+    if discrete is None or not isinstance(sampling, discrete):
+        raise ValueError(f"this model's sampling ({sampling_bases(sampling)}) is neither a discrete DDPM schedule "
+                         "(eps / v-prediction: SD1.x/SD2.x/SDXL) nor rectified flow (SD3, Flux, ...); PRDP cannot "
+                         "sample it with log-probs (a continuous EDM / v model-sampling node upstream?)")
+    vp_sigmas(sampling)
+    return "vp"
+
+
+def flow_sigmas(sampling, steps: int) -> torch.Tensor:
+    """float64 [steps + 1]: the model's own flow schedule, sigma_i = percent_to_sigma(i / steps)
+    (1 at the start, 0 at the end; the shift of the model or of a ModelSamplingSD3/Flux node)."""
+    if not is_trained_flow(sampling):
+        raise ValueError(f"this model's sampling ({sampling_bases(sampling)}) is not a rectified-flow schedule")
+    values = [float(sampling.percent_to_sigma(i / steps)) for i in range(steps + 1)]
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def vp_sigmas(sampling) -> torch.Tensor:
     """The discrete sigma schedule of an eps / v-prediction model sampling (CPU float32), or a
     ValueError for flow models and anything else that is not a discrete DDPM schedule."""
-    bases = " + ".join(c.__name__ for c in type(sampling).__bases__) or type(sampling).__name__
+    bases = sampling_bases(sampling)
     if flow_sampling_base(sampling) is not None:
-        raise ValueError(f"this model samples with flow matching ({bases}: SD3, Flux, Qwen-Image, LTXV, ... "
-                         "or a ModelSamplingSD3/Flux node upstream), which PRDP training does not support yet; "
-                         "connect an eps / v-prediction UNet model (SD1.x/SD2.x/SDXL) without a flow "
-                         "model-sampling node")
+        raise ValueError(f"this model samples with flow matching ({bases}: SD3, Flux, Qwen-Image, ...), which has "
+                         "no discrete DDPM schedule; it is trained with the flow_sde policy (flow_sigmas)")
     sigmas = getattr(sampling, "sigmas", None)
     if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or len(sigmas) < 2:
         raise ValueError(f"this model's sampling ({bases}) is not a discrete "
-                         "DDPM schedule; PRDP training supports SD1.x/SD2.x/SDXL-style UNet models")
+                         "DDPM schedule; PRDP training supports SD1.x/SD2.x/SDXL-style UNet models and rectified-flow "
+                         "models (SD3, Flux, Lumina2, Qwen-Image, ...)")
     with torch.inference_mode(False):
         return sigmas.detach().to("cpu", torch.float32).clone()
 
@@ -171,6 +234,8 @@ class BlockCheckpointing:
     """
 
     _MISSING = object()
+    #: block lists of transformer diffusion models (Flux/Chroma, SD3, Lumina2, Qwen-Image, ...)
+    TRANSFORMER_BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks", "layers", "transformer_blocks")
 
     def __init__(self, unet: torch.nn.Module, guard=contextlib.nullcontext):
         self.enabled = True
@@ -182,6 +247,9 @@ class BlockCheckpointing:
             if block is None:
                 continue
             for layer in block.children():
+                self._patch(layer)
+        for name in self.TRANSFORMER_BLOCK_LISTS:       # flow transformers: each block
+            for layer in getattr(unet, name, None) or []:
                 self._patch(layer)
 
     def _patch(self, layer: torch.nn.Module) -> None:
@@ -210,6 +278,63 @@ class BlockCheckpointing:
         self._patched.clear()
 
 
+def saved_tensor_copies():
+    """While active, autograd keeps copies of the tensors it saves for backward.
+
+    Flow transformers add residuals in place (Flux's blocks: `txt += ...`, `x += ...`) onto
+    tensors autograd already saved, which makes backward fail ("modified by an inplace
+    operation"); a copy taken when saved is what the forward saw. Costs one copy of the saved
+    activations (and weight copies) per forward with gradients on; sampling is not affected.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
+class InferenceParameterCopies:
+    """Modules outside ComfyUI's ops (no weight_function, e.g. Flux's RMSNorm `scale`) read
+    their parameters directly, and ComfyUI loads weights as inference tensors, which autograd
+    cannot save for backward. While gradients are on, such a module's forward runs on normal
+    copies of those parameters (detached: never trained); `remove()` restores what was there.
+    The patch is an instance-level `forward`, as in BlockCheckpointing."""
+
+    _MISSING = object()
+
+    def __init__(self, root: torch.nn.Module):
+        self._patched: List[tuple] = []
+        for module in root.modules():
+            if hasattr(module, "weight_function"):
+                continue       # ComfyUI ops: the weight wrappers copy these
+            names = [n for n, p in module._parameters.items() if p is not None and p.is_inference()]
+            if names:
+                self._patch(module, names)
+
+    def _patch(self, module: torch.nn.Module, names: List[str]) -> None:
+        previous = module.__dict__.get("forward", self._MISSING)
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            saved = {name: module._parameters[name] for name in names}
+            try:
+                with torch.inference_mode(False):
+                    for name, value in saved.items():
+                        module._parameters[name] = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
+                return original(*args, **kwargs)
+            finally:
+                module._parameters.update(saved)
+
+        module.forward = forward
+        self._patched.append((module, previous))
+
+    def remove(self) -> None:
+        for module, previous in reversed(self._patched):
+            if previous is self._MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._patched.clear()
+
+
 def training_compute_dtype(mixed_precision: Optional[str], device_type: str,
                            bf16_supported: bool) -> Optional[torch.dtype]:
     """The UNet compute dtype while training, or None to keep ComfyUI's choice.
@@ -228,10 +353,28 @@ def training_compute_dtype(mixed_precision: Optional[str], device_type: str,
 
 
 def is_target_module(name: str, targets: Sequence[str]) -> bool:
-    """Attention projections of transformer blocks, e.g. `...transformer_blocks.0.attn1.to_q`."""
-    if ".transformer_blocks." not in f".{name}":
-        return False
-    return any(name.endswith("." + target) for target in targets)
+    """Whether module `name` (ComfyUI's, relative to diffusion_model) is a LoRA target: a glob
+    target (with `*`, e.g. `double_blocks.*.img_attn.qkv`) matches the whole name; a plain one
+    (`to_q`) is a name suffix inside transformer blocks, e.g. `...transformer_blocks.0.attn1.to_q`."""
+    for target in targets:
+        if "*" in target or "?" in target:
+            if fnmatch.fnmatchcase(name, target):
+                return True
+        elif ".transformer_blocks." in f".{name}" and name.endswith("." + target):
+            return True
+    return False
+
+
+def resolve_targets(module_names: Sequence[str], targets: Sequence[str]) -> tuple:
+    """The targets to use: `targets` as given, except that the default UNet targets on a model
+    without such modules become its architecture's targets (ARCHITECTURE_TARGETS)."""
+    targets = tuple(targets)
+    if targets != DEFAULT_TARGETS or any(is_target_module(n, targets) for n in module_names):
+        return targets
+    for candidates in ARCHITECTURE_TARGETS:
+        if any(is_target_module(n, candidates) for n in module_names):
+            return candidates
+    return targets
 
 
 def repeat_to_length(context: torch.Tensor, length: int) -> torch.Tensor:
@@ -254,7 +397,7 @@ class ComfyBackend(Backend):
     def __init__(self, model, clip, vae, *, rank: int = 8, alpha: Optional[float] = None,
                  targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0,
                  model_name: Optional[str] = None, gradient_checkpointing: bool = False,
-                 mixed_precision: Optional[str] = None):
+                 mixed_precision: Optional[str] = None, guidance: Optional[float] = None):
         import comfy.model_management
         import comfy.weight_adapter
 
@@ -266,13 +409,25 @@ class ComfyBackend(Backend):
             raise ValueError("vae is None: the checkpoint has no VAE; load one with Load VAE")
         if rank < 1:
             raise ValueError(f"lora_rank={rank}: must be at least 1")
+        if guidance is not None and not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"guidance={guidance}: must be a finite number >= 0 (Flux.1-dev: 3.5, as FluxGuidance)")
         self.source_model = model
         self.clip = clip
         self.vae = vae
         self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.targets = tuple(targets)
-        self._sigmas = vp_sigmas(model.get_model_object("model_sampling"))   # before any expensive work
+        sampling = model.get_model_object("model_sampling")
+        self.sampling_kind = sampling_kind(sampling)          # before any expensive work
+        self._model_sampling = sampling
+        if self.sampling_kind == "flow":
+            self.prediction = "x0"                            # apply_model's denoised output
+            self._sigmas = None
+        else:
+            self._sigmas = vp_sigmas(sampling)
+        #: Flux-style guidance-distilled models take the guidance value as conditioning (cfg 1);
+        #: None keeps ComfyUI's default (3.5 for Flux, as without a FluxGuidance node)
+        self.guidance = None if guidance is None else float(guidance)
         self.interrupted = False
         self.patcher = training_clone(model)
         base = self.patcher.model
@@ -284,8 +439,10 @@ class ComfyBackend(Backend):
             self.device.type == "cuda" and comfy.model_management.should_use_bf16(self.device))
         if compute is not None:
             self.patcher.set_model_compute_dtype(compute)
-        self._alphas = 1.0 / (1.0 + self._sigmas.double() ** 2)
+        self._alphas = None if self._sigmas is None else 1.0 / (1.0 + self._sigmas.double() ** 2)
         self._needs_pooled = bool(getattr(base, "adm_channels", 0))
+        #: flow transformers (SD3, Flux) read the pooled text vector when the CLIP gives one
+        self._pass_pooled = self._needs_pooled or self.sampling_kind == "flow"
         self._prompt_cache: "collections.OrderedDict[str, Dict[str, torch.Tensor]]" = collections.OrderedDict()
         self._model_options = None
         self.switch = AdapterSwitch()
@@ -295,6 +452,7 @@ class ComfyBackend(Backend):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self._checkpointing: Optional[BlockCheckpointing] = None
 
+        self.targets = resolve_targets([n for n, _ in base.diffusion_model.named_modules()], self.targets)
         with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for name, module in base.diffusion_model.named_modules():
@@ -315,16 +473,26 @@ class ComfyBackend(Backend):
                     self._wrappers.append(wrapper)
                 if getattr(module, "bias", None) is not None:
                     self.patcher.add_weight_wrapper(f"{key}.bias", identity_weight)
+        self._parameter_copies = InferenceParameterCopies(base.diffusion_model)
         if not self.adapters:
             self.release()     # the identity wrappers may sit on modules shared with the user's model
-            raise ValueError(f"no module of this model matches the LoRA targets {list(self.targets)}; "
-                             "is it a UNet model (SD1.x/SD2.x/SDXL)?")
-        self._ldm_to_diffusers = comfy_lora.ldm_to_diffusers_names(base.model_config.unet_config)
+            raise ValueError(f"no module of this model matches the LoRA targets {list(self.targets)}; name "
+                             "modules of its diffusion model (e.g. to_q, or a glob like double_blocks.*.img_attn.qkv)")
+        # UNets: kohya keys in diffusers naming; transformers keep ComfyUI's names (lora_unet_<name>),
+        # which ComfyUI's LoraLoader maps for every model
+        self._ldm_to_diffusers = comfy_lora.ldm_to_diffusers_names(base.model_config.unet_config) \
+            if self.sampling_kind == "vp" else {}
 
     # --- schedule ----------------------------------------------------------------------
     @property
     def alphas_cumprod(self) -> torch.Tensor:
+        if self._alphas is None:
+            raise ValueError("a flow-matching model has no VP schedule (alphas_cumprod); sample it with the "
+                             "flow_sde policy")
         return self._alphas
+
+    def flow_sigmas(self, steps: int) -> torch.Tensor:
+        return flow_sigmas(self._model_sampling, steps)
 
     def latent_shape(self, height: int, width: int) -> Sequence[int]:
         channels = self.patcher.model.latent_format.latent_channels
@@ -374,6 +542,9 @@ class ComfyBackend(Backend):
         if self._checkpointing is not None:
             self._checkpointing.remove()
             self._checkpointing = None
+        if getattr(self, "_parameter_copies", None) is not None:
+            self._parameter_copies.remove()
+            self._parameter_copies = None
         for loaded in list(comfy.model_management.current_loaded_models):
             if loaded.model is self.patcher:
                 loaded.model_unload()
@@ -404,7 +575,7 @@ class ComfyBackend(Backend):
             rows = [self._encode_one(p) for p in prompts]
         length = math.lcm(*[row["context"].shape[1] for row in rows])
         cond = {"context": torch.cat([repeat_to_length(r["context"], length) for r in rows])}
-        if self._needs_pooled:
+        if all("pooled_output" in r for r in rows):
             cond["pooled_output"] = torch.cat([r["pooled_output"] for r in rows])
         return {key: value.to(self.device) for key, value in cond.items()}
 
@@ -418,9 +589,9 @@ class ComfyBackend(Backend):
             context, extras = schedule[0]
             row = {"context": context.detach().float().cpu().clone()}
             pooled = extras.get("pooled_output")
-            if self._needs_pooled:
-                if pooled is None:
-                    raise ValueError("this model needs the text encoder's pooled output, which the CLIP did not give")
+            if self._needs_pooled and pooled is None:
+                raise ValueError("this model needs the text encoder's pooled output, which the CLIP did not give")
+            if self._pass_pooled and pooled is not None:
                 row["pooled_output"] = pooled.detach().float().cpu().clone().reshape(1, -1)
         self._prompt_cache[prompt] = row
         while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
@@ -437,11 +608,24 @@ class ComfyBackend(Backend):
         entry = {"cross_attn": cond["context"].to(x_sigma.device), "model_conds": {}, "uuid": uuid.uuid4()}
         if "pooled_output" in cond:
             entry["pooled_output"] = cond["pooled_output"].to(x_sigma.device)
-        with self.interrupts_as_stop():
+        if self.guidance is not None:
+            entry["guidance"] = self.guidance              # as FluxGuidance writes it
+        copies = saved_tensor_copies() if self.sampling_kind == "flow" and torch.is_grad_enabled() \
+            else contextlib.nullcontext()
+        with self.interrupts_as_stop(), copies:
             conds = comfy.samplers.encode_model_conds(base.extra_conds, [entry], x_sigma, x_sigma.device, "positive")
             return comfy.samplers.calc_cond_batch(base, [conds], x_sigma, sigma, self._model_options)[0]
 
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """VP: the noise prediction at integer timesteps t; flow: the denoised x0 at sigmas t
+        (the latent is ComfyUI's x_sigma itself: no input rescaling)."""
+        if self.sampling_kind != "flow":
+            return self.predict_eps(x, t, cond)
+        return self.denoise(x.float(), t.to(x.device, torch.float32), cond)
+
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self._sigmas is None:
+            raise ValueError("a flow-matching model has no VP noise prediction; use predict (x0)")
         sigma = self._sigmas[t.long().cpu()].to(x.device)
         scale = (1.0 + sigma ** 2).sqrt().view(-1, *([1] * (x.dim() - 1)))
         x_sigma = x.float() * scale                       # = x_vp / sqrt(a_t)

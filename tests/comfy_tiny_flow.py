@@ -1,0 +1,155 @@
+"""Tiny random-weight flow-matching models built through ComfyUI's own classes, in-process.
+
+Like comfy_tiny_families.py for the UNets: each model is built as
+`comfy.sd.load_state_dict_guess_config` builds a detected checkpoint, with a small layout --
+the family's `comfy.supported_models` config (its sampling settings: SD3 shift 3.0, Flux's
+ModelSamplingFlux shift 1.15) -> `get_model` (the `model_base` class: SD3 / Flux, model type
+FLOW / FLUX, so CONST model sampling) -> `ModelPatcher`. The text encoders are ComfyUI's own
+arrangements (Flux: CLIP-L pooled + T5 hidden states; SD3: CLIP-L + zero CLIP-G pooled, hidden
+states padded to 4096) with small CLIP-L / T5 configs behind ComfyUI's real tokenizers; the
+VAE is ComfyUI's `VAE` of a random 16-channel AutoencoderKL state dict without quant convs
+(the layout of the SD3 / Flux VAE).
+
+Call `comfy_inprocess.import_comfy()` first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from comfy_inprocess import SD_VAE, _reset_parameters
+from comfy_tiny_families import Family, tiny_clip_config
+
+#: Flux: hidden 64 (2 heads of 32 = 8 + 12 + 12 rotary axes), one double and one single block
+FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+                hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+#: SD3's MMDiT: depth 2 (hidden 128, 2 heads), CLIP-L 32 + CLIP-G 1280 pooled, 4096-wide context
+SD3_DIT = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=32 + 1280,
+               context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+               num_patches=256, pos_embed_max_size=16, pos_embed_scaling_factor=None, x_block_self_attn_layers=[])
+TINY_T5 = {"d_ff": 64, "d_kv": 16, "d_model": 32, "decoder_start_token_id": 0, "dropout_rate": 0.0, "eos_token_id": 1,
+           "dense_act_fn": "gelu_pytorch_tanh", "initializer_factor": 1.0, "is_encoder_decoder": True,
+           "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "num_decoder_layers": 1,
+           "num_heads": 2, "num_layers": 1, "output_past": True, "pad_token_id": 0,
+           "relative_attention_num_buckets": 32, "tie_word_embeddings": False, "vocab_size": 32128}
+
+
+def _tiny_t5(device="cpu", dtype=None, model_options={}):
+    import comfy.sd1_clip
+    import comfy.text_encoders.t5
+
+    return comfy.sd1_clip.SDClipModel(device=device, layer="last", layer_idx=None, textmodel_json_config=dict(TINY_T5),
+                                      dtype=dtype, special_tokens={"end": 1, "pad": 0},
+                                      model_class=comfy.text_encoders.t5.T5,
+                                      model_options={**model_options, "model_name": "t5xxl"})
+
+
+class TinyFluxClip(torch.nn.Module):
+    """`comfy.text_encoders.flux.FluxClipModel` (T5 hidden states, CLIP-L pooled) made small."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        import comfy.sd1_clip
+
+        super().__init__()
+        self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, return_projected_pooled=False,
+                                                 textmodel_json_config=tiny_clip_config(32), model_options=model_options)
+        self.t5xxl = _tiny_t5(device, dtype, model_options)
+        self.dtypes = {dtype}
+
+
+class TinySD3Clip(torch.nn.Module):
+    """`comfy.text_encoders.sd3_clip.SD3ClipModel` with a small CLIP-L and without CLIP-G / T5
+    (ComfyUI then pads: a zero CLIP-G pooled vector, hidden states to 4096)."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        import comfy.sd1_clip
+
+        super().__init__()
+        self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                 layer_norm_hidden_state=False, return_projected_pooled=False,
+                                                 textmodel_json_config=tiny_clip_config(32), model_options=model_options)
+        self.clip_g = None
+        self.t5xxl = None
+        self.dtypes = {dtype}
+
+
+def _bind(tiny_class, comfy_class):
+    for name in ("set_clip_options", "reset_clip_options", "encode_token_weights", "load_sd"):
+        setattr(tiny_class, name, getattr(comfy_class, name))
+
+
+def _flux_config():
+    """FLUX_DIT plus the fields this ComfyUI's FluxParams has beyond it (newer trees)."""
+    import comfy.ldm.flux.model
+
+    config = dict(FLUX_DIT)
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        config["txt_ids_dims"] = []
+    return config
+
+
+def _vae16(seed: int):
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(seed)
+    module = _reset_parameters(AutoencoderKL(ddconfig={**SD_VAE, "z_channels": 16}, embed_dim=16))
+    state = {k: v.clone() for k, v in module.state_dict().items() if not k.startswith(("quant_conv", "post_quant_conv"))}
+    return comfy.sd.VAE(sd=state)
+
+
+def _flow_model(config_name: str, unet: dict, seed: int):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = getattr(comfy.supported_models, config_name)(dict(unet))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "")
+    torch.manual_seed(seed)
+    with torch.no_grad():   # RMSNorm scales (Flux's QK norm) are not torch.nn modules
+        for name, parameter in model.diffusion_model.named_parameters():
+            if name.endswith(".scale"):
+                parameter.fill_(1.0)
+    _reset_parameters(model.diffusion_model)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def _clip(tokenizer_class, clip_class, seed: int):
+    import comfy.sd
+    import comfy.supported_models_base
+
+    torch.manual_seed(seed)
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_class, clip_class), parameters=2_000_000)
+    with torch.no_grad():   # T5's own layer norm and relative attention bias are not torch.nn modules
+        for name, parameter in clip.cond_stage_model.named_parameters():
+            if "t5xxl" in name:
+                parameter.fill_(1.0) if "layer_norm" in name else parameter.normal_(0.0, 0.5)
+    _reset_parameters(clip.cond_stage_model)
+    return clip
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_flow_family(kind: str, seed: int = 0) -> Family:
+    """`kind`: "flux" (guidance-distilled Flux.1-dev layout) or "sd3" (SD3's MMDiT)."""
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.sd3_clip
+
+    with torch.inference_mode():       # as CheckpointLoaderSimple runs inside the server
+        if kind == "flux":
+            _bind(TinyFluxClip, comfy.text_encoders.flux.FluxClipModel)
+            model = _flow_model("Flux", _flux_config(), seed)
+            clip = _clip(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClip, seed + 1)
+        elif kind == "sd3":
+            _bind(TinySD3Clip, comfy.text_encoders.sd3_clip.SD3ClipModel)
+            model = _flow_model("SD3", SD3_DIT, seed)
+            clip = _clip(comfy.text_encoders.sd3_clip.SD3Tokenizer, TinySD3Clip, seed + 1)
+        else:
+            raise ValueError(f"unknown tiny flow family {kind!r}")
+        vae = _vae16(seed + 2)
+    return Family(model, clip, vae, kind)

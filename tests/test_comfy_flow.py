@@ -1,0 +1,285 @@
+"""ComfyBackend on tiny Flux and SD3 models built through ComfyUI's own classes
+(tests/comfy_tiny_flow.py), in-process on the CPU: flow models sampled with the flow-SDE policy.
+
+What each test pins down:
+- the model sampling is read by type (CONST + ModelSamplingFlux / ModelSamplingDiscreteFlow) and
+  the LoRA goes on each architecture's ComfyUI module names (Flux double/single blocks, SD3
+  joint blocks);
+- the schedule is the model's own (SD3 shift 3.0, Flux 1.15, and what ComfyUI's ModelSamplingSD3
+  / ModelSamplingFlux nodes set), written out here, and equals ComfyUI's "simple" scheduler;
+- predict is ComfyUI's denoised x0 for the latent as given (no VP input rescaling), checked
+  against the diffusion model's raw velocity output, with the pooled vector and (Flux) the
+  guidance value as conditioning, as FluxGuidance sets it;
+- the trainer's on-policy check < 1e-5, a short run changes the samples, the user's MODEL keeps
+  its weights and gets no wrapper, and the exported LoRA loads through ComfyUI's LoRA loader
+  with zero keys not loaded (a control with one foreign key does log the message) and the
+  trained output.
+"""
+import logging
+import math
+
+import pytest
+import torch
+
+from comfy_inprocess import import_comfy, in_thread
+
+import_comfy()
+
+import comfy.model_management  # noqa: E402
+import comfy.model_sampling  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+
+from comfy_tiny_families import Family  # noqa: E402
+from comfy_tiny_flow import tiny_flow_family  # noqa: E402
+from comfyui_prdp.backends.comfy_backend import ComfyBackend  # noqa: E402
+from comfyui_prdp.config import TrainConfig  # noqa: E402
+from comfyui_prdp.evaluation import sample_images  # noqa: E402
+from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
+from comfyui_prdp.rewards.base import Reward  # noqa: E402
+from comfyui_prdp.trainer import Trainer  # noqa: E402
+
+KINDS = ("flux", "sd3")
+TARGETS = {"flux": {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.qkv",
+                    "double_blocks.0.txt_attn.proj", "single_blocks.0.linear1", "single_blocks.0.linear2"},
+           "sd3": {"joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.proj",
+                   "joint_blocks.0.context_block.attn.qkv", "joint_blocks.0.context_block.attn.proj",
+                   "joint_blocks.1.x_block.attn.qkv", "joint_blocks.1.x_block.attn.proj",
+                   "joint_blocks.1.context_block.attn.qkv"}}     # SD3's last context block is pre-only
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def family(request):
+    return tiny_flow_family(request.param)
+
+
+def make_backend(family, **kwargs):
+    with torch.inference_mode():       # the node builds it in ComfyUI's worker thread
+        return ComfyBackend(family.model, family.clip, family.vae, **{"rank": 2, "seed": 0, **kwargs})
+
+
+def randomize_lora(backend, scale=0.05, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in backend.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def untouched(model, before):
+    after = model.model.diffusion_model.state_dict()
+    return model.weight_wrapper_patches == {} and set(after) == set(before) and \
+        all(torch.equal(after[k], v) for k, v in before.items()) and \
+        all(not getattr(m, "weight_function", None) and not getattr(m, "bias_function", None)
+            and "forward" not in m.__dict__ for m in model.model.diffusion_model.modules())
+
+
+def test_flow_models_are_recognised_by_sampling_type_and_get_their_architectures_targets(family):
+    sampling = family.model.get_model_object("model_sampling")
+    assert type(sampling).__name__ == "ModelSampling" and isinstance(sampling, comfy.model_sampling.CONST)
+    before = snapshot(family.model)
+    backend = make_backend(family)
+    try:
+        assert (backend.sampling_kind, backend.prediction) == ("flow", "x0")
+        assert set(backend.adapters) == TARGETS[family.name]
+        with pytest.raises(ValueError, match="no VP schedule"):
+            backend.alphas_cumprod
+    finally:
+        backend.release()
+    assert untouched(family.model, before)
+
+
+def test_configured_targets_are_used_as_given(family):
+    target = {"flux": "single_blocks.*.linear2", "sd3": "joint_blocks.*.x_block.mlp.fc2"}[family.name]
+    backend = make_backend(family, targets=[target])
+    try:
+        assert len(backend.adapters) >= 1 and all(name.endswith(target.split("*")[-1]) for name in backend.adapters)
+    finally:
+        backend.release()
+    with pytest.raises(ValueError, match="no module of this model matches"):
+        make_backend(family, targets=["to_k_nowhere"])
+
+
+def shifted(t, shift):
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flux_shifted(t, mu):
+    out = math.exp(mu) / (math.exp(mu) + 1 / t.clamp(min=1e-12) - 1)
+    return torch.where(t > 0, out, torch.zeros_like(t))
+
+
+def flux_node_mu(width, height, max_shift=1.15, base_shift=0.5):
+    slope = (max_shift - base_shift) / (4096 - 256)
+    return width * height / (8 * 8 * 2 * 2) * slope + base_shift - slope * 256
+
+
+def node_patched(model, schedule, **parameters):
+    """What ComfyUI's ModelSamplingSD3 / ModelSamplingFlux nodes do (comfy_extras/
+    nodes_model_advanced.py; not importable here beside this package's own `nodes`): a clone
+    with a fresh CONST sampling object of that schedule as an object patch."""
+    class ModelSamplingAdvanced(schedule, comfy.model_sampling.CONST):
+        pass
+
+    sampling = ModelSamplingAdvanced(model.model.model_config)
+    sampling.set_parameters(**parameters)
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
+
+
+CASES = {"sd3 (its shift 3.0)": ("sd3", None, 3.0), "sd3 + ModelSamplingSD3 shift 1.0": ("sd3", 1.0, 1.0),
+         "sd3 + ModelSamplingSD3 shift 6.0": ("sd3", 6.0, 6.0), "flux (its shift 1.15)": ("flux", None, 1.15),
+         "flux + ModelSamplingFlux 1024x1024": ("flux", (1024, 1024), flux_node_mu(1024, 1024)),
+         "flux + ModelSamplingFlux 512x768": ("flux", (512, 768), flux_node_mu(512, 768))}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_schedule_is_the_models_own_shifted_schedule(case):
+    kind, node, shift = CASES[case]
+    family = tiny_flow_family(kind)
+    model = family.model
+    steps = 8
+    t = 1 - torch.arange(steps + 1, dtype=torch.float64) / steps
+    if kind == "sd3":
+        if node is not None:
+            model = node_patched(model, comfy.model_sampling.ModelSamplingDiscreteFlow, shift=node, multiplier=1000)
+        expected = shifted(t, shift)
+    else:
+        if node is not None:
+            model = node_patched(model, comfy.model_sampling.ModelSamplingFlux, shift=flux_node_mu(*node))
+        expected = flux_shifted(t, shift)
+    backend = make_backend(Family(model, family.clip, family.vae, kind))
+    try:
+        sigmas = backend.flow_sigmas(steps)
+        assert sigmas.dtype == torch.float64 and torch.allclose(sigmas, expected, atol=1e-12), (sigmas, expected)
+        simple = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
+        assert torch.allclose(sigmas.float(), simple.float(), atol=1e-6)      # ComfyUI's own scheduler
+    finally:
+        backend.release()
+
+
+def raw_x0(backend, x, sigma, cond, guidance):
+    """x0 = x - sigma * v from the diffusion model's raw velocity output, conditioning passed by hand."""
+    patcher = backend.patcher
+    comfy.model_management.load_models_gpu([patcher])
+    model = patcher.model.diffusion_model
+    with torch.no_grad():
+        if isinstance(model, comfy.ldm.flux.model.Flux):
+            v = model(x, sigma.float(), context=cond["context"], y=cond["pooled_output"],
+                      guidance=torch.full((len(x),), guidance))
+        else:    # SD3's MMDiT takes timesteps sigma * 1000
+            v = model(x, sigma.float() * 1000, context=cond["context"], y=cond["pooled_output"])
+    return x - sigma.view(-1, 1, 1, 1).float() * v.float()
+
+
+@pytest.mark.parametrize("guidance", [None, 1.0, 6.0])
+def test_predict_is_comfyuis_denoised_x0_without_vp_rescaling_and_guidance_reaches_flux(family, guidance):
+    if family.name == "sd3" and guidance is not None:
+        pytest.skip("SD3 is not guidance-distilled (it uses CFG)")
+    backend = make_backend(family, guidance=guidance)
+    try:
+        randomize_lora(backend)
+        cond = in_thread(lambda: backend.encode_prompts(["a cat", "a red house"]))
+        assert cond["context"].shape[0] == 2 and cond["pooled_output"].shape[0] == 2
+        x = torch.randn(2, *backend.latent_shape(32, 32), generator=torch.Generator().manual_seed(3))
+        sigma = torch.tensor([1.0, 0.4], dtype=torch.float64)
+        with torch.no_grad():
+            got = in_thread(lambda: backend.predict(x, sigma, cond).detach())
+        expected = raw_x0(backend, x, sigma, cond, 3.5 if guidance is None else guidance)   # ComfyUI's default 3.5
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+        if family.name == "flux" and guidance is not None:
+            other = raw_x0(backend, x, sigma, cond, guidance + 2.0)
+            assert (other - got).abs().max() > 1e-4          # the value matters, so it is what reached the model
+    finally:
+        backend.release()
+
+
+class MeanBrightness(Reward):
+    name = "mean-brightness"
+
+    def score(self, images, prompts):
+        return images.float().mean(dim=(1, 2, 3)).cpu()
+
+
+def tiny_run(family):
+    """Flux.1-dev style: cfg 1 with guidance as conditioning; SD3: CFG. 3 steps = 2 trained + ODE."""
+    return dict(epochs=2, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=2, steps=3,
+                cfg=1.0 if family.name == "flux" else 3.0, beta=0.05, clip_range=0.05, learning_rate=0.05,
+                lora_rank=2, width=32, height=32, sample_batch_size=4, train_batch_size=3, seed=5)
+
+
+class LoraLogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def load_through_comfyui(model, lora):
+    """comfy.sd.load_lora_for_models (what core LoraLoader calls) and its log."""
+    capture = LoraLogCapture()
+    logging.getLogger().addHandler(capture)
+    try:
+        with torch.inference_mode():
+            patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    finally:
+        logging.getLogger().removeHandler(capture)
+    return patched, [m for m in capture.messages if "lora key not loaded" in m]
+
+
+def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comfyui(family, tmp_path):
+    before_weights = snapshot(family.model)
+    config = TrainConfig(**tiny_run(family)).validate()
+    backend = make_backend(family, guidance=3.5 if family.name == "flux" else None)
+    try:
+        seeds = [101, 102]
+        samples_before = in_thread(lambda: sample_images(backend, ["a cat"], seeds, config))
+        trainer = Trainer(backend, MeanBrightness(), ["a cat", "a dog", "a fox"], config, out_dir=tmp_path / "run")
+        result = in_thread(trainer.run)
+        assert result.epochs_done == 2 and not result.stopped
+        for metrics in result.metrics:
+            assert metrics["onpolicy_max_diff"] < 1e-5, metrics["onpolicy_max_diff"]
+            assert all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "kl"))
+        samples_after = in_thread(lambda: sample_images(backend, ["a cat"], seeds, config))
+        assert (samples_after - samples_before).abs().max() > 1e-3, "training did not change the samples"
+        state, metadata = load_lora(result.lora_path)
+        assert len(state) == 3 * len(backend.adapters)
+        assert metadata["base_family"] == {"flux": "Flux", "sd3": "SD3"}[family.name]
+        cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
+        x = torch.randn(1, *backend.latent_shape(32, 32), generator=torch.Generator().manual_seed(11))
+        sigma = torch.tensor([0.6], dtype=torch.float64)
+        with torch.no_grad():
+            trained = in_thread(lambda: backend.predict(x, sigma, cond).detach())
+            with backend.adapters_disabled():
+                base = in_thread(lambda: backend.predict(x, sigma, cond).detach())
+        assert (trained - base).abs().max() > 1e-5
+    finally:
+        backend.release()
+    assert untouched(family.model, before_weights), "the user's MODEL changed"
+
+    lora_file = comfy.utils.load_torch_file(str(result.lora_path))
+    patched, not_loaded = load_through_comfyui(family.model, lora_file)
+    assert not not_loaded and len(patched.patches) == len(state) // 3
+    loaded = make_backend(Family(patched, family.clip, family.vae, family.name),
+                          guidance=3.5 if family.name == "flux" else None)
+    try:
+        with torch.no_grad(), loaded.adapters_disabled():
+            through_loader = in_thread(lambda: loaded.predict(x, sigma, cond).detach())
+    finally:
+        loaded.release()
+    assert torch.allclose(through_loader, trained, atol=1e-4), (through_loader - trained).abs().max()
+
+    # the control: one key of a module this model does not have is reported by the same loader
+    module = next(k for k in lora_file if k.endswith(".lora_down.weight")).split(".")[0]
+    foreign = {(k.replace(module, module.replace("_0_", "_7_", 1)) if k.split(".")[0] == module else k): v
+               for k, v in lora_file.items()}           # that module's three keys name block 7 (absent)
+    assert set(foreign) != set(lora_file)
+    _, not_loaded = load_through_comfyui(family.model, foreign)
+    assert not_loaded, "the control LoRA should have a key ComfyUI does not load"
