@@ -174,6 +174,7 @@ def plan_out_dir(args, config: TrainConfig, prompts: List[str]):
 
     contents = run_folder.inspect(args.out)
     info = run_folder.run_info(args.base, args.reward, args.reward_spec, prompts, args.prompts)
+    info["eval_prompts_file"] = str(args.eval_prompts_file) if args.eval_prompts_file else None
     try:
         if args.resume:
             plan = run_folder.plan_resume(contents, config, explicit_settings(args), info)
@@ -249,7 +250,8 @@ def train(args) -> int:
     check_device(args.device)
     check_base(args.base, args.base_config)
     prompts = read_prompts(args.prompts, args.prompt_field)
-    split_held_out(args, config, prompts)      # refused here, before --out is touched
+    if not args.resume:                        # (a resumed run's own settings are checked later)
+        split_held_out(args, config, prompts)  # refused here, before --out is touched
     check_out_path(args.out)
     lock = claim_out_dir(args.out, args.resume)
     try:
@@ -270,6 +272,7 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
     from .trainer import Trainer
 
     evaluate = not args.no_eval
+    prompts, held_out = split_held_out(args, config, prompts)   # before any model loads
     try:
         reward = make_reward(args)
         from .model_loading import load_backend
@@ -285,7 +288,6 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
               f"over in {args.out}", file=sys.stderr)
         return 130
     printer = ProgressPrinter(config.epochs)
-    prompts, held_out = split_held_out(args, config, prompts)
     trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer)
     if held_out is not None:
         from .heldout import HeldOutMonitor

@@ -143,7 +143,9 @@ class Scorer:
                     total, components = self.reward.score_with_components(images, prompts)
             finally:
                 self.reward.offload()
-        scores = [float(v) for v in total.detach().float().cpu().tolist()]
+        scores = [float(v) for v in total.detach().float().cpu().reshape(-1).tolist()]
+        if len(scores) != len(images) or any(len(v) != len(images) for v in components.values()):
+            raise RuntimeError(f"reward {self.name!r} returned {len(scores)} scores for {len(images)} images")
         parts = {name: [float(v) for v in values.detach().float().cpu().tolist()]
                  for name, values in components.items()}
         if not all(math.isfinite(v) for values in [scores, *parts.values()] for v in values):

@@ -223,7 +223,8 @@ def _check_run_info(record: Optional[dict], info: Mapping[str, Any], out: Path) 
     if record is None:
         return
     problems = []
-    flags = {"base": "--base", "reward": "--reward", "reward_spec": "--reward-spec"}
+    flags = {"base": "--base", "reward": "--reward", "reward_spec": "--reward-spec",
+             "eval_prompts_file": "--eval-prompts-file"}      # the held-out set decides the training prompts
     for key, flag in flags.items():
         if key in record and record[key] != info.get(key):
             fix = f"pass {flag} {record[key]}" if record[key] is not None else f"leave out {flag}"

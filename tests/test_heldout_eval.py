@@ -226,3 +226,24 @@ def test_cli_trains_with_held_out_evaluation_and_resume_keeps_the_best(tmp_path,
     scores = [m["eval/reward_mean"] for m in lines]
     assert lines[-1]["eval/best_epoch"] == 1 + max(range(3), key=scores.__getitem__)
     assert best_checkpoint(out).name == f"epoch_{lines[-1]['eval/best_epoch']:05d}"
+
+
+def test_cli_resume_needs_the_same_evaluation_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(model_loading, "load_backend", lambda *a, **k: ToyBackend(image_size=64))
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text('{"prompt": "a wolf"}\n{"prompt": "a crow"}\n')
+    out = tmp_path / "run"
+    code = cli.main(["train", "--out", str(out), "--epochs", "1", "--eval-every", "1", "--eval-prompts-file",
+                     str(evals), "--checkpoint-every", "1", "--no-eval", "--steps", "2", "--prompts-per-epoch", "2",
+                     "--images-per-prompt", "2", "--updates-per-epoch", "1"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((best_checkpoint(out) / "../best.json").read_text())
+    assert record["pairs"]["prompts"] == ["a wolf", "a crow"]
+    capsys.readouterr()
+    # without the file the held-out prompts would be split off the training set: refused
+    code = cli.main(["train", "--out", str(out), "--resume", "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval_prompts_file" in err and f"pass --eval-prompts-file {evals}" in err, err
+    code = cli.main(["train", "--out", str(out), "--resume", "--epochs", "2", "--eval-prompts-file", str(evals)])
+    assert code == 0, capsys.readouterr().err
+    assert [m["epoch"] for m in metrics_file(out)] == [1, 2]
