@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,36 @@ def import_comfy():
         pytest.skip(f"ComfyUI at {root} cannot be imported here ({error}); run scripts/setup_comfyui.sh",
                     allow_module_level=True)
     return root
+
+
+class LogCapture(logging.Handler):
+    """Every log message while attached (e.g. ComfyUI's 'lora key not loaded' warnings)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def in_thread(function):
+    """function() in a fresh thread (as the job runner calls the backend: no inference mode,
+    no thread-local state of the test's thread); its result, or its exception raised here."""
+    box = {}
+
+    def body():
+        try:
+            box["value"] = function()
+        except BaseException as error:  # noqa: BLE001  (raised again in the caller's thread)
+            box["error"] = error
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _reset_parameters(module):

@@ -6,12 +6,11 @@ was, and the exported LoRA loading through ComfyUI's LoRA loader with every key 
 the same effect as the trained adapters.
 """
 import logging
-import threading
 
 import pytest
 import torch
 
-from comfy_inprocess import comfy_dirs, import_comfy, load_tiny_sd15  # noqa: F401  (comfy_dirs: a fixture)
+from comfy_inprocess import LogCapture, comfy_dirs, import_comfy, in_thread, load_tiny_sd15  # noqa: F401  (comfy_dirs: a fixture)
 
 import_comfy()
 
@@ -31,24 +30,6 @@ ADAPTERS = 32
 @pytest.fixture(scope="module")
 def sd15():
     return load_tiny_sd15()
-
-
-def in_thread(function):
-    """Run function() in a fresh thread (as the job runner does) and return its result."""
-    box = {}
-
-    def body():
-        try:
-            box["value"] = function()
-        except BaseException as error:  # noqa: BLE001
-            box["error"] = error
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def make_backend(sd15, **kwargs):
@@ -243,15 +224,6 @@ def test_the_users_model_is_left_untouched(sd15):
     assert leftovers == [], "release() left the backend's weight wrappers on the shared modules"
 
 
-class LoraLogCapture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_exported_lora_loads_in_comfyui_with_every_key_matched_and_the_same_effect(sd15, tmp_path):
     model, clip, vae = sd15
     backend = make_backend(sd15)
@@ -268,7 +240,7 @@ def test_exported_lora_loads_in_comfyui_with_every_key_matched_and_the_same_effe
     path = save_lora(tmp_path / "trained.safetensors", state, {"format": "test"})
     loaded, _ = load_lora(path)
 
-    capture = LoraLogCapture()
+    capture = LogCapture()
     logging.getLogger().addHandler(capture)
     try:
         for lora in (comfy.utils.load_torch_file(str(path)), backend.lora_model()):  # file (LoraLoader), LORA_MODEL

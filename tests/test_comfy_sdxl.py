@@ -13,12 +13,11 @@ What each test pins down:
 """
 import logging
 import sys
-import threading
 
 import pytest
 import torch
 
-from comfy_inprocess import import_comfy
+from comfy_inprocess import LogCapture, import_comfy, in_thread
 
 import_comfy()
 
@@ -34,24 +33,6 @@ from comfyui_prdp.rewards.base import Reward  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
 
 FAMILIES = ("sdxl", "sdxl-v", "sd2-v")
-
-
-def in_thread(function):
-    """function() in a fresh thread (as the job runner calls the backend)."""
-    box = {}
-
-    def body():
-        try:
-            box["value"] = function()
-        except BaseException as error:  # noqa: BLE001
-            box["error"] = error
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def make_backend(family, **kwargs):
@@ -174,15 +155,6 @@ TINY_RUN = dict(epochs=2, prompts_per_epoch=2, images_per_prompt=2, updates_per_
                 sample_batch_size=4, train_batch_size=3, seed=5)
 
 
-class LoraLogCapture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_a_short_run_trains_on_policy_and_its_lora_loads_in_comfyui(family, tmp_path):
     backend = make_backend(family)
     try:
@@ -217,7 +189,7 @@ def test_a_short_run_trains_on_policy_and_its_lora_loads_in_comfyui(family, tmp_
     finally:
         backend.release()
 
-    capture = LoraLogCapture()
+    capture = LogCapture()
     logging.getLogger().addHandler(capture)
     try:
         with torch.inference_mode():        # what core LoraLoader does with the file

@@ -208,28 +208,24 @@ def test_clear_errors_for_bad_bases(tmp_path, saved_model):
         load_backend(str(garbage), config, base_config=str(tmp_path / "nowhere"))
 
 
-def test_other_architectures_are_refused(tmp_path, saved_model):
-    sdxl = tmp_path / "sdxl"
-    shutil.copytree(saved_model, sdxl)
-    index = json.loads((sdxl / "model_index.json").read_text())
-    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-    (sdxl / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="lacks the component.s. tokenizer_2 an SDXL pipeline needs"):
-        load_backend(str(sdxl), preset("cpu-smoke"))      # SDXL is supported; this one is incomplete
-    flux_like = tmp_path / "flux"
-    shutil.copytree(saved_model, flux_like)
-    index = json.loads((flux_like / "model_index.json").read_text())
-    index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
-    (flux_like / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="runs UNet models"):
-        load_backend(str(flux_like), preset("cpu-smoke"))
-    partial = tmp_path / "partial"
-    shutil.copytree(saved_model, partial)
-    index = json.loads((partial / "model_index.json").read_text())
-    del index["vae"]
-    (partial / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="lacks the component"):
-        load_backend(str(partial), preset("cpu-smoke"))
+@pytest.mark.parametrize("edit, refusal", [
+    # SDXL is supported; this one is incomplete
+    (lambda index: index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"]),
+     "lacks the component.s. tokenizer_2 an SDXL pipeline needs"),
+    (lambda index: index.update(transformer=["diffusers", "FluxTransformer2DModel"]), "runs UNet models"),
+    (lambda index: index.pop("vae"), "lacks the component"),
+], ids=["incomplete-sdxl", "flux-transformer", "no-vae"])
+def test_other_architectures_and_incomplete_folders_are_refused(tmp_path, saved_model, edit, refusal):
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    edit(index)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=refusal):
+        load_backend(str(folder), preset("cpu-smoke"))
+
+
+def test_a_single_file_sdxl_checkpoint_without_its_config_is_refused(tmp_path):
     xl_like = tmp_path / "xl.safetensors"
     save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)}, str(xl_like))
     with pytest.raises(ModelLoadError, match="xl_base"):
