@@ -177,11 +177,8 @@ def open_prompt_file(path: Path, name: Optional[str] = None, field: Optional[str
         raise PromptTextError(f"prompt file {shown} is {info.st_size / 2 ** 20:.0f} MiB (at most "
                               f"{MAX_FILE_BYTES // 2 ** 20} MiB): is it really a list of prompts?")
     scan = _Scan(path, shown, field)
-    if info.st_size:
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            scan.run(data, _format_of(path, data, kind))
-    else:
-        scan.kind = "text" if kind == "auto" else kind
+    with open(path, "rb") as handle:
+        scan.run(handle, _format_of(path, handle.read(4096), kind), info.st_size)
     if not len(scan.starts) and not allow_empty:
         raise PromptTextError(f"prompt file {shown} has no prompts; write one prompt per line (or one record "
                               "per line with a prompt field)")
@@ -195,12 +192,13 @@ def read_prompt_file(path: Path, name: Optional[str] = None, field: Optional[str
     return list(open_prompt_file(path, name=name, field=field, allow_empty=True))
 
 
-def _format_of(path: Path, data, kind: str) -> str:
+def _format_of(path: Path, head: bytes, kind: str) -> str:
+    """The format `kind` names, or the one the suffix (and, for .json, the first byte) says."""
     if kind != "auto":
         return kind
     guess = _SUFFIX_FORMATS.get(path.suffix.lower(), "text")
     if guess == "json":
-        first = re.search(rb"\S", data[:4096].lstrip(_BOM))
+        first = re.search(rb"\S", head.lstrip(_BOM))
         return "json" if first is not None and first.group() == b"[" else "jsonl"
     return guess
 
@@ -220,38 +218,51 @@ class _Scan:
     def fail(self, line: int, problem: str, fix: str) -> PromptTextError:
         return PromptTextError(f"prompt file {self.shown} line {line} {problem}; {fix}")
 
-    def run(self, data, kind: str) -> None:
+    def run(self, handle, kind: str, size: int) -> None:
+        """Scan the open file: line by line (text, JSON lines, CSV), or through a read-only
+        memory map (a JSON list, whose records need not follow lines)."""
         self.kind = kind
-        nul = data.find(b"\x00")
-        if nul != -1:
-            line = _newlines(data, 0, nul) + 1
-            raise PromptTextError(f"prompt file {self.shown} contains NUL bytes (line {line}), so it is a binary "
-                                  "file: give a UTF-8 text file with one prompt per line")
-        begin = len(_BOM) if data[:3] == _BOM else 0
+        handle.seek(0)
+        if kind == "json":
+            if size:
+                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    self._no_nul(data.find(b"\x00") == -1, lambda: _newlines(data, 0, data.find(b"\x00")) + 1)
+                    self._json_list(data, len(_BOM) if data[:3] == _BOM else 0)
+            return
+        lines = self._checked_lines(handle)
         if kind == "text":
-            self._text(data, begin)
+            self._text(lines)
         elif kind == "jsonl":
-            self._jsonl(data, begin)
-        elif kind == "json":
-            self._json_list(data, begin)
+            self._jsonl(lines)
         else:
             self.delimiter = "\t" if kind == "tsv" else ","
-            self._csv(data, begin)
+            self._csv(lines)
+
+    def _no_nul(self, ok: bool, line) -> None:
+        if not ok:
+            raise PromptTextError(f"prompt file {self.shown} contains NUL bytes (line {line()}), so it is a binary "
+                                  "file: give a UTF-8 text file with one prompt per line")
+
+    def _checked_lines(self, handle) -> Iterator[Tuple[int, int, bytes, bytes]]:
+        """_lines with NUL bytes refused."""
+        for number, start, content, raw in _lines(handle):
+            self._no_nul(b"\x00" not in raw, lambda: number)
+            yield number, start, content, raw
 
     # --- the formats ---------------------------------------------------------------------
-    def _text(self, data, begin: int) -> None:
-        for number, start, end in _lines(data, begin):
-            line = self._decode(data[start:end], number).strip()
+    def _text(self, lines) -> None:
+        for number, start, content, _ in lines:
+            line = self._decode(content, number).strip()
             if line and not line.startswith("#"):
                 _check_length(line, f"prompt file {self.shown} line {number}")
-                self._keep(start, end)
+                self._keep(start, start + len(content))
 
-    def _jsonl(self, data, begin: int) -> None:
-        for number, start, end in _lines(data, begin):
-            text = self._decode(data[start:end], number)
+    def _jsonl(self, lines) -> None:
+        for number, start, content, _ in lines:
+            text = self._decode(content, number)
             if text.strip():
                 self._record(self._parse_json(text, number), number)
-                self._keep(start, end)
+                self._keep(start, start + len(content))
 
     def _json_list(self, data, begin: int) -> None:
         depth, newline_pos, lines, element_start = 0, begin, 1, None
@@ -298,10 +309,10 @@ class _Scan:
         self._record(self._parse_json(text, line), line)
         self._keep(start, end)
 
-    def _csv(self, data, begin: int) -> None:
+    def _csv(self, lines) -> None:
         header = None
-        for number, start, end in _csv_records(data, begin, self.shown):
-            text = self._decode(data[start:end], number)
+        for number, start, record in _csv_records(lines, self.shown):
+            text = self._decode(record, number)
             if not text.strip():
                 continue
             try:
@@ -316,7 +327,7 @@ class _Scan:
                 raise self.fail(number, f"has {len(row)} column(s), the header {len(header)}",
                                 f"give every row a {header[self.field]!r} column")
             self._check_prompt(row[self.field], number, f"column {header[self.field]!r}")
-            self._keep(start, end)
+            self._keep(start, start + len(record))
 
     # --- records ------------------------------------------------------------------------
     def _decode(self, raw: bytes, line: int) -> str:
@@ -404,29 +415,35 @@ def _newlines(data, start: int, end: int, block: int = 1 << 20) -> int:
     return sum(data[at:min(end, at + block)].count(b"\n") for at in range(start, end, block))
 
 
-def _lines(data, begin: int) -> Iterator[Tuple[int, int, int]]:
-    """(line number, start, end) of every line, end before any '\\r\\n' or '\\n'."""
-    number, position, size = 1, begin, len(data)
-    while position < size:
-        end = data.find(b"\n", position)
-        stop = size if end == -1 else end
-        content_end = stop - 1 if stop > position and data[stop - 1:stop] == b"\r" else stop
-        yield number, position, content_end
-        number += 1
-        position = stop + 1
+def _lines(handle) -> Iterator[Tuple[int, int, bytes, bytes]]:
+    """(line number, offset of its content, content without '\\r\\n' / '\\n' (and a leading
+    BOM), the raw line) of every line of a binary file, read in order."""
+    position = 0
+    for number, raw in enumerate(handle, start=1):
+        start = position
+        position += len(raw)
+        content = raw[:-1] if raw.endswith(b"\n") else raw
+        content = content[:-1] if content.endswith(b"\r") else content
+        if number == 1 and content.startswith(_BOM):
+            content, start = content[len(_BOM):], start + len(_BOM)
+        yield number, start, content, raw
 
 
-def _csv_records(data, begin: int, shown: str) -> Iterator[Tuple[int, int, int]]:
-    """(first line number, start, end) of each CSV record: lines joined while a quote is open
+def _csv_records(lines, shown: str) -> Iterator[Tuple[int, int, bytes]]:
+    """(first line number, offset, bytes) of each CSV record: lines joined while a quote is open
     (an odd number of '"' so far; doubled quotes inside a field keep the count even)."""
-    record_start, record_line, quotes = None, 0, 0
-    for number, start, end in _lines(data, begin):
-        if record_start is None:
+    parts: List[bytes] = []
+    record_start, record_line, quotes = 0, 0, 0
+    for number, start, content, raw in lines:
+        if not parts:
             record_start, record_line, quotes = start, number, 0
-        quotes += data[start:end].count(b'"')
+            raw = raw[len(_BOM):] if number == 1 and raw.startswith(_BOM) else raw
+        quotes += content.count(b'"')
         if quotes % 2 == 0:
-            yield record_line, record_start, end
-            record_start = None
-    if record_start is not None:
+            yield record_line, record_start, b"".join(parts) + content
+            parts = []
+        else:
+            parts.append(raw)
+    if parts:
         raise PromptTextError(f"prompt file {shown} line {record_line} opens a quoted CSV field that is never "
                               "closed; close the quote")

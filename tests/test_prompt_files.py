@@ -63,6 +63,9 @@ def test_csv_fields_with_newlines_and_quotes(tmp_path):
     prompts = open_prompt_file(write_csv(tmp_path / "q.csv", ["id", "caption"], rows))
     assert list(prompts) == [rows[0][1], "plain"]
     assert prompts.field == 1
+    bom = tmp_path / "bom.csv"      # Excel's UTF-8 CSV: a BOM, CRLF, a quoted field over two lines
+    bom.write_bytes(b'\xef\xbb\xbfPrompt,id\r\n"a ""b""\r\nc",1\r\nd,2\r\n')
+    assert list(open_prompt_file(bom)) == ['a "b"\r\nc', "d"]
 
 
 def test_hundred_thousand_lines_are_indexed_not_held(tmp_path):
