@@ -95,8 +95,10 @@ class PRDPTrainLoRA:
             },
             "optional": {
                 "prompt_file": (train_paths.prompt_file_choices(), {
-                    "tooltip": "A .txt file in ComfyUI's input folder (or input/prompts/) with one prompt per "
-                               "line, used together with 'prompts' (for large prompt sets)."}),
+                    "tooltip": "A prompt file in ComfyUI's input folder (or input/prompts/): .txt with one "
+                               "prompt per line, .jsonl / .json with a 'prompt' (or 'caption', 'text') field, "
+                               ".csv / .tsv with such a column; used together with 'prompts' (for large "
+                               "prompt sets)."}),
                 "checkpoint_every": _int("checkpoint_every", 0, "Save a checkpoint every n epochs (0: only at the end "
                                                        "or when stopped). Checkpoints go to output/prdp_runs/."),
                 "resume_from": (train_paths.checkpoint_choices(), {

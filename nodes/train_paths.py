@@ -3,7 +3,8 @@
 - LoRAs: `models/loras/prdp/<name>.safetensors` (LoraLoader lists them as `prdp/<name>...`);
   an existing file is never replaced, the next free numbered name is used instead.
 - Runs (metrics, checkpoints): `output/prdp_runs/<name>[_NNNNN]/`.
-- Prompt files: `*.txt` in ComfyUI's input folder (and its `prompts/` subfolder).
+- Prompt files: `*.txt`, `*.jsonl`, `*.json`, `*.csv`, `*.tsv` (comfyui_prdp/prompts.py) in ComfyUI's
+  input folder (and its `prompts/` subfolder).
 Choice lists hold relative names only; they are resolved here and checked to stay inside
 their folder.
 """
@@ -20,6 +21,7 @@ from .common import folder_paths_module
 NONE = "none"
 LORA_SUBFOLDER = "prdp"
 RUNS_FOLDER = "prdp_runs"
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".ndjson", ".json", ".csv", ".tsv")   # the prompt file formats
 LORA_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")   # used with fullmatch
 
 
@@ -118,7 +120,8 @@ def prompt_file_choices() -> List[str]:
     root = Path(folder_paths.get_input_directory())
     for folder in (root, root / "prompts"):
         if folder.is_dir():
-            choices += sorted(p.relative_to(root).as_posix() for p in folder.glob("*.txt") if p.is_file())
+            choices += sorted(p.relative_to(root).as_posix() for p in folder.iterdir()
+                              if p.suffix.lower() in PROMPT_SUFFIXES and p.is_file())
     return choices
 
 

@@ -1,6 +1,7 @@
 """Prompt files: text, JSON lines, JSON lists and CSV, read lazily (100K lines), with errors that
 name the line; the CLI takes them with --prompts/--prompt-field and the trainer draws from them."""
 import csv
+import sys
 import hashlib
 import json
 import tracemalloc
@@ -181,3 +182,24 @@ def test_cli_takes_jsonl_with_a_field_and_refuses_a_missing_one(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "line 1 has no prompt field" in err, err
     assert not (tmp_path / "run2").exists()
+
+
+def test_the_train_node_lists_and_reads_every_prompt_format(tmp_path, monkeypatch):
+    from comfy_inprocess import load_plugin_package
+
+    package = load_plugin_package()
+    train_paths = sys.modules[package.__name__ + ".nodes.train_paths"]
+
+    class FolderPaths:
+        @staticmethod
+        def get_input_directory():
+            return str(tmp_path)
+    monkeypatch.setattr(train_paths, "folder_paths_module", lambda: FolderPaths)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "a.txt").write_text("a cat\n")
+    (tmp_path / "prompts" / "b.jsonl").write_text('{"caption": "a dog"}\n')
+    (tmp_path / "c.csv").write_text("prompt\na fox\n")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG")
+    assert train_paths.prompt_file_choices() == ["none", "a.txt", "c.csv", "prompts/b.jsonl"]
+    node = package.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]
+    assert node._prompts("a horse", "prompts/b.jsonl") == ["a horse", "a dog"]
