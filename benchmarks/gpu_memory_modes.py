@@ -1,4 +1,4 @@
-"""One mode of benchmarks/gpu_check.sh: a few LoRA training steps through ComfyBackend on a
+"""One mode of benchmarks/gpu_memory_modes.sh: a few LoRA training steps through ComfyBackend on a
 CUDA GPU under the ComfyUI flags given after `--`, recording the gradients.
 
 ComfyUI is initialised by importing its main.py with those flags (what the server does at
@@ -6,8 +6,8 @@ startup, dynamic VRAM included: comfy-aimdo, ModelPatcherDynamic), without start
 The model is a random-weight SD1.5-detected checkpoint loaded as CheckpointLoaderSimple loads it
 (under inference mode); training runs in a fresh thread with inference mode off, as the job does.
 
-    python benchmarks/gpu_check.py --comfyui-root R --checkpoint C --out F.pt [--expect-dynamic] -- FLAGS
-    python benchmarks/gpu_check.py --compare REF.pt RUN.pt ...     (exit 1 when a run differs)
+    python benchmarks/gpu_memory_modes.py --comfyui-root R --checkpoint C --out F.pt [--expect-dynamic] -- FLAGS
+    python benchmarks/gpu_memory_modes.py --compare REF.pt RUN.pt ...     (exit 1 when a run differs)
 
 With `--cpu` among the flags a mode runs on the CPU: that only tries the script out.
 """
@@ -93,7 +93,7 @@ def run_mode(args) -> int:
 
     on_cpu = "--cpu" in args.flags       # only to try this script on a machine without a GPU
     if not on_cpu and (not torch.cuda.is_available() or comfy.model_management.get_torch_device().type != "cuda"):
-        print("gpu_check: no CUDA device: this check needs an NVIDIA GPU", file=sys.stderr)
+        print("memory_modes: no CUDA device: this check needs an NVIDIA GPU", file=sys.stderr)
         return 2
     try:                                     # ComfyUI >= 2026-01; older ones have no dynamic VRAM
         dynamic = bool(importlib.import_module("comfy.memory_management").aimdo_enabled)
@@ -103,10 +103,10 @@ def run_mode(args) -> int:
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True,
                                                                      output_clip=True)
     patcher_kind = type(model).__name__
-    print(f"gpu_check[{args.name}]: flags {' '.join(args.flags) or '(none)'}; dynamic VRAM "
+    print(f"memory_modes[{args.name}]: flags {' '.join(args.flags) or '(none)'}; dynamic VRAM "
           f"{'on' if dynamic else 'off'}; MODEL is a {patcher_kind}", flush=True)
     if args.expect_dynamic and not (dynamic and getattr(model, "is_dynamic", lambda: False)()):
-        print(f"gpu_check[{args.name}]: dynamic VRAM was expected but is off (is comfy-aimdo installed and "
+        print(f"memory_modes[{args.name}]: dynamic VRAM was expected but is off (is comfy-aimdo installed and "
               "working? see ComfyUI's log above)", file=sys.stderr)
         return 3
     box = {}
@@ -136,7 +136,7 @@ def run_mode(args) -> int:
     finite = all(math.isfinite(v) for v in record["losses"]) and \
         all(torch.isfinite(g).all() for step in record["grads"] for g in step)
     torch.save(record, args.out)
-    print(f"gpu_check[{args.name}]: losses {['%.6g' % v for v in record['losses']]}; UNet resident at the end: "
+    print(f"memory_modes[{args.name}]: losses {['%.6g' % v for v in record['losses']]}; UNet resident at the end: "
           f"{100 * record['loaded_fraction']:.0f}%; finite: {finite}", flush=True)
     return 0 if finite else 4
 
@@ -150,7 +150,7 @@ def compare(paths: list[str]) -> int:
 
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
-        print(f"gpu_check: no result file {', '.join(missing)}", file=sys.stderr)
+        print(f"memory_modes: no result file {', '.join(missing)}", file=sys.stderr)
         return 1
     reference = torch.load(paths[0], weights_only=True)
     worst_all = 0.0
@@ -171,7 +171,7 @@ def compare(paths: list[str]) -> int:
               f"(grads of {STEPS} steps, final LoRA, base eps)")
         if not ok:
             failed.append(run["name"])
-    print(f"gpu_check: {'FAILED: ' + ', '.join(failed) if failed else 'all modes match the reference'} "
+    print(f"memory_modes: {'FAILED: ' + ', '.join(failed) if failed else 'all modes match the reference'} "
           f"(tolerance {REL_TOLERANCE:g}, worst {worst_all:.2e})")
     return 1 if failed else 0
 

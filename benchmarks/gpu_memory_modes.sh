@@ -13,7 +13,7 @@
 #                                                        reused cast buffers (low-VRAM offload)
 # All in fp32 with TF32 off. Needs an NVIDIA GPU; exits 2 without one.
 #
-#   bash benchmarks/gpu_check.sh [COMFYUI_ROOT]     (default: $COMFYUI_ROOT, else ~/ComfyUI-0.33)
+#   bash benchmarks/gpu_memory_modes.sh [COMFYUI_ROOT]     (default: $COMFYUI_ROOT, else ~/ComfyUI-0.33)
 # Env: PYTHON (default .venv/bin/python), GPU_CHECK_DIR (work folder, default a temporary one),
 #      GPU_CHECK_HEADROOM_GB (usable VRAM left in dynamic-pressure, default 0.3).
 set -euo pipefail
@@ -24,19 +24,19 @@ python="${PYTHON:-$repo/.venv/bin/python}"
 comfy="${1:-${COMFYUI_ROOT:-$HOME/ComfyUI-0.33}}"
 
 if [ ! -f "$comfy/main.py" ] || [ ! -d "$comfy/comfy" ]; then
-    echo "gpu_check: $comfy is not a ComfyUI source tree; pass its path (or set COMFYUI_ROOT)" >&2
+    echo "memory_modes: $comfy is not a ComfyUI source tree; pass its path (or set COMFYUI_ROOT)" >&2
     exit 2
 fi
 if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    echo "gpu_check: no CUDA GPU visible to torch in $python: this check needs an NVIDIA GPU (nothing was run)" >&2
+    echo "memory_modes: no CUDA GPU visible to torch in $python: this check needs an NVIDIA GPU (nothing was run)" >&2
     exit 2
 fi
 
 work="${GPU_CHECK_DIR:-$(mktemp -d -t prdp-gpu-check.XXXXXX)}"
 mkdir -p "$work"
 export CUBLAS_WORKSPACE_CONFIG=:4096:8      # deterministic cuBLAS, as ComfyUI's --deterministic sets it
-echo "gpu_check: ComfyUI $comfy, work folder $work"
-"$python" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"gpu_check: {p.name}, {p.total_memory / 2**30:.1f} GiB, torch {torch.__version__}")'
+echo "memory_modes: ComfyUI $comfy, work folder $work"
+"$python" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"memory_modes: {p.name}, {p.total_memory / 2**30:.1f} GiB, torch {torch.__version__}")'
 
 checkpoint="$work/prdp_tiny_sd15.safetensors"
 if [ ! -f "$checkpoint" ]; then
@@ -60,31 +60,31 @@ failed=()
 for entry in "${modes[@]}"; do
     IFS='|' read -r name expect flags <<<"$entry"
     if [ "$has_dynamic" = 0 ]; then      # a ComfyUI without dynamic VRAM (e.g. 0.3.64)
-        case "$name" in dynamic*) echo "gpu_check[$name]: skipped: this ComfyUI has no dynamic VRAM"; continue ;; esac
+        case "$name" in dynamic*) echo "memory_modes[$name]: skipped: this ComfyUI has no dynamic VRAM"; continue ;; esac
         flags="${flags//--disable-dynamic-vram/}"
     fi
     out="$work/$name.pt"
     # shellcheck disable=SC2086  # flags are words
-    if "$python" "$here/gpu_check.py" --comfyui-root "$comfy" --checkpoint "$checkpoint" --out "$out" \
+    if "$python" "$here/gpu_memory_modes.py" --comfyui-root "$comfy" --checkpoint "$checkpoint" --out "$out" \
             --name "$name" $expect -- "${common[@]}" $flags >"$work/$name.log" 2>&1; then
-        grep '^gpu_check\[' "$work/$name.log" || true
+        grep '^memory_modes\[' "$work/$name.log" || true
         results+=("$out")
     else
         status=$?
-        echo "gpu_check[$name]: FAILED (exit $status); last lines of $work/$name.log:" >&2
+        echo "memory_modes[$name]: FAILED (exit $status); last lines of $work/$name.log:" >&2
         tail -25 "$work/$name.log" >&2
         failed+=("$name")
     fi
 done
 
 if [ ! -f "$work/reference.pt" ]; then
-    echo "gpu_check: the reference run failed; nothing to compare" >&2
+    echo "memory_modes: the reference run failed; nothing to compare" >&2
     exit 1
 fi
 compare_status=0
-"$python" "$here/gpu_check.py" --compare "${results[@]}" || compare_status=$?
+"$python" "$here/gpu_memory_modes.py" --compare "${results[@]}" || compare_status=$?
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "gpu_check: modes that did not run to the end: ${failed[*]}" >&2
+    echo "memory_modes: modes that did not run to the end: ${failed[*]}" >&2
     exit 1
 fi
 exit "$compare_status"

@@ -4,7 +4,7 @@
 
 On the CPU ComfyUI always casts into a private copy, so the reuse is simulated: the wrappers
 get views of one flat "cast buffer" that is overwritten after the forward pass, as ComfyUI
-overwrites it with the next layer's weights. The real thing runs in benchmarks/gpu_check.sh.
+overwrites it with the next layer's weights. The real thing runs in benchmarks/gpu_memory_modes.sh.
 """
 import inspect
 
