@@ -273,6 +273,12 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
 
     evaluate = not args.no_eval
     prompts, held_out = split_held_out(args, config, prompts)   # before any model loads
+    if held_out is not None and args.eval_prompts_file:
+        from .heldout import shared_prompts
+        shared = shared_prompts(prompts, held_out)
+        if shared:
+            print(f"note: {shared} training prompt(s) are also in {args.eval_prompts_file}: the held-out reward is "
+                  "not only on unseen prompts", file=sys.stderr)
     try:
         reward = make_reward(args)
         from .model_loading import load_backend

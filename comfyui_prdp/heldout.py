@@ -205,3 +205,10 @@ def _is_record(value) -> bool:
     return (isinstance(value, dict) and set(value) == {"epoch", "eval", "train"}
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                     for v in value.values()))
+
+
+def shared_prompts(training: Sequence[str], held_out: HeldOutSet) -> int:
+    """How many training prompts are also held-out prompts (one pass over the training set):
+    an evaluation file that repeats training prompts does not measure unseen prompts."""
+    held = set(held_out.prompts)
+    return sum(1 for prompt in training if prompt in held)

@@ -247,3 +247,18 @@ def test_cli_resume_needs_the_same_evaluation_file(tmp_path, capsys, monkeypatch
     code = cli.main(["train", "--out", str(out), "--resume", "--epochs", "2", "--eval-prompts-file", str(evals)])
     assert code == 0, capsys.readouterr().err
     assert [m["epoch"] for m in metrics_file(out)] == [1, 2]
+
+
+def test_an_evaluation_file_that_repeats_training_prompts_is_noted(tmp_path, capsys, monkeypatch):
+    from comfyui_prdp.heldout import shared_prompts
+
+    assert shared_prompts(["a", "b", "c", "b"], HeldOutSet(["b", "z"], [1])) == 2
+    assert shared_prompts(["a"], HeldOutSet(["z"], [1])) == 0
+    monkeypatch.setattr(model_loading, "load_backend", lambda *a, **k: ToyBackend(image_size=64))
+    evals = tmp_path / "eval.txt"
+    evals.write_text(f"{cli.DEFAULT_PROMPTS[0]}\na wolf\n")
+    code = cli.main(["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--eval-every", "1",
+                     "--eval-prompts-file", str(evals), "--no-eval", "--steps", "2", "--prompts-per-epoch", "2",
+                     "--images-per-prompt", "2", "--updates-per-epoch", "1"])
+    err = capsys.readouterr().err
+    assert code == 0 and f"note: 1 training prompt(s) are also in {evals}" in err, err

@@ -1,9 +1,9 @@
 """Prompt files: text, JSON lines, JSON lists and CSV, read lazily (100K lines), with errors that
 name the line; the CLI takes them with --prompts/--prompt-field and the trainer draws from them."""
 import csv
-import sys
 import hashlib
 import json
+import sys
 import tracemalloc
 
 import pytest
