@@ -302,10 +302,10 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
     start = time.perf_counter()
     try:
         result = trainer.run(resume_from=resume_from)
-    except RewardServerError as error:      # --reward http://...: the server went away mid-run
+    except (RewardServerError, PromptTextError) as error:   # mid-run: the reward server went away, the prompt file changed
         printer.bar.close()
         path = trainer.save_checkpoint(partial=True)
-        print(f"error: {error}\ncheckpoint: {path} (continue with --resume once the server is back)", file=sys.stderr)
+        print(f"error: {error}\ncheckpoint: {path} (fix that, then continue with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         printer.bar.close()

@@ -365,7 +365,7 @@ class _Scan:
             self.field = self._detect_field(list(value), line)
         if self.field not in value:
             raise self.fail(line, f"has no {self.field!r} field (it has {_names(value)})",
-                            f"add it, or name the prompt field (--prompt-field)")
+                            "add it, or name the prompt field (--prompt-field)")
         prompt = value[self.field]
         if not isinstance(prompt, str):
             raise self.fail(line, f"field {self.field!r} is a {type(prompt).__name__}, not text",

@@ -203,3 +203,19 @@ def test_the_train_node_lists_and_reads_every_prompt_format(tmp_path, monkeypatc
     assert train_paths.prompt_file_choices() == ["none", "a.txt", "c.csv", "prompts/b.jsonl"]
     node = package.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]
     assert node._prompts("a horse", "prompts/b.jsonl") == ["a horse", "a dog"]
+
+
+def test_cli_keeps_a_checkpoint_when_the_prompt_file_changes_mid_run(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "p.txt"
+    path.write_text("a cat\na dog\na fox\n")
+
+    def load_then_edit(*args, **kwargs):
+        path.write_text("something else entirely\n")      # the user edits the file once training began
+        return ToyBackend(image_size=64)
+    monkeypatch.setattr(model_loading, "load_backend", load_then_edit)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--out", str(out), "--prompts", str(path), "--no-eval", "--steps", "2",
+                     "--prompts-per-epoch", "2", "--images-per-prompt", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "changed (or vanished) after it was read" in err and "continue with --resume" in err, err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_00000_stopped"]
