@@ -16,6 +16,7 @@ import binascii
 import io
 import json
 import math
+import signal
 import sys
 import threading
 from typing import Any, Dict, List, Optional, Tuple
@@ -244,6 +245,8 @@ class RewardServer:
             self._loop.call_soon_threadsafe(self._stopped.set)
         if self._thread is not None:
             self._thread.join(30)
+        if self._loop is not None and not self._loop.is_running():
+            self._loop.close()
 
     def serve_forever(self, announce=print) -> None:
         ready = threading.Event()
@@ -253,6 +256,10 @@ class RewardServer:
             while not ready.is_set():
                 await asyncio.sleep(0.01)
             if self.url is not None:
+                try:                              # SIGTERM (a job scheduler) ends it like Ctrl-C
+                    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._stopped.set)
+                except (NotImplementedError, RuntimeError):   # not on Windows
+                    pass
                 announce(f"serving reward {self.reward_name!r} on {self.url} (protocol {PROTOCOL}); "
                          "Ctrl-C stops")
             await task

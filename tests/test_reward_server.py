@@ -268,7 +268,8 @@ def test_serve_reward_command_listens_on_loopback_and_scores():
         assert torch.equal(scores, create_reward("jpeg-incompressibility").score(images, ["a", "b"]))
     finally:
         process.terminate()
-        process.wait(30)
+        code = process.wait(30)
+    assert code == 0, process.stderr.read()          # SIGTERM ends it cleanly
     refused = subprocess.run([sys.executable, "-m", "comfyui_prdp", "serve-reward", "--reward", "nope",
                               "--port", "0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.startswith("error: unknown reward 'nope'"), refused.stderr
