@@ -11,6 +11,7 @@ again) and raises with the server's message. Protocol: docs/reward-protocol.md.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import math
 import socket
@@ -135,7 +136,8 @@ class RemoteReward(Reward):
                     raise RewardServerError(f"reward server {self.url} refused {method} {path}: HTTP {error.code}: "
                                             f"{message}") from None
                 last = f"HTTP {error.code}: {message}"
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as error:
+            except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError,
+                    ConnectionError) as error:       # down, reset, cut short or too slow: try again
                 reason = getattr(error, "reason", error)
                 last = "timed out" if isinstance(reason, (socket.timeout, TimeoutError)) else str(reason)
             except ValueError:
