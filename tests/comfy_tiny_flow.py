@@ -111,10 +111,9 @@ def _flow_model(config_name: str, unet: dict, seed: int):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "")
     torch.manual_seed(seed)
-    with torch.no_grad():   # RMSNorm scales (Flux's QK norm) are not torch.nn modules
+    with torch.no_grad():   # parameters outside torch.nn modules: RMSNorm scales (Flux), pos_embed (SD3)
         for name, parameter in model.diffusion_model.named_parameters():
-            if name.endswith(".scale"):
-                parameter.fill_(1.0)
+            parameter.fill_(1.0) if name.endswith(".scale") else parameter.normal_(0.0, 0.02)
     _reset_parameters(model.diffusion_model)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
@@ -126,10 +125,12 @@ def _clip(tokenizer_class, clip_class, seed: int):
 
     torch.manual_seed(seed)
     clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_class, clip_class), parameters=2_000_000)
-    with torch.no_grad():   # T5's own layer norm and relative attention bias are not torch.nn modules
+    with torch.no_grad():   # parameters outside torch.nn modules (T5's layer norm and attention bias, projections)
         for name, parameter in clip.cond_stage_model.named_parameters():
             if "t5xxl" in name:
                 parameter.fill_(1.0) if "layer_norm" in name else parameter.normal_(0.0, 0.5)
+            else:
+                parameter.normal_(0.0, 0.05)
     _reset_parameters(clip.cond_stage_model)
     return clip
 

@@ -250,19 +250,28 @@ class BlockCheckpointing:
                 self._patch(layer)
         for name in self.TRANSFORMER_BLOCK_LISTS:       # flow transformers: each block
             for layer in getattr(unet, name, None) or []:
-                self._patch(layer)
+                self._patch(layer, private_inputs=True)
 
-    def _patch(self, layer: torch.nn.Module) -> None:
+    def _patch(self, layer: torch.nn.Module, private_inputs: bool = False) -> None:
+        """private_inputs (transformer blocks): the block gets its own copies of its tensor
+        inputs and a snapshot of dict options (transformer_options), because such blocks add
+        residuals into their inputs in place (Flux: `txt += ...`) and ComfyUI updates the
+        options dict between blocks; the recomputation in backward must see what forward saw."""
         previous = layer.__dict__.get("forward", self._MISSING)
         original = layer.forward
         gate = self
+        own = (lambda v: v.clone() if isinstance(v, torch.Tensor) else v)
 
         def guarded(*args, **kwargs):
             with gate.guard():
+                if private_inputs:
+                    args, kwargs = [own(a) for a in args], {k: own(v) for k, v in kwargs.items()}
                 return original(*args, **kwargs)
 
         def forward(*args, **kwargs):
             if gate.enabled and torch.is_grad_enabled():
+                if private_inputs:
+                    kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
                 return torch.utils.checkpoint.checkpoint(guarded, *args, use_reentrant=False, **kwargs)
             return original(*args, **kwargs)
 
