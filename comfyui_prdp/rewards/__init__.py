@@ -1,7 +1,8 @@
 """Rewards: one module per family, all behind `Reward.score(images, prompts) -> [B]`.
 
 Registered names: aesthetic, pickscore, hpsv2, hpsv2.1, clipscore, imagereward,
-jpeg-compressibility, jpeg-incompressibility, weighted. Importing this package is cheap: the
+jpeg-compressibility, jpeg-incompressibility, weighted, and the miniature world's world-alignment and
+world-preference (comfyui_prdp/world/rewards.py). Importing this package is cheap: the
 model libraries (open_clip, transformers) are imported only when a model is loaded.
 """
 import sys as _sys
@@ -9,6 +10,7 @@ import sys as _sys
 from .base import Reward, available_rewards, create_reward, register_reward
 from . import jpeg  # noqa: F401  (registers the JPEG rewards)
 from . import aesthetic, clipscore, hps, imagereward, pickscore  # noqa: F401  (register them)
+from ..world import rewards as _world_rewards  # noqa: F401,E402  (registers world-alignment, world-preference)
 from .combined import WeightedReward, paper_multi_reward
 from .loading import RewardModelFileError, clear_model_cache
 from .model_files import RewardModelNotFoundError, register_comfy_folder
