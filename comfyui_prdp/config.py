@@ -89,18 +89,29 @@ class TrainConfig:
         return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
     def model_evaluations_per_epoch(self) -> Dict[str, int]:
-        """UNet evaluations (one latent, one CFG branch = 1) per epoch, by phase."""
+        """UNet evaluations (one latent, one CFG branch = 1) per epoch, by phase. With policy
+        'flow_sde' only the stochastic steps (all but the last, or the SDE window) get the base
+        model's evaluation and are trained ('auto' is counted as ddpm: it depends on the model)."""
         trajectories = self.prompts_per_epoch * self.images_per_prompt
         branches = 2 if self.cfg != 1.0 else 1
         transitions = trajectories * self.steps
-        trained = max(1, round(transitions * self.timestep_fraction))
+        stochastic = trajectories * self.stochastic_steps()
+        trained = max(1, round(stochastic * self.timestep_fraction))
         return {
             "sampling": transitions * branches,
-            "reference": transitions * branches,     # the base model, evaluated during sampling
+            "reference": stochastic * branches,      # the base model, evaluated during sampling
             # pass 1 is skipped on the first update; pass 2 is forward+backward
             "update_forward_no_grad": (self.updates_per_epoch - 1) * trained * branches,
             "update_forward_backward": self.updates_per_epoch * trained * branches,
         }
+
+    def stochastic_steps(self) -> int:
+        """Steps with a log-prob: every step for ddpm; flow_sde: all but the last, or the window."""
+        if self.policy != "flow_sde":
+            return self.steps
+        if self.sde_window is not None:
+            return int(self.sde_window[1]) - int(self.sde_window[0])
+        return max(0, self.steps - 1)
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the bad value and the fix; returns self when valid."""
@@ -261,6 +272,33 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                               beta=3e-5, clip_range=1e-4, steps=20, cfg=5.0, learning_rate=3e-4,
                               lora_rank=8, width=1024, height=1024, sample_batch_size=2, train_batch_size=1,
                               mixed_precision="fp16", gradient_checkpointing=True),
+    # flow models (policy flow_sde). beta / clip_range do not transfer between policies: the same
+    # model change gives flow-SDE trajectory log-ratios ~0.15x DDPM's (first-order estimate from
+    # the schedules, benchmarks/policy_logratio_scale.py: SD3 shift 3.0 at 20 steps 0.157, Flux
+    # mu 1.15 at 16 steps 0.150, a = 0.7), so the consumer-gpu values become beta 3e-5 / 0.15 ~ 2e-4
+    # and clip 1e-4 x 0.15 ~ 1.5e-5. Starting points, not tuned on real models.
+    # Flux.1-dev: guidance-distilled, so cfg 1 (the guidance value is conditioning, 3.5 by
+    # default as ComfyUI without a FluxGuidance node); 16 steps as DanceGRPO; 512 px as Flow-GRPO.
+    # Transformer evaluations per epoch (model_evaluations_per_epoch): 128 sampling + 120 base
+    # model + 120 forward+backward = 368 (8 trajectories x 16 steps, 15 of them stochastic).
+    # Expected memory (an estimate, not measured here): fp8 weights 12 GB (bf16: 24 GB) + LoRA r16
+    # and AdamW < 0.2 GB + one 1024-token micro-batch with checkpointing ~2-3 GB, T5/CLIP offloaded
+    # after the prompts are encoded: about 15-16 GB with fp8 weights, 24 GB cards comfortable
+    "consumer-gpu-flux": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
+                              policy="flow_sde", flow_noise_level=0.7, beta=2e-4, clip_range=1.5e-5, steps=16,
+                              cfg=1.0, learning_rate=1e-4, lora_rank=16, width=512, height=512,
+                              sample_batch_size=2, train_batch_size=1, mixed_precision="bf16",
+                              gradient_checkpointing=True),
+    # SD3.5 (Medium; Large the same with more memory): CFG 4.5 as Flow-GRPO, 20 steps, LoRA r32
+    # alpha 64 and lr 3e-4 as Flow-GRPO's SD3.5-M recipe. Evaluations per epoch: 320 sampling +
+    # 304 base model + 304 forward+backward = 928 (8 trajectories x 20 steps x 2 CFG branches, 19
+    # stochastic). Expected memory (estimate): bf16 MMDiT 5 GB + activations with checkpointing
+    # ~2 GB, text encoders (T5 ~10 GB) offloaded after encoding: about 8-10 GB
+    "consumer-gpu-sd35": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
+                              policy="flow_sde", flow_noise_level=0.7, beta=2e-4, clip_range=1.5e-5, steps=20,
+                              cfg=4.5, learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, width=512, height=512,
+                              sample_batch_size=2, train_batch_size=1, mixed_precision="bf16",
+                              gradient_checkpointing=True),
     # two CPU cores, the embedded tiny model: minutes, not hours
     "cpu-smoke": dict(epochs=10, updates_per_epoch=4, prompts_per_epoch=4, images_per_prompt=4,
                       beta=0.05, clip_range=0.05, steps=8, cfg=3.0, learning_rate=0.02,

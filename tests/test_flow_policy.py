@@ -205,3 +205,19 @@ def test_auto_policy_follows_the_model_and_config_options_reach_it():
 def test_config_validates_the_policy_options(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig().replace(**bad).validate()
+
+
+@pytest.mark.parametrize("name, steps, branches", [("consumer-gpu-flux", 16, 1), ("consumer-gpu-sd35", 20, 2)])
+def test_flow_presets_use_the_flow_policy_and_count_only_stochastic_steps(name, steps, branches):
+    from comfyui_prdp.config import preset
+
+    config = preset(name)
+    assert config.policy == "flow_sde" and config.steps == steps and (config.cfg == 1.0) == (branches == 1)
+    trajectories = config.prompts_per_epoch * config.images_per_prompt
+    assert config.model_evaluations_per_epoch() == {
+        "sampling": trajectories * steps * branches,
+        "reference": trajectories * (steps - 1) * branches,        # the deterministic last step has none
+        "update_forward_no_grad": 0,
+        "update_forward_backward": trajectories * (steps - 1) * branches}
+    windowed = config.replace(sde_window=[2, 6]).validate()
+    assert windowed.model_evaluations_per_epoch()["update_forward_backward"] == trajectories * 4 * branches
