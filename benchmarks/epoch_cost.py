@@ -5,7 +5,8 @@ includes the base model's reference log-probs at the visited latents), the numbe
 of UNet evaluations (latents x CFG branches) per phase, and the floor: the time of the same
 number of bare UNet forward (no grad) and forward+backward passes at the same batch sizes.
 `--memory` also runs one update in fresh processes for two step counts T and prints the peak
-resident memory of each (the two-pass gradient should make it independent of T).
+resident memory of each (the two-pass gradient should make it independent of T). Last, the
+same epochs with algorithm=ddpo and the PRDP/DDPO epoch-time ratio, whole and by phase.
 
     python benchmarks/epoch_cost.py [--epochs 2] [--memory]
 """
@@ -77,18 +78,40 @@ def floor_seconds(backend, batch_sizes: Counter, latent_shape) -> float:
     return total
 
 
-def epoch_report(epochs: int) -> None:
-    config = preset("cpu-smoke", epochs=epochs)
+PHASES = ("sampling", "reward", "update")
+
+
+def run_epochs(epochs: int, algorithm: str = "prdp"):
+    """(config, backend, counter, last epoch's metrics) of a cpu-smoke run on the embedded model."""
+    config = preset("cpu-smoke", epochs=epochs, algorithm=algorithm)
     backend = DiffusersBackend.from_components(**build_embedded_pipeline(0), config=config)
     counter = CountingBackend(backend)
     trainer = Trainer(backend, create_reward("jpeg-compressibility"), PROMPTS, config, callback=counter.on_event)
     result = trainer.run()
-    last = result.metrics[-1]
+    return config, backend, counter, result.metrics[-1]
+
+
+def ddpo_ratio_report(epochs: int, prdp_last: dict) -> None:
+    """The same epochs with DDPO; PRDP/DDPO time of the last epoch, whole and by phase."""
+    _, _, counter, ddpo_last = run_epochs(epochs, "ddpo")
+    print("\nPRDP vs DDPO, last epoch (same preset, seed and prompts):")
+    for phase in PHASES:
+        prdp, ddpo = prdp_last[f"seconds_{phase}"], ddpo_last[f"seconds_{phase}"]
+        print(f"  {phase:10s} prdp {prdp:8.3f}  ddpo {ddpo:8.3f}  ratio {prdp / max(ddpo, 1e-9):5.2f}")
+    prdp_total = sum(prdp_last[f"seconds_{p}"] for p in PHASES)
+    ddpo_total = sum(ddpo_last[f"seconds_{p}"] for p in PHASES)
+    evaluations = sum(v for v in counter.counts.values()) // epochs
+    print(f"  {'total':10s} prdp {prdp_total:8.3f}  ddpo {ddpo_total:8.3f}  ratio {prdp_total / ddpo_total:5.2f}"
+          f"   (DDPO UNet evaluations per epoch: {evaluations})")
+
+
+def epoch_report(epochs: int) -> dict:
+    config, backend, counter, last = run_epochs(epochs)
     print(f"preset cpu-smoke: N={config.prompts_per_epoch} B={config.images_per_prompt} T={config.steps} "
           f"K={config.updates_per_epoch} cfg={config.cfg} {config.width}px, torch threads {torch.get_num_threads()}")
     print("\nseconds in the last epoch, by phase:")
     phase_total = 0.0
-    for phase in ("sampling", "reward", "update"):
+    for phase in PHASES:
         seconds = last[f"seconds_{phase}"]
         phase_total += seconds
         print(f"  {phase:10s} {seconds:8.3f}")
@@ -105,6 +128,7 @@ def epoch_report(epochs: int) -> None:
     print(f"\nfloor (bare UNet passes, same count and batch sizes): {floor:.3f} s")
     print(f"ratio sampling(+reference)+update / floor: {model_phases / floor:.2f}x")
     print(f"ratio whole epoch / floor:                    {phase_total / floor:.2f}x")
+    return last
 
 
 def memory_child(steps: int) -> None:
@@ -141,9 +165,10 @@ def main() -> None:
     if args.memory_child is not None:
         memory_child(args.memory_child)
         return
-    epoch_report(args.epochs)
+    prdp_last = epoch_report(args.epochs)
     if args.memory:
         memory_report()
+    ddpo_ratio_report(args.epochs, prdp_last)
 
 
 if __name__ == "__main__":
