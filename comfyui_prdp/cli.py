@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 
 from .config import PRESETS, TrainConfig, preset
 from .prompts import PromptTextError, open_prompt_file
+from .stop_signals import check_stop_file, stop_requests
 
 DEFAULT_PROMPTS = [f"a painting of a {animal}" for animal in (
     "cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "lion", "turtle", "goat", "duck")]
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--no-eval", action="store_true", help="skip the before/after held-out images")
     train.add_argument("--list-rewards", action="store_true", help="print the reward names and exit")
+    train.add_argument("--stop-file", type=Path, default=None,
+                       help="stop with a checkpoint when this file appears (must not exist at the start); "
+                            "SIGTERM stops with a checkpoint too")
     for name, kind in OVERRIDES.items():
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
     train.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. to_q,to_k,to_v,to_out.0")
@@ -209,12 +213,15 @@ def make_reward(args):
 class ProgressPrinter:
     """A tqdm bar over the whole run plus one line of metrics per epoch."""
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: int, enabled: bool = True):
         from tqdm.auto import tqdm
+        self.enabled = enabled      # off on the ranks > 0 of a distributed run
         self.bar = tqdm(total=1000, desc="PRDP", unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
-                        file=sys.stderr)
+                        file=sys.stderr, disable=not enabled)
 
     def __call__(self, event: dict) -> None:
+        if not self.enabled:
+            return
         if event["type"] == "step":
             self.bar.n = int(event["progress"] * 1000)
             self.bar.set_description(f"PRDP epoch {event['epoch']} {event['phase']}")
@@ -247,12 +254,17 @@ def train(args) -> int:
         print("\n".join(available_rewards()))
         return 0
     config = make_config(args)
+    from .launch import join_ranks, train_ranks
+    dist = join_ranks(args)       # a plain run: one process; under torchrun: this rank (launch.py)
     check_device(args.device)
     check_base(args.base, args.base_config)
     prompts = read_prompts(args.prompts, args.prompt_field)
     if not args.resume:                        # (a resumed run's own settings are checked later)
         split_held_out(args, config, prompts)  # refused here, before --out is touched
     check_out_path(args.out)
+    check_stop_file(args.stop_file)
+    if dist.enabled:
+        return train_ranks(args, config, prompts, dist)
     lock = claim_out_dir(args.out, args.resume)
     try:
         plan = plan_out_dir(args, config, prompts)
@@ -264,14 +276,17 @@ def train(args) -> int:
         lock.release()
 
 
-def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> int:
-    """Load, evaluate, train (from `checkpoint` when given) and report, in a claimed --out."""
+def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist=None) -> int:
+    """Load, evaluate, train (from `checkpoint`, a CheckpointData or path, when given) and
+    report, in a claimed --out. `dist`: this rank of a distributed run (rank 0 reports)."""
+    from .distributed import SINGLE
     from .evaluation import evaluate_reward
     from .plots import comparison_grid, reward_curve
     from .rewards.remote import RewardServerError
     from .trainer import Trainer
 
-    evaluate = not args.no_eval
+    dist = dist or SINGLE
+    evaluate = not args.no_eval and dist.is_main
     prompts, held_out = split_held_out(args, config, prompts)   # before any model loads
     if held_out is not None and args.eval_prompts_file:
         from .heldout import shared_prompts
@@ -282,6 +297,8 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
     try:
         reward = make_reward(args)
         from .model_loading import load_backend
+        import torch
+        torch.manual_seed(config.seed)    # the LoRA's initial weights derive from the seed (every rank alike)
         try:
             backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
         except (FileNotFoundError, ValueError, OSError) as error:
@@ -293,15 +310,16 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
         print(f"interrupted before training started: nothing to keep; run the same command again to start "
               f"over in {args.out}", file=sys.stderr)
         return 130
-    printer = ProgressPrinter(config.epochs)
-    trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer)
+    printer = ProgressPrinter(config.epochs, enabled=dist.is_main)
+    trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer, distributed=dist)
     if held_out is not None:
         from .heldout import HeldOutMonitor
         trainer.held_out = HeldOutMonitor(held_out, config)
-    resume_from = checkpoint.path if checkpoint is not None else None
+    resume_from = getattr(checkpoint, "path", checkpoint)
     start = time.perf_counter()
     try:
-        result = trainer.run(resume_from=resume_from)
+        with stop_requests(trainer.stop_event, interrupt=dist.enabled, stop_file=args.stop_file):
+            result = trainer.run(resume_from=resume_from)
     except (RewardServerError, PromptTextError) as error:   # mid-run: the reward server went away, the prompt file changed
         printer.bar.close()
         path = trainer.save_checkpoint(partial=True)
@@ -315,6 +333,12 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint) -> i
         print(f"checkpoint: {path} (continue with --resume)", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - start
+    if not dist.is_main:
+        return 130 if result.stopped else 0
+    if result.stopped:
+        print(f"stopped after {result.epochs_done} finished epochs; checkpoint: {result.checkpoint_path} "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
     reward_curve(trainer.metrics, title=f"{reward.name}: reward per epoch (mean ± std)").save(args.out / "reward_curve.png")
     print(f"trained {result.epochs_done} epochs in {elapsed:.0f} s; LoRA: {result.lora_path}")
     if evaluate:

@@ -11,6 +11,7 @@ gives the same result as an uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -25,6 +26,7 @@ from . import checkpoints
 from .backends.base import Backend
 from .advantages import PerPromptStatTracker
 from .config import TrainConfig
+from .distributed import SINGLE, Distributed
 from .lora import atomic_write, lora_metadata, save_lora, unique_path
 from .objective import LOSSES, clip_fraction, logp_gradient_weights
 from .heldout import HeldOutMonitor
@@ -57,6 +59,15 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + stream) % (2 ** 63))
 
 
+def trajectory_generators(seed: int, epoch: int, rows: range) -> List[torch.Generator]:
+    """One CPU generator per trajectory, depending only on (seed, epoch, trajectory index): a
+    trajectory's noise is the same whichever rank samples it and in whichever batch."""
+    def seeded(index: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"prdp-trajectory:{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") % (2 ** 63))
+    return [seeded(index) for index in rows]
+
+
 @dataclass
 class EpochBatch:
     """Everything sampled in one epoch, grouped by prompt: rows are prompt-major (N*B)."""
@@ -68,6 +79,14 @@ class EpochBatch:
     rewards: torch.Tensor       # [N*B]
     images: torch.Tensor        # [N*B, H, W, 3]
     advantages: Optional[torch.Tensor] = None   # [N*B], DDPO with the per-prompt tracker
+    # distributed runs: this rank holds prompt groups first_group ... first_group + len(prompts)
+    # of the epoch's epoch_prompts (all ranks' N); the fields above are this rank's rows only
+    first_group: int = 0
+    epoch_prompts: Optional[List[str]] = None
+
+    @property
+    def all_prompts(self) -> List[str]:
+        return self.prompts if self.epoch_prompts is None else self.epoch_prompts
 
     @property
     def row_prompts(self) -> List[str]:
@@ -79,8 +98,10 @@ class Trainer:
     def __init__(self, backend: Backend, reward, prompts: List[str], config: TrainConfig,
                  out_dir: Optional[Path] = None, callback: Optional[Callback] = None,
                  stop_event: Optional[threading.Event] = None,
-                 lora_path: Optional[Path] = None):
+                 lora_path: Optional[Path] = None, distributed: Optional[Distributed] = None):
         self.config = config.validate()
+        self.dist = distributed or SINGLE
+        self.dist.check_shardable(self.config.prompts_per_epoch)
         if not isinstance(prompts, PromptSet):     # a PromptSet is checked and stays lazy
             prompts = [p.strip() for p in prompts if p and p.strip()]
         if not prompts:
@@ -88,8 +109,9 @@ class Trainer:
         self.backend = backend
         self.reward = reward
         self.prompts = prompts
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.lora_path = Path(lora_path) if lora_path is not None else (
+        # rank 0 alone writes files: the other ranks of a distributed run have no output folder
+        self.out_dir = Path(out_dir) if out_dir is not None and self.dist.is_main else None
+        self.lora_path = Path(lora_path) if lora_path is not None and self.dist.is_main else (
             self.out_dir / "lora.safetensors" if self.out_dir is not None else None)
         self.callback = callback or (lambda event: None)
         self.stop_event = stop_event or threading.Event()
@@ -107,6 +129,10 @@ class Trainer:
         self._progress_units = 0
         self._uncond_one = None
         self.ddpo_tracker = PerPromptStatTracker(config.ddpo_buffer_size, config.ddpo_min_count)
+        if self.dist.enabled:     # every rank starts from rank 0's LoRA, with the same settings
+            self.dist.check_same("settings or prompts", json.dumps(
+                [self.config.to_dict(), len(prompts), prompts[0], prompts[len(prompts) - 1]]))
+            self.dist.broadcast_parameters(params)
 
     def _extra_state(self) -> dict:
         """JSON-serialisable trainer state beyond weights and optimizer (saved in checkpoints)."""
@@ -129,7 +155,7 @@ class Trainer:
         checkpoint_path = None
         try:
             while self.epoch < self.config.epochs and not (self.held_out and self.held_out.stopped_early):
-                self._check_stop()
+                self._sync_stop()
                 self._mark_epoch_start()
                 metrics = self.train_epoch(self.epoch)
                 self.epoch += 1
@@ -188,9 +214,14 @@ class Trainer:
         self._event_phase(epoch, "reward")
         rewards, components = self.score(batch)
         batch.rewards = rewards
+        epoch_rewards = self._gather_rows(batch, rewards)    # every rank's, in the single-process order
         if self.config.algorithm == "ddpo" and self.config.ddpo_advantages == "tracker":
-            batch.advantages = self.ddpo_tracker.update(batch.row_prompts, rewards)
+            B = self.config.images_per_prompt
+            epoch_row_prompts = [p for p in batch.all_prompts for _ in range(B)]
+            advantages = self.ddpo_tracker.update(epoch_row_prompts, epoch_rewards)
+            batch.advantages = advantages[batch.first_group * B:(batch.first_group + len(batch.prompts)) * B]
         timings["reward"] = time.perf_counter() - start
+        self._sync_stop()
 
         start = time.perf_counter()
         self._event_phase(epoch, "update")
@@ -199,22 +230,22 @@ class Trainer:
 
         metrics = {
             "epoch": epoch + 1,
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std(unbiased=False).item(),
+            "reward_mean": epoch_rewards.mean().item(),
+            "reward_std": epoch_rewards.std(unbiased=False).item(),
             "loss": update_stats["loss"],
             "clip_frac": update_stats["clip_frac"],
             # exact KL(p_theta_old || p_ref) of the whole trajectory (sum over steps of the
             # per-step Gaussian KL), mean over trajectories; log_ratio_mean is its one-sample
             # estimate sum_t (logp_old - logp_ref), signed
-            "kl": batch.traj.kl.sum(-1).mean().item(),
-            "log_ratio_mean": (batch.traj.logp - batch.logp_ref).sum(-1).mean().item(),
+            "kl": self._gather_rows(batch, batch.traj.kl.sum(-1)).mean().item(),
+            "log_ratio_mean": self._gather_rows(batch, (batch.traj.logp - batch.logp_ref).sum(-1)).mean().item(),
             "onpolicy_max_diff": update_stats["onpolicy_max_diff"],
             "grad_norm": update_stats["grad_norm"],
             "optimizer_steps": update_stats["optimizer_steps"],
         }
         for name, values in components.items():
             if len(components) > 1 or name != getattr(self.reward, "name", name):
-                metrics[f"reward/{name}"] = values.float().mean().item()
+                metrics[f"reward/{name}"] = self._gather_rows(batch, values.float()).mean().item()
         for phase, seconds in timings.items():
             metrics[f"seconds_{phase}"] = round(seconds, 4)
         shown = min(4, len(batch.images))
@@ -229,22 +260,32 @@ class Trainer:
             order = torch.randperm(len(self.prompts), generator=generator)[: cfg.prompts_per_epoch]
         else:
             order = torch.randint(len(self.prompts), (cfg.prompts_per_epoch,), generator=generator)
-        prompts = [self.prompts[i] for i in order.tolist()]
+        epoch_prompts = [self.prompts[i] for i in order.tolist()]
+        groups = self.dist.shard(len(epoch_prompts))        # this rank's prompt groups (all of them alone)
+        prompts = epoch_prompts[groups.start:groups.stop]
+        B = cfg.images_per_prompt
+        noise = trajectory_generators(cfg.seed, epoch, range(groups.start * B, groups.stop * B))
         self.backend.prepare_for_sampling()
-        cond = repeat_cond(self.backend.encode_prompts(prompts), cfg.images_per_prompt)
-        uncond = broadcast_row(self._negative_cond(), len(prompts) * cfg.images_per_prompt)
-        total = len(prompts) * cfg.images_per_prompt
+        cond = repeat_cond(self.backend.encode_prompts(prompts), B)
+        uncond = broadcast_row(self._negative_cond(), len(prompts) * B)
+        total = len(prompts) * B
+        most_rows = max(self.dist.shard_sizes(len(epoch_prompts))) * B
         chunks = []
-        for start in range(0, total, cfg.sample_batch_size):
+        for start in range(0, most_rows, cfg.sample_batch_size):
+            self._sync_stop()       # every rank passes here as often as the one with the most rows
+            if start >= total:
+                continue
             rows = torch.arange(start, min(total, start + cfg.sample_batch_size))
             chunks.append(sample_trajectories(
                 self.backend, index_cond(cond, rows), index_cond(uncond, rows), steps=cfg.steps,
-                cfg=cfg.cfg, policy=policy_for(cfg, self.backend), latent_shape=self.latent_shape, generator=generator,
+                cfg=cfg.cfg, policy=policy_for(cfg, self.backend), latent_shape=self.latent_shape,
+                generator=noise[rows[0]:rows[-1] + 1],
                 reduce=cfg.logprob_reduce, on_step=lambda i, n: self._step(epoch, "sampling"),
                 with_reference=True))
         traj = join_trajectories(chunks)
         return EpochBatch(prompts, cond, uncond, traj, logp_ref=traj.logp_ref,
-                          rewards=torch.empty(0), images=torch.empty(0))
+                          rewards=torch.empty(0), images=torch.empty(0), first_group=groups.start,
+                          epoch_prompts=epoch_prompts)
 
     def score(self, batch: EpochBatch):
         cfg = self.config
@@ -287,9 +328,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ updates
     def update(self, batch: EpochBatch, epoch: int) -> dict:
-        """K updates; each optimizer step uses one minibatch of prompt groups."""
+        """K updates; each optimizer step uses one minibatch of prompt groups. Distributed,
+        the minibatch is the same on every rank, each computes the gradient of its own groups'
+        share of the loss, and one all-reduce per step sums them (see _sum_over_ranks)."""
         cfg = self.config
-        N = len(batch.prompts)
+        N = len(batch.all_prompts)
+        mine = range(batch.first_group, batch.first_group + len(batch.prompts))
         minibatch = cfg.minibatch_prompts or N
         generator = epoch_generator(cfg.seed, epoch, stream=1)
         on_policy = True            # theta == theta_old until the first optimizer step
@@ -302,15 +346,20 @@ class Trainer:
             for start in range(0, N, minibatch):
                 train_steps = self._train_steps(generator, batch.traj.logp.shape[1])
                 self.optimizer.zero_grad(set_to_none=True)
-                stats = self.minibatch_gradient(batch, prompt_order[start:start + minibatch], train_steps,
-                                                on_policy, epoch)
+                groups = prompt_order[start:start + minibatch]
+                local = groups[(groups >= mine.start) & (groups < mine.stop)] - mine.start
+                share = len(local) / len(groups)     # the loss is a mean over the minibatch's groups
+                stats = {"loss": 0.0, "clip_frac": 0.0, "onpolicy_max_diff": float("nan")}
+                if len(local):
+                    stats = self.minibatch_gradient(batch, local, train_steps, on_policy, epoch, share)
                 if on_policy:
                     onpolicy_diff = stats["onpolicy_max_diff"]
-                losses.append(stats["loss"])
-                clip_fracs.append(stats["clip_frac"])
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
+                loss, clip_frac = self._sum_over_ranks(params, stats["loss"] * share, stats["clip_frac"] * share)
+                losses.append(loss)
+                clip_fracs.append(clip_frac)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
                 if not math.isfinite(grad_norm):
                     raise FloatingPointError(
@@ -324,13 +373,15 @@ class Trainer:
                         f"epoch {epoch + 1}: an optimizer step made the LoRA weights non-finite; nothing was "
                         "written. Lower the learning rate; resume from the last checkpoint")
                 on_policy = False
+        onpolicy_diff = self.dist.max(onpolicy_diff)
         return {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
                 "onpolicy_max_diff": onpolicy_diff, "grad_norm": sum(grad_norms) / len(grad_norms),
                 "optimizer_steps": len(losses)}
 
     def minibatch_gradient(self, batch: EpochBatch, groups: torch.Tensor, train_steps: torch.Tensor,
-                           on_policy: bool, epoch: int) -> dict:
-        """Accumulate the exact gradient of the loss of prompt groups `groups` into .grad.
+                           on_policy: bool, epoch: int, share: float = 1.0) -> dict:
+        """Accumulate the exact gradient of `share` times the loss of prompt groups `groups`
+        into .grad (share < 1: this rank's part of a minibatch's mean over groups).
 
         Pass 1 (no grad) gets the current log-probs (skipped when on_policy: they equal the
         recorded ones); the loss's derivative w.r.t. each log-prob gives per-step weights;
@@ -357,7 +408,7 @@ class Trainer:
             loss_kwargs = dict(beta=cfg.beta, clip_range=cfg.clip_range, step_reduce=cfg.step_reduce)
         loss, weights = logp_gradient_weights(self.loss_fn, logp_now.view(G, B, T), logp_old.view(G, B, T),
                                               logp_ref.view(G, B, T), rewards, **loss_kwargs)
-        weights = weights.view(len(rows), T)[:, train_steps] * (T / len(train_steps))
+        weights = weights.view(len(rows), T)[:, train_steps] * (T / len(train_steps)) * share
         flat_w = weights.reshape(-1)
         keep = torch.ones_like(flat_w, dtype=torch.bool) if on_policy else flat_w != 0
         recomputed = self._logprobs(batch, r_idx[keep], t_idx[keep], flat_w[keep], epoch, "update")
@@ -368,6 +419,25 @@ class Trainer:
         if on_policy and len(recomputed):
             stats["onpolicy_max_diff"] = (recomputed - batch.traj.logp[r_idx, t_idx]).abs().max().item()
         return stats
+
+    def _sum_over_ranks(self, params: List[torch.Tensor], *numbers: float) -> List[float]:
+        """Sum the LoRA gradients and `numbers` over ranks in one all-reduce per optimizer step,
+        which also carries the stop flag: a stop on any rank stops every rank at this step.
+        A single process returns `numbers` unchanged."""
+        if not self.dist.enabled:
+            return list(numbers)
+        grads = [p.grad.reshape(-1).double() for p in params]
+        extra = torch.tensor([*numbers, float(self.stop_event.is_set())], dtype=torch.float64,
+                             device=grads[0].device)
+        packet = self.dist.sum_(torch.cat(grads + [extra]))
+        offset = 0
+        for p in params:
+            p.grad.copy_(packet[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        if packet[-1].item() > 0:
+            self.stop_event.set()
+            raise StopRequested()
+        return packet[offset:-1].tolist()
 
     def _train_steps(self, generator: torch.Generator, T: int) -> torch.Tensor:
         """T: the trajectories' log-prob columns (the policy's stochastic steps)."""
@@ -485,8 +555,21 @@ class Trainer:
         return self._uncond_one
 
     def _check_stop(self) -> None:
-        if self.stop_event.is_set():
+        """A stop raises at once in a single process. Distributed, ranks stop together at the
+        next point every rank reaches (_sync_stop, _sum_over_ranks), so they end at the same step."""
+        if self.stop_event.is_set() and not self.dist.enabled:
             raise StopRequested()
+
+    def _sync_stop(self) -> None:
+        """Raise StopRequested on every rank when a stop was asked for on any rank."""
+        if self.dist.any(self.stop_event.is_set()):
+            self.stop_event.set()
+            raise StopRequested()
+
+    def _gather_rows(self, batch: EpochBatch, values: torch.Tensor) -> torch.Tensor:
+        """Per-trajectory `values` of every rank, in the order a single process has them."""
+        B = self.config.images_per_prompt
+        return self.dist.gather_rows(values, [n * B for n in self.dist.shard_sizes(len(batch.all_prompts))])
 
     def _units_per_epoch(self) -> int:
         """Model-evaluation batches in one epoch (an estimate, for the progress fraction)."""

@@ -1,0 +1,257 @@
+"""Distributed training (torch.distributed, gloo, 2 CPU processes) against one process.
+
+Two ranks run toy-backend jobs (tests/dist_worker.py) with a prompt count that does not divide
+by the ranks, minibatches that split unevenly across them, sampling chunks that cut through
+prompt groups and subsampled steps, so every sharding and all-reduce path is used. The
+reference is the plain single-process Trainer in this process.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import dist_worker
+from comfyui_prdp.distributed import SINGLE, Distributed, DistributedError, rank_device
+from comfyui_prdp.stop_signals import check_stop_file, stop_requests
+from comfyui_prdp.trainer import Trainer, trajectory_generators
+from toy_backend import BrightnessReward, ToyBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "prdp": dict(timestep_fraction=0.75),
+    "ddpo": dict(algorithm="ddpo", prompts_per_epoch=4, minibatch_prompts=3, clip_range=0.02,
+                 ddpo_buffer_size=8, ddpo_min_count=8),   # epoch 2: prompts seen before use their own stats
+}
+
+
+def jobs(root: Path) -> list:
+    listed = [dict(name=name, config=config) for name, config in CASES.items()]
+    listed += [
+        dict(name="part", config=dict(checkpoint_every=1), until_epoch=1),
+        dict(name="resumed", config={}, resume=str(root / "part" / "out" / "checkpoints" / "epoch_00001")),
+        # rank 1 asks to stop in the middle of a minibatch (after its first micro-batch)
+        dict(name="stop_update", config=dict(epochs=3), stop=dict(rank=1, epoch=2, phase="update", event="step")),
+        # rank 0 asks as sampling starts
+        dict(name="stop_sampling", config=dict(epochs=3), stop=dict(rank=0, epoch=2, phase="sampling",
+                                                                    event="phase")),
+    ]
+    for job in listed:
+        job.update(out=str(root / job["name"] / "out"), report=str(root / job["name"]))
+    return listed
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every job run once by 2 gloo ranks; returns the folder of their reports."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    (root / "jobs.json").write_text(json.dumps(jobs(root)))
+    mp.spawn(dist_worker.main, args=(2, str(root / "process_group"), str(root / "jobs.json")), nprocs=2,
+             join=True)
+    return root
+
+
+def single_process(job_name: str, root: Path, tmp_path: Path):
+    """The job of `job_name` in this one process (outputs under tmp_path)."""
+    job = next(j for j in jobs(root) if j["name"] == job_name)
+    job = dict(job, out=str(tmp_path / job_name))
+    return dist_worker.run_job(job, SINGLE)
+
+
+def rank_outcome(root: Path, name: str, rank: int):
+    folder = root / name
+    return (load_file(str(folder / f"lora_rank{rank}.safetensors")),
+            json.loads((folder / f"outcome_rank{rank}.json").read_text()))
+
+
+def assert_same_lora(got: dict, expected: dict, moved_from: dict = None) -> None:
+    """Equal to float tolerance: the ranks sum float32 gradients in another order, and Adam's
+    normalised steps carry that rounding (~1e-6 after a few steps of lr 0.02)."""
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], rtol=1e-4, atol=1e-5), (
+            key, (got[key] - expected[key]).abs().max().item())
+    if moved_from is not None:     # training changed the LoRA: the agreement says something
+        change = max((expected[k] - moved_from[k]).abs().max().item() for k in expected)
+        assert change > 1e-3, change
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_train_the_lora_one_process_trains(two_ranks, tmp_path, name):
+    reference = single_process(name, two_ranks, tmp_path)
+    expected = reference["trainer"].backend.lora_state_dict()
+    lora0, outcome0 = rank_outcome(two_ranks, name, 0)
+    lora1, outcome1 = rank_outcome(two_ranks, name, 1)
+    for key in lora0:       # the ranks hold the same weights, bit for bit
+        assert torch.equal(lora0[key], lora1[key]), key
+    assert_same_lora(lora0, expected, moved_from=ToyBackend().lora_state_dict())
+    # rewards, KL and loss are gathered: rank 0's metrics are the single process's
+    for got, want in zip(outcome0["metrics"], reference["result"].metrics):
+        for metric in ("reward_mean", "reward_std", "kl", "log_ratio_mean", "loss", "clip_frac", "grad_norm",
+                       "onpolicy_max_diff", "optimizer_steps"):
+            assert got[metric] == pytest.approx(want[metric], rel=1e-4, abs=1e-6), metric
+    for mine, theirs in zip(outcome0["metrics"], outcome1["metrics"]):    # every rank logs the same
+        assert {k: v for k, v in mine.items() if not k.startswith("seconds_")} == \
+            {k: v for k, v in theirs.items() if not k.startswith("seconds_")}
+
+
+def test_rank_zero_alone_writes_files(two_ranks):
+    _, outcome0 = rank_outcome(two_ranks, "prdp", 0)
+    _, outcome1 = rank_outcome(two_ranks, "prdp", 1)
+    out = two_ranks / "prdp" / "out"
+    assert outcome0["lora"] == str(out / "lora.safetensors") and outcome1["lora"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["lora.safetensors", "metrics.jsonl"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]     # once, not once per rank
+
+
+def test_resume_from_a_two_rank_checkpoint_in_one_and_in_two_processes(two_ranks, tmp_path):
+    checkpoint = two_ranks / "part" / "out" / "checkpoints" / "epoch_00001"
+    assert checkpoint.is_dir()
+    resumed_two_ranks, _ = rank_outcome(two_ranks, "resumed", 0)
+    reference = dist_worker.run_job(dict(config={}, out=str(tmp_path / "full")), SINGLE)   # uninterrupted
+    expected = reference["trainer"].backend.lora_state_dict()
+    one_process = dist_worker.run_job(dict(config={}, out=str(tmp_path / "one"), resume=str(checkpoint)), SINGLE)
+    assert one_process["result"].epochs_done == 2
+    assert_same_lora(one_process["trainer"].backend.lora_state_dict(), expected, ToyBackend().lora_state_dict())
+    assert_same_lora(resumed_two_ranks, expected)
+
+
+@pytest.mark.parametrize("name", ["stop_update", "stop_sampling"])
+def test_a_stop_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(two_ranks, tmp_path, name):
+    lora0, outcome0 = rank_outcome(two_ranks, name, 0)
+    lora1, outcome1 = rank_outcome(two_ranks, name, 1)
+    assert outcome0["stopped"] and outcome1["stopped"]
+    assert outcome0["epochs_done"] == outcome1["epochs_done"] == 1
+    for key in lora0:
+        assert torch.equal(lora0[key], lora1[key]), key
+    out = two_ranks / name / "out"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_00001_stopped"]
+    assert outcome1["checkpoint"] is None and outcome0["checkpoint"] == str(out / "checkpoints" / "epoch_00001_stopped")
+    # the checkpoint holds the state at the start of the stopped epoch, as one process's does
+    reference = single_process(name, two_ranks, tmp_path)
+    assert reference["result"].stopped and reference["result"].epochs_done == 1
+    stopped = Path("checkpoints") / "epoch_00001_stopped" / "lora.safetensors"
+    assert_same_lora(load_file(str(out / stopped)), load_file(str(tmp_path / name / stopped)))
+    if name == "stop_sampling":   # asked for at the same moment: no optimizer step of epoch 2 anywhere
+        assert_same_lora(lora0, reference["trainer"].backend.lora_state_dict())
+    resumed = dist_worker.run_job(dict(config=dict(epochs=2), out=str(tmp_path / "resume"),
+                                       resume=str(out / "checkpoints" / "epoch_00001_stopped")), SINGLE)
+    assert resumed["result"].epochs_done == 2 and not resumed["result"].stopped
+
+
+def test_groups_are_contiguous_blocks_that_cover_the_epoch():
+    for world in (1, 2, 3, 4):
+        for n in range(world, 11):
+            shards = [Distributed(rank, world).shard(n) for rank in range(world)]
+            assert [i for shard in shards for i in shard] == list(range(n))
+            sizes = [len(s) for s in shards]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_fewer_prompt_groups_than_ranks_is_refused_before_any_work():
+    config = dist_worker.toy_config(prompts_per_epoch=3)
+    with pytest.raises(DistributedError, match="prompts_per_epoch=3 is less than the 4 ranks"):
+        Trainer(ToyBackend(), BrightnessReward(), dist_worker.PROMPTS, config, distributed=Distributed(0, 4))
+
+
+def test_a_trajectory_noise_does_not_depend_on_its_batch():
+    """Per-trajectory generators: sampling in chunks of 1 or all at once gives the same epoch."""
+    batches = []
+    for chunk in (1, 12):
+        config = dist_worker.toy_config(sample_batch_size=chunk)
+        batches.append(Trainer(ToyBackend(), BrightnessReward(), dist_worker.PROMPTS, config).sample_epoch(1))
+    assert torch.allclose(batches[0].traj.latents, batches[1].traj.latents, atol=1e-6)
+    first = [g.initial_seed() for g in trajectory_generators(3, 1, range(4))]
+    assert len(set(first)) == 4 and first == [g.initial_seed() for g in trajectory_generators(3, 1, range(4))]
+    assert first != [g.initial_seed() for g in trajectory_generators(3, 2, range(4))]
+
+
+def test_rank_device():
+    assert rank_device("cpu", 1) == "cpu"
+    assert rank_device("cuda", 3) == "cuda:3"
+    with pytest.raises(DistributedError, match="each rank uses cuda:LOCAL_RANK"):
+        rank_device("cuda:1", 0)
+
+
+def test_sigterm_and_the_stop_file_set_the_stop_event(tmp_path):
+    event = threading.Event()
+    with stop_requests(event):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert event.is_set()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL    # restored
+
+    event = threading.Event()
+    stop_file = tmp_path / "STOP"
+    with stop_requests(event, stop_file=stop_file):
+        time.sleep(0.1)
+        assert not event.is_set()
+        stop_file.write_text("")
+        for _ in range(50):
+            if event.wait(0.1):
+                break
+    assert event.is_set()
+    with pytest.raises(SystemExit, match="exists already"):
+        check_stop_file(stop_file)
+
+
+EMBEDDED_RUN = ["train", "--epochs", "2", "--prompts-per-epoch", "3", "--images-per-prompt", "2", "--steps", "2",
+                "--updates-per-epoch", "2", "--minibatch-prompts", "2", "--sample-batch-size", "2",
+                "--train-batch-size", "3", "--no-eval", "--seed", "5", "--learning-rate", "1e-3"]
+# The embedded model's PRDP updates amplify rounding (at the cpu-smoke lr 0.02 even re-batching
+# one process moves weights by 0.07). At lr 1e-3, 2 ranks differ from 1 process by ~1.3e-5 (measured)
+# while a mis-weighted gradient moves Adam's steps by a sizeable part of lr.
+EMBEDDED_ATOL = 1e-4
+
+
+def test_torchrun_two_ranks_on_the_embedded_model_match_one_process(tmp_path):
+    """The CLI as users start it: torchrun --nproc_per_node=2 -m comfyui_prdp train, gloo on the CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    single = subprocess.run([sys.executable, "-m", "comfyui_prdp", *EMBEDDED_RUN, "--out", str(tmp_path / "one")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    both = subprocess.run([*torchrun, "-m", "comfyui_prdp", *EMBEDDED_RUN, "--out", str(tmp_path / "two")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert both.returncode == 0, both.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / name / "lora.safetensors")) for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert worst < EMBEDDED_ATOL, worst
+    assert max(v.abs().max().item() for k, v in one.items() if "lora_up" in k) > 1e-3    # it trained
+    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert not list((tmp_path / "two").glob("lora_*.safetensors"))         # one LoRA, written once
+
+
+def torchrun_cli(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "comfyui_prdp", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_torchrun_refusals_end_every_rank_before_the_model_loads(tmp_path):
+    too_few = torchrun_cli(["train", "--out", str(tmp_path / "few"), "--prompts-per-epoch", "1"], tmp_path)
+    assert too_few.returncode != 0
+    assert "prompts_per_epoch=1 is less than the 2 ranks" in too_few.stderr
+    assert not (tmp_path / "few").exists()
+    # rank 0 decides about --out and tells rank 1: a used folder without --resume ends both
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    refused = torchrun_cli(["train", "--out", str(used)], tmp_path)
+    assert refused.returncode != 0 and "already contains files" in refused.stderr
+    # nothing but the run lock (kept by design, see run_lock.py) is added, the user's file is untouched
+    assert sorted(p.name for p in used.iterdir()) == [".prdp_run.lock", "notes.txt"]
+    assert (used / "notes.txt").read_text() == "mine"
