@@ -1,7 +1,9 @@
 """Ways to ask a CLI training run to stop with a checkpoint: SIGTERM (what SLURM and torchrun
 send), Ctrl-C in a distributed run, and a stop file. Each only sets the trainer's stop event;
 the trainer stops at its next step (every rank at the same one) and writes one checkpoint.
-A second signal of the same kind falls back to the default action (stop at once).
+A second signal of the same kind falls back to the default action (stop at once). torchrun
+forwards a signal it gets to every rank once and kills them TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+seconds later (default 30): set it above the time of one optimizer step plus a checkpoint.
 """
 from __future__ import annotations
 
@@ -32,10 +34,14 @@ def stop_requests(event: threading.Event, *, interrupt: bool = False,
         for kind in kinds:
             previous = signal.getsignal(kind)
 
-            def handler(number, frame, previous=previous):
-                if event.is_set():     # asked twice: do what the signal did before
+            seen: List[int] = []      # this kind's signals so far
+
+            def handler(number, frame, previous=previous, seen=seen):
+                if seen:               # this signal a second time: do what it did before
                     signal.signal(number, previous)
                     signal.raise_signal(number)
+                    return
+                seen.append(number)
                 event.set()
 
             signal.signal(kind, handler)

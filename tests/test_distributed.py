@@ -255,3 +255,28 @@ def test_torchrun_refusals_end_every_rank_before_the_model_loads(tmp_path):
     # nothing but the run lock (kept by design, see run_lock.py) is added, the user's file is untouched
     assert sorted(p.name for p in used.iterdir()) == [".prdp_run.lock", "notes.txt"]
     assert (used / "notes.txt").read_text() == "mine"
+
+
+def test_torchrun_a_stop_file_stops_both_ranks_with_one_checkpoint(tmp_path):
+    out, stop_file = tmp_path / "run", tmp_path / "STOP"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "comfyui_prdp", *EMBEDDED_RUN, "--epochs", "200", "--out", str(out), "--stop-file", str(stop_file)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    process = subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.5)
+        stop_file.write_text("")                  # after epoch 1: both ranks must stop together
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0 and "continue with --resume" in stderr, stderr[-3000:]
+    stopped = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(stopped) == 1 and stopped[0].endswith("_stopped"), stopped
+    epochs = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= epochs < 200 and stopped[0] == f"epoch_{epochs:05d}_stopped"
+    assert (out / "lora.safetensors").is_file()
