@@ -30,6 +30,9 @@ FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=
 SD3_DIT = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=32 + 1280,
                context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
                num_patches=256, pos_embed_max_size=16, pos_embed_scaling_factor=None, x_block_self_attn_layers=[])
+#: Qwen-Image's MMDiT: one block of 2 heads x 32, 32-wide text features (5D video-VAE latents)
+QWEN_DIT = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
 TINY_T5 = {"d_ff": 64, "d_kv": 16, "d_model": 32, "decoder_start_token_id": 0, "dropout_rate": 0.0, "eos_token_id": 1,
            "dense_act_fn": "gelu_pytorch_tanh", "initializer_factor": 1.0, "is_encoder_decoder": True,
            "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "num_decoder_layers": 1,
@@ -102,6 +105,48 @@ def _vae16(seed: int):
     return comfy.sd.VAE(sd=state)
 
 
+class TinyQwenStandInClip(torch.nn.Module):
+    """A stand-in text encoder for the tiny Qwen-Image: ComfyUI's Qwen2.5-VL encoder always
+    builds its full-size vision tower (far too big here), so a small CLIP-L (hidden states
+    only, no pooled vector, as Qwen-Image's encoder gives) feeds the 32-wide text features."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        import comfy.sd1_clip
+
+        super().__init__()
+        self.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, layer="hidden", layer_idx=-2,
+                                                 textmodel_json_config=tiny_clip_config(32), model_options=model_options)
+        self.dtypes = {dtype}
+
+    def set_clip_options(self, options):
+        self.clip_l.set_clip_options(options)
+
+    def reset_clip_options(self):
+        self.clip_l.reset_clip_options()
+
+    def encode_token_weights(self, token_weight_pairs):
+        hidden, _pooled = self.clip_l.encode_token_weights(token_weight_pairs["l"])
+        return hidden, None
+
+    def load_sd(self, sd):
+        return self.clip_l.load_sd(sd)
+
+
+def _wan_vae(seed: int):
+    """ComfyUI's VAE of a random Wan 2.1 VAE state dict (Qwen-Image's VAE: 16 channels, 5D latents)."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+
+    torch.manual_seed(seed)
+    module = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                      temperal_downsample=[False, True, True], dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            parameter.fill_(1.0) if name.endswith("gamma") else parameter.normal_(0.0, 0.02)
+    _reset_parameters(module)
+    return comfy.sd.VAE(sd={k: v.clone() for k, v in module.state_dict().items()})
+
+
 def _flow_model(config_name: str, unet: dict, seed: int):
     import comfy.model_management
     import comfy.model_patcher
@@ -137,7 +182,9 @@ def _clip(tokenizer_class, clip_class, seed: int):
 
 @functools.lru_cache(maxsize=None)
 def tiny_flow_family(kind: str, seed: int = 0) -> Family:
-    """`kind`: "flux" (guidance-distilled Flux.1-dev layout) or "sd3" (SD3's MMDiT)."""
+    """`kind`: "flux" (guidance-distilled Flux.1-dev layout), "sd3" (SD3's MMDiT) or "qwen-image"
+    (Qwen-Image's MMDiT with a stand-in text encoder, see TinyQwenStandInClip)."""
+    import comfy.sd1_clip
     import comfy.text_encoders.flux
     import comfy.text_encoders.sd3_clip
 
@@ -146,6 +193,10 @@ def tiny_flow_family(kind: str, seed: int = 0) -> Family:
             _bind(TinyFluxClip, comfy.text_encoders.flux.FluxClipModel)
             model = _flow_model("Flux", _flux_config(), seed)
             clip = _clip(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClip, seed + 1)
+        elif kind == "qwen-image":
+            model = _flow_model("QwenImage", QWEN_DIT, seed)
+            clip = _clip(comfy.sd1_clip.SD1Tokenizer, TinyQwenStandInClip, seed + 1)
+            return Family(model, clip, _wan_vae(seed + 2), kind)
         elif kind == "sd3":
             _bind(TinySD3Clip, comfy.text_encoders.sd3_clip.SD3ClipModel)
             model = _flow_model("SD3", SD3_DIT, seed)

@@ -1,4 +1,4 @@
-"""ComfyBackend on tiny Flux and SD3 models built through ComfyUI's own classes
+"""ComfyBackend on tiny Flux, SD3 and Qwen-Image models built through ComfyUI's own classes
 (tests/comfy_tiny_flow.py), in-process on the CPU: flow models sampled with the flow-SDE policy.
 
 What each test pins down:
@@ -40,13 +40,15 @@ from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
 from comfyui_prdp.rewards.base import Reward  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
 
-KINDS = ("flux", "sd3")
+KINDS = ("flux", "sd3", "qwen-image")
 TARGETS = {"flux": {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.qkv",
                     "double_blocks.0.txt_attn.proj", "single_blocks.0.linear1", "single_blocks.0.linear2"},
            "sd3": {"joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.proj",
                    "joint_blocks.0.context_block.attn.qkv", "joint_blocks.0.context_block.attn.proj",
                    "joint_blocks.1.x_block.attn.qkv", "joint_blocks.1.x_block.attn.proj",
-                   "joint_blocks.1.context_block.attn.qkv"}}     # SD3's last context block is pre-only
+                   "joint_blocks.1.context_block.attn.qkv"},     # SD3's last context block is pre-only
+           "qwen-image": {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                          "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.to_out.0"}}
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -94,7 +96,8 @@ def test_flow_models_are_recognised_by_sampling_type_and_get_their_architectures
 
 
 def test_configured_targets_are_used_as_given(family):
-    target = {"flux": "single_blocks.*.linear2", "sd3": "joint_blocks.*.x_block.mlp.fc2"}[family.name]
+    target = {"flux": "single_blocks.*.linear2", "sd3": "joint_blocks.*.x_block.mlp.fc2",
+              "qwen-image": "transformer_blocks.*.img_mlp.net.2"}[family.name]
     backend = make_backend(family, targets=[target])
     try:
         assert len(backend.adapters) >= 1 and all(name.endswith(target.split("*")[-1]) for name in backend.adapters)
@@ -135,7 +138,8 @@ def node_patched(model, schedule, **parameters):
 CASES = {"sd3 (its shift 3.0)": ("sd3", None, 3.0), "sd3 + ModelSamplingSD3 shift 1.0": ("sd3", 1.0, 1.0),
          "sd3 + ModelSamplingSD3 shift 6.0": ("sd3", 6.0, 6.0), "flux (its shift 1.15)": ("flux", None, 1.15),
          "flux + ModelSamplingFlux 1024x1024": ("flux", (1024, 1024), flux_node_mu(1024, 1024)),
-         "flux + ModelSamplingFlux 512x768": ("flux", (512, 768), flux_node_mu(512, 768))}
+         "flux + ModelSamplingFlux 512x768": ("flux", (512, 768), flux_node_mu(512, 768)),
+         "qwen-image (its shift 1.15)": ("qwen-image", None, 1.15)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -172,20 +176,23 @@ def raw_x0(backend, x, sigma, cond, guidance):
         if isinstance(model, comfy.ldm.flux.model.Flux):
             v = model(x, sigma.float(), context=cond["context"], y=cond["pooled_output"],
                       guidance=torch.full((len(x),), guidance))
+        elif "pooled_output" not in cond:    # Qwen-Image: timesteps = sigma, text features only
+            v = model(x, sigma.float(), context=cond["context"])
         else:    # SD3's MMDiT takes timesteps sigma * 1000
             v = model(x, sigma.float() * 1000, context=cond["context"], y=cond["pooled_output"])
-    return x - sigma.view(-1, 1, 1, 1).float() * v.float()
+    return x - sigma.view(-1, *[1] * (x.dim() - 1)).float() * v.float()
 
 
 @pytest.mark.parametrize("guidance", [None, 1.0, 6.0])
 def test_predict_is_comfyuis_denoised_x0_without_vp_rescaling_and_guidance_reaches_flux(family, guidance):
-    if family.name == "sd3" and guidance is not None:
-        pytest.skip("SD3 is not guidance-distilled (it uses CFG)")
+    if family.name != "flux" and guidance is not None:
+        pytest.skip(f"{family.name} is not guidance-distilled (it uses CFG)")
     backend = make_backend(family, guidance=guidance)
     try:
         randomize_lora(backend)
         cond = in_thread(lambda: backend.encode_prompts(["a cat", "a red house"]))
-        assert cond["context"].shape[0] == 2 and cond["pooled_output"].shape[0] == 2
+        assert cond["context"].shape[0] == 2
+        assert ("pooled_output" in cond) == (family.name != "qwen-image")     # Qwen-Image has no pooled vector
         x = torch.randn(2, *backend.latent_shape(32, 32), generator=torch.Generator().manual_seed(3))
         sigma = torch.tensor([1.0, 0.4], dtype=torch.float64)
         with torch.no_grad():
@@ -251,7 +258,7 @@ def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comf
         assert (samples_after - samples_before).abs().max() > 1e-3, "training did not change the samples"
         state, metadata = load_lora(result.lora_path)
         assert len(state) == 3 * len(backend.adapters)
-        assert metadata["base_family"] == {"flux": "Flux", "sd3": "SD3"}[family.name]
+        assert metadata["base_family"] == {"flux": "Flux", "sd3": "SD3", "qwen-image": "QwenImage"}[family.name]
         cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
         x = torch.randn(1, *backend.latent_shape(32, 32), generator=torch.Generator().manual_seed(11))
         sigma = torch.tensor([0.6], dtype=torch.float64)
@@ -311,7 +318,7 @@ def test_gradient_checkpointing_of_transformer_blocks_gives_the_same_gradient(fa
     between blocks: the recomputation in backward must still see what the forward saw."""
     plain, _ = first_gradient(family, False)
     checkpointed, patched = first_gradient(family, True)
-    assert patched == {"flux": 2, "sd3": 2}[family.name]          # every transformer block
+    assert patched == {"flux": 2, "sd3": 2, "qwen-image": 1}[family.name]          # every transformer block
     largest = max(g.abs().max().item() for g in plain)
     assert largest > 0
     for a, b in zip(plain, checkpointed):

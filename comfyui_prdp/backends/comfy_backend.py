@@ -509,6 +509,8 @@ class ComfyBackend(Backend):
         ratio = ratio if isinstance(ratio, int) else 8   # video VAEs give a formula here
         if height % ratio or width % ratio:
             raise ValueError(f"{width}x{height}: width and height must be multiples of {ratio}")
+        if getattr(self.patcher.model.latent_format, "latent_dimensions", 2) == 3:
+            return (channels, 1, height // ratio, width // ratio)     # video-VAE models (Qwen-Image): one frame
         return (channels, height // ratio, width // ratio)
 
     # --- model management --------------------------------------------------------------
