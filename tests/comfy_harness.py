@@ -329,6 +329,21 @@ def checkpoint_state_dict(base_model, clip_state_dict: dict, vae_state_dict: dic
     return base_model.state_dict_for_saving(**parts)
 
 
+def write_fp16_checkpoint(state: dict, out: Path, metadata: dict) -> Path:
+    """Write a checkpoint state dict, every tensor checked finite, floats as fp16, to a
+    temporary file beside ``out`` (returned; the caller verifies it and moves it in place)."""
+    import torch
+    import comfy.utils
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RuntimeError(f"non-finite tensors after initialisation: {bad[:10]}")
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    tmp = out.with_name(f".tmp{os.getpid()}.{out.name}")  # keeps the .safetensors suffix ComfyUI checks
+    comfy.utils.save_torch_file(half, str(tmp), metadata=metadata)
+    return tmp
+
+
 def _build_tiny_sd15_here(out: Path, comfyui_root: Path, verify: bool) -> None:
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +351,6 @@ def _build_tiny_sd15_here(out: Path, comfyui_root: Path, verify: bool) -> None:
     import torch
     import comfy.sd
     import comfy.supported_models
-    import comfy.utils
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     torch.manual_seed(20240613)
@@ -350,14 +364,8 @@ def _build_tiny_sd15_here(out: Path, comfyui_root: Path, verify: bool) -> None:
     _reset_all_parameters(vae)
 
     state = checkpoint_state_dict(base_model, clip.get_sd(), vae.state_dict())
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise RuntimeError(f"non-finite tensors after initialisation: {bad[:10]}")
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    metadata = {"prdp_test_fixture": "random weights, tiny SD1.5 layout; not a real model",
-                "builder_version": TINY_SD15_BUILDER_VERSION}
-    tmp = out.with_name(f".tmp{os.getpid()}.{out.name}")  # keeps the .safetensors suffix ComfyUI checks
-    comfy.utils.save_torch_file(state, str(tmp), metadata=metadata)
+    tmp = write_fp16_checkpoint(state, out, {"prdp_test_fixture": "random weights, tiny SD1.5 layout; not a real model",
+                                             "builder_version": TINY_SD15_BUILDER_VERSION})
     built = time.time()
     if verify:
         patcher, clip_loaded, vae_loaded, _ = comfy.sd.load_checkpoint_guess_config(str(tmp))
@@ -944,6 +952,98 @@ def comfy_test_server(tmp_path_factory, name: str = "comfy", with_checkpoint: bo
                          checkpoints=checkpoints, **kwargs)
     with server:
         yield server
+
+
+# --------------------------------------------------------------------------------------
+# The real frontend in headless Chromium (browser tests)
+# --------------------------------------------------------------------------------------
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+PAGE_TIMEOUT_MS = 120_000
+
+
+def chromium_path() -> str:
+    """Debian's Chromium (env PRDP_CHROMIUM overrides the path), or skip the calling test."""
+    path = os.environ.get("PRDP_CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).is_file():
+        import pytest
+
+        pytest.skip(f"no Chromium at {path} (run scripts/install_chromium.sh or set PRDP_CHROMIUM)")
+    return path
+
+
+@contextlib.contextmanager
+def browser_test_server(tmp_path_factory, name: str, tree: ComfyTree | None = None):
+    """``comfy_test_server`` for a browser test module: skips first, before a server is
+    started, when Chromium or the playwright package is missing."""
+    import pytest
+
+    chromium_path()
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    with comfy_test_server(tmp_path_factory, name, tree=tree) as comfy:
+        yield comfy
+
+
+@contextlib.contextmanager
+def headless_chromium():
+    """A launched playwright Chromium (Debian's binary, never `playwright install`)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+def open_comfy_page(browser, base_url: str, width: int, height: int):
+    """(context, page): the ComfyUI frontend loaded with its node types registered; page
+    errors are collected in ``page.errors``. Close the context when done."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(base_url, wait_until="domcontentloaded", timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
+                           "window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 100",
+                           timeout=PAGE_TIMEOUT_MS)
+    return context, page
+
+
+def set_page_widgets(page, values_by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Set widget values on every node of each type through the graph API (with the widget's
+    callback, as a person's edit runs it); returns the widgets that do not exist."""
+    return page.evaluate(
+        """(valuesByType) => {
+            const problems = [];
+            for (const [type, values] of Object.entries(valuesByType))
+                for (const node of window.app.graph.nodes.filter(n => n.type === type))
+                    for (const [name, value] of Object.entries(values)) {
+                        const widget = (node.widgets || []).find(w => w.name === name);
+                        if (!widget) { problems.push(`${type}.${name}: no such widget`); continue; }
+                        widget.value = value;
+                        widget.callback?.(value);
+                    }
+            window.app.graph.setDirtyCanvas(true, true);
+            return problems;
+        }""", dict(values_by_type))
+
+
+def queue_from_page(base_url: str, page, timeout: float = 60) -> str:
+    """Press Queue in the page (app.queuePrompt) and return the id of the prompt it queued."""
+    known = set(get_json(base_url, "/history"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = get_json(base_url, "/queue")
+        ids = [item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])]
+        new = [i for i in ids + list(get_json(base_url, "/history")) if i not in known]
+        if new:
+            return new[0]
+        time.sleep(0.2)
+    raise AssertionError(f"the page queued nothing; page errors: {page.errors}")
 
 
 # --------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import comfy_harness  # noqa: E402
+from comfy_inprocess import LogCapture  # noqa: E402
 
 #: the UNet layout; the keys ComfyUI's SDXL detector checks are the real SDXL's
 TINY_SDXL_UNET_CONFIG = {
@@ -76,17 +77,9 @@ def cached_tiny_sdxl_checkpoint(cache_dir, comfyui_root) -> Path:
         return target
 
 
-class _MissingKeys(logging.Handler):
-    """Collects ComfyUI's 'missing' / 'left over keys' warnings while the file is loaded back."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if "missing" in message.lower() or "left over" in message.lower():
-            self.lines.append(message[:300])
+def _load_problems(messages) -> list:
+    """ComfyUI's warnings about missing or left-over keys among log `messages`."""
+    return [m[:300] for m in messages if "missing" in m.lower() or "left over" in m.lower()]
 
 
 def _build_here(out: Path, comfyui_root: Path) -> None:
@@ -96,7 +89,6 @@ def _build_here(out: Path, comfyui_root: Path) -> None:
     import torch
     import comfy.sd
     import comfy.supported_models
-    import comfy.utils
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     torch.manual_seed(20240614)
@@ -111,18 +103,13 @@ def _build_here(out: Path, comfyui_root: Path) -> None:
 
     state = comfy_harness.checkpoint_state_dict(base_model, clip.get_sd(), vae.state_dict())
     del clip
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise RuntimeError(f"non-finite tensors after initialisation: {bad[:10]}")
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    metadata = {"prdp_test_fixture": "random weights, small SDXL layout; not a real model",
-                "builder_version": TINY_SDXL_BUILDER_VERSION}
-    tmp = out.with_name(f".tmp{os.getpid()}.{out.name}")     # keeps the .safetensors suffix
-    comfy.utils.save_torch_file(state, str(tmp), metadata=metadata)
+    tmp = comfy_harness.write_fp16_checkpoint(state, out, {
+        "prdp_test_fixture": "random weights, small SDXL layout; not a real model",
+        "builder_version": TINY_SDXL_BUILDER_VERSION})
     del state
     built = time.time()
 
-    capture = _MissingKeys()
+    capture = LogCapture()
     logging.getLogger().addHandler(capture)
     try:
         patcher, clip_loaded, vae_loaded, _ = comfy.sd.load_checkpoint_guess_config(str(tmp))
@@ -133,7 +120,7 @@ def _build_here(out: Path, comfyui_root: Path) -> None:
     if detected != DETECTED_AS or clip_loaded is None or vae_loaded is None:
         problems.append(f"ComfyUI detected {detected}, clip={clip_loaded is not None}, "
                         f"vae={vae_loaded is not None}; expected {DETECTED_AS} with both")
-    problems += capture.lines
+    problems += _load_problems(capture.messages)
     if problems:
         tmp.unlink(missing_ok=True)
         raise RuntimeError("; ".join(problems))

@@ -13,62 +13,37 @@ Needs ComfyUI, Debian's Chromium and the playwright package (never `playwright i
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
 import comfy_harness as harness
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-PAGE_TIMEOUT_MS = 120_000
 SCREENS = Path(os.environ.get("PRDP_SCREENS", "/tmp/prdp-screens"))
 WORKFLOW = "quick_test_jpeg"
 RENDERERS = {"classic": False, "nodes2": True}
 
 
-def _chromium() -> str:
-    path = os.environ.get("PRDP_CHROMIUM", "/usr/bin/chromium")
-    if not Path(path).is_file():
-        pytest.skip(f"no Chromium at {path} (set PRDP_CHROMIUM)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, comfyui_tree):
-    _chromium()
-    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    with harness.comfy_test_server(tmp_path_factory, "comfy_dashboard", tree=comfyui_tree) as comfy:
+    with harness.browser_test_server(tmp_path_factory, "comfy_dashboard", tree=comfyui_tree) as comfy:
         yield comfy
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
+    with harness.headless_chromium() as instance:
+        yield instance
 
 
 def open_page(server, browser, vue: bool):
     """A fresh page with Nodes 2.0 set before the frontend starts (as a saved user setting)."""
     harness.http_json("POST", f"{server.base_url}/settings/Comfy.VueNodes.Enabled", vue)
-    context = browser.new_context(viewport={"width": 1500, "height": 1300})
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda error: page.errors.append(str(error)))
-    page.goto(server.base_url, wait_until="domcontentloaded", timeout=PAGE_TIMEOUT_MS)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
-                           "Object.keys(LiteGraph.registered_node_types).length > 100", timeout=PAGE_TIMEOUT_MS)
+    context, page = harness.open_comfy_page(browser, server.base_url, 1500, 1300)
     page.wait_for_timeout(500)
     assert page.evaluate("() => window.app.ui.settings.getSettingValue('Comfy.VueNodes.Enabled')") is vue
     return context, page
@@ -109,18 +84,7 @@ def load_quick_test(server, page, **train):
                              f"/api/workflow_templates/{harness.PACKAGE_LINK_NAME}/{WORKFLOW}.json")
     page.evaluate("async (w) => { await window.app.loadGraphData(w, true, true, null); }", workflow)
     page.wait_for_timeout(500)
-    problems = page.evaluate(
-        """(valuesByType) => {
-            const problems = [];
-            for (const [type, values] of Object.entries(valuesByType))
-                for (const node of window.app.graph.nodes.filter(n => n.type === type))
-                    for (const [name, value] of Object.entries(values)) {
-                        const widget = (node.widgets || []).find(w => w.name === name);
-                        if (!widget) { problems.push(`${type}.${name}`); continue; }
-                        widget.value = value;
-                    }
-            return problems;
-        }""", {
+    problems = harness.set_page_widgets(page, {
             "CheckpointLoaderSimple": {"ckpt_name": harness.TINY_SD15_FILENAME},
             "EmptyLatentImage": {"width": harness.TINY_IMAGE_SIZE, "height": harness.TINY_IMAGE_SIZE},
             "KSampler": {"steps": 2},
@@ -154,21 +118,6 @@ def record_dashboard(page):
     }""")
 
 
-def queue(server, page) -> str:
-    known = set(harness.get_json(server.base_url, "/history"))
-    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        q = harness.get_json(server.base_url, "/queue")
-        ids = [item[1] for item in q.get("queue_running", []) + q.get("queue_pending", [])]
-        ids += list(harness.get_json(server.base_url, "/history"))
-        new = [i for i in ids if i not in known]
-        if new:
-            return new[0]
-        time.sleep(0.2)
-    raise AssertionError(f"the page queued nothing; page errors: {page.errors}")
-
-
 def dashboard(page) -> dict:
     return page.evaluate("""() => {
         const q = (k) => document.querySelector(`[data-prdp=${k}]`);
@@ -199,27 +148,45 @@ def _numbers(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text)]
 
 
-@pytest.mark.parametrize("renderer", list(RENDERERS))
-def test_dashboard_shows_the_epoch_reward_samples_and_the_end(server, browser, tmp_path, renderer):
+@contextlib.contextmanager
+def quick_test_page(server, browser, renderer: str, **train):
+    """A fresh page in `renderer` with the quick test loaded (tiny settings, `train` on the
+    train node), the train node in view; the page is closed afterwards."""
     context, page = open_page(server, browser, RENDERERS[renderer])
     try:
-        lora_name = f"dash_{renderer}"
-        load_quick_test(server, page, epochs=1, lora_name=lora_name)
+        load_quick_test(server, page, **train)
         focus_train_node(page)
         require_dom_widgets_in_vue(page, RENDERERS[renderer])
+        yield page
+    finally:
+        context.close()
+
+
+def wait_for_the_end(server, page, prompt_id: str, message: str, toast: str, tmp_path, screen: str):
+    """(result, dashboard): the prompt succeeded, the dashboard's end message contains
+    `message` and a toast `toast` was shown; a screenshot named `screen` is taken."""
+    result = harness.wait_for(server.base_url, prompt_id, timeout=600)
+    assert result.status == "success", result.describe() + "\n" + server.log_tail()
+    page.wait_for_function("(t) => document.querySelector('[data-prdp=message]').textContent.includes(t)",
+                           arg=message, timeout=30_000)
+    wait_for_toast(page, toast)
+    shown = dashboard(page)
+    screenshot(page, tmp_path, f"{server.comfyui_root.name}-{screen}")
+    return result, shown
+
+
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+def test_dashboard_shows_the_epoch_reward_samples_and_the_end(server, browser, tmp_path, renderer):
+    lora_name = f"dash_{renderer}"
+    with quick_test_page(server, browser, renderer, epochs=1, lora_name=lora_name) as page:
         before = dashboard(page)
         assert before["count"] == 1 and not before["stopEnabled"], before
         assert before["box"]["width"] > 200 and before["box"]["height"] > 150, f"dashboard not laid out: {before}"
         record_dashboard(page)
         record_toasts(page)
-        prompt_id = queue(server, page)
-        result = harness.wait_for(server.base_url, prompt_id, timeout=600)
-        assert result.status == "success", result.describe() + "\n" + server.log_tail()
-        page.wait_for_function("() => document.querySelector('[data-prdp=message]').textContent.includes('finished')",
-                               timeout=30_000)
-        wait_for_toast(page, "finished: 1 of 1 epochs; LoRA: prdp/dash_")
-        shown = dashboard(page)
-        screenshot(page, tmp_path, f"{server.comfyui_root.name}-{renderer}-finished")
+        prompt_id = harness.queue_from_page(server.base_url, page)
+        _, shown = wait_for_the_end(server, page, prompt_id, "finished", "finished: 1 of 1 epochs; LoRA: prdp/dash_",
+                                    tmp_path, f"{renderer}-finished")
 
         job = latest_job(server, lora_name)
         reward = job["metrics"][0]["reward_mean"]
@@ -239,37 +206,24 @@ def test_dashboard_shows_the_epoch_reward_samples_and_the_end(server, browser, t
         assert len(score_texts) == 2 and any("minus baseline" in t for t in score_texts), score_texts
         ours = [e for e in page.errors if "prdp" in e.lower()]
         assert not ours, ours
-    finally:
-        context.close()
 
 
 @pytest.mark.parametrize("renderer", list(RENDERERS))
 def test_stop_button_ends_the_run_gracefully_and_says_where(server, browser, tmp_path, renderer):
-    context, page = open_page(server, browser, RENDERERS[renderer])
-    try:
-        lora_name = f"dashstop_{renderer}"
-        load_quick_test(server, page, epochs=40, lora_name=lora_name)
-        focus_train_node(page)
-        require_dom_widgets_in_vue(page, RENDERERS[renderer])
+    lora_name = f"dashstop_{renderer}"
+    with quick_test_page(server, browser, renderer, epochs=40, lora_name=lora_name) as page:
         loras_before = set(server.loras_dir.rglob("*.safetensors"))
         record_toasts(page)
-        prompt_id = queue(server, page)
+        prompt_id = harness.queue_from_page(server.base_url, page)
         page.wait_for_function("() => document.querySelectorAll('[data-prdp=curve] circle').length >= 1",
                                timeout=300_000)
         screenshot(page, tmp_path, f"{server.comfyui_root.name}-{renderer}-running")
         page.click("[data-prdp=stop]")
-        result = harness.wait_for(server.base_url, prompt_id, timeout=300)
-        assert result.status == "success", result.describe() + "\n" + server.log_tail()
-        page.wait_for_function("() => document.querySelector('[data-prdp=message]').textContent.includes('stopped at epoch')",
-                               timeout=30_000)
-        wait_for_toast(page, "PRDP stopped")
-        shown = dashboard(page)
-        screenshot(page, tmp_path, f"{server.comfyui_root.name}-{renderer}-stopped")
+        result, shown = wait_for_the_end(server, page, prompt_id, "stopped at epoch", "PRDP stopped",
+                                         tmp_path, f"{renderer}-stopped")
         job = latest_job(server, lora_name)
         assert job["status"] == "stopped" and 1 <= len(job["metrics"]) < 40, job["status"]
         assert f"stopped at epoch {len(job['metrics'])} of 40" in shown["message"], shown
         written = set(server.loras_dir.rglob("*.safetensors")) - loras_before
         assert any(p.name.startswith(lora_name) for p in written), written
         assert result.outputs, "the prompt's outputs were not kept"
-    finally:
-        context.close()

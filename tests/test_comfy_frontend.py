@@ -9,9 +9,6 @@ executable_path (never `playwright install`); skipped with the reason otherwise.
 from __future__ import annotations
 
 import json
-import os
-import time
-from pathlib import Path
 
 import pytest
 
@@ -20,23 +17,11 @@ from comfy_harness import workflow_to_api_prompt
 
 WORKFLOW_FILES = harness.workflow_files()
 PRDP_NODES = ("PRDPLoadRewardModel", "PRDPTrainLoRA", "PRDPApplyLoRA", "PRDPScoreImages")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-PAGE_TIMEOUT_MS = 120_000
-
-
-def _chromium() -> str:
-    path = os.environ.get("PRDP_CHROMIUM", "/usr/bin/chromium")
-    if not Path(path).is_file():
-        pytest.skip(f"no Chromium at {path} (run scripts/install_chromium.sh or set PRDP_CHROMIUM)")
-    return path
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, comfyui_tree):
-    _chromium()
-    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    with harness.comfy_test_server(tmp_path_factory, "comfy_frontend", tree=comfyui_tree) as comfy:
+    with harness.browser_test_server(tmp_path_factory, "comfy_frontend", tree=comfyui_tree) as comfy:
         yield comfy
 
 
@@ -46,30 +31,12 @@ def object_info(server):
 
 
 @pytest.fixture(scope="module")
-def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
-
-
-@pytest.fixture(scope="module")
-def page(server, browser):
+def page(server):
     """The ComfyUI page, loaded once for the module; console errors collected in page.errors."""
-    context = browser.new_context(viewport={"width": 1600, "height": 1000})
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda error: page.errors.append(str(error)))
-    page.goto(server.base_url, wait_until="domcontentloaded", timeout=PAGE_TIMEOUT_MS)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
-                           "window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 100",
-                           timeout=PAGE_TIMEOUT_MS)
-    yield page
-    context.close()
+    with harness.headless_chromium() as browser:
+        context, page = harness.open_comfy_page(browser, server.base_url, 1600, 1000)
+        yield page
+        context.close()
 
 
 def load_workflow(page, workflow: dict) -> dict:
@@ -148,27 +115,6 @@ def test_hand_made_graph_with_reroute_primitive_bypass_and_mute_converts_like_th
     assert theirs[sampler]["inputs"]["seed"] == 11  # the PrimitiveNode's value
 
 
-def set_widgets(page, values_by_type: dict) -> list[str]:
-    """Set widget values on every node of each type through the graph API; returns problems."""
-    return page.evaluate(
-        """(valuesByType) => {
-            const problems = [];
-            for (const [type, values] of Object.entries(valuesByType)) {
-                const nodes = window.app.graph.nodes.filter(n => n.type === type);
-                for (const node of nodes) {
-                    for (const [name, value] of Object.entries(values)) {
-                        const widget = (node.widgets || []).find(w => w.name === name);
-                        if (!widget) { problems.push(`${type}.${name}: no such widget`); continue; }
-                        widget.value = value;
-                        widget.callback?.(value);
-                    }
-                }
-            }
-            window.app.graph.setDirtyCanvas(true, true);
-            return problems;
-        }""", values_by_type)
-
-
 def test_train_and_compare_queued_from_the_frontend(server, page, object_info, tmp_path):
     name = "train_and_compare"
     if name not in {p.stem for p in WORKFLOW_FILES}:
@@ -179,7 +125,7 @@ def test_train_and_compare_queued_from_the_frontend(server, page, object_info, t
         f"/api/workflow_templates/{harness.PACKAGE_LINK_NAME}/{name}.json")
     loaded = load_workflow(page, workflow)
     assert not loaded["missing"], loaded["missing"]
-    problems = set_widgets(page, {
+    problems = harness.set_page_widgets(page, {
         "CheckpointLoaderSimple": {"ckpt_name": harness.TINY_SD15_FILENAME},
         "EmptyLatentImage": {"width": harness.TINY_IMAGE_SIZE, "height": harness.TINY_IMAGE_SIZE},
         "KSampler": {"steps": 2},
@@ -187,19 +133,9 @@ def test_train_and_compare_queued_from_the_frontend(server, page, object_info, t
         "PRDPTrainLoRA": {**harness.TINY_TRAINING, "epochs": 1, "lora_name": "harness_frontend"},
     })
     assert not problems, problems
-    known = set(harness.get_json(server.base_url, "/history"))
     loras_before = set(server.loras_dir.rglob("*.safetensors"))
-    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-    deadline = time.monotonic() + 60
-    new_ids: list[str] = []
-    while not new_ids and time.monotonic() < deadline:
-        queue = harness.get_json(server.base_url, "/queue")
-        running = [item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])]
-        new_ids = [pid for pid in running if pid not in known] or \
-                  [pid for pid in harness.get_json(server.base_url, "/history") if pid not in known]
-        time.sleep(0.25)
-    assert new_ids, f"the frontend queued nothing; page errors: {page.errors}\n{server.log_tail()}"
-    result = harness.wait_for(server.base_url, new_ids[0], timeout=600)
+    prompt_id = harness.queue_from_page(server.base_url, page)
+    result = harness.wait_for(server.base_url, prompt_id, timeout=600)
     page.wait_for_timeout(500)
     page.screenshot(path=str(tmp_path / "train_and_compare.png"), full_page=True)
     assert result.status == "success", result.describe() + "\n" + server.log_tail()
