@@ -287,6 +287,25 @@ class BlockCheckpointing:
         self._patched.clear()
 
 
+@contextlib.contextmanager
+def comfy_training_mode() -> Iterator[None]:
+    """ComfyUI's `model_management.in_training` switched on (where this ComfyUI has it): models
+    then use ops with autograd formulas (e.g. Flux's rope without the comfy_kitchen kernel).
+    On for every model call of the backend, sampling included, so recorded and re-evaluated
+    log-probs come from the same ops; restored afterwards."""
+    import comfy.model_management
+
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
+
+
 def saved_tensor_copies():
     """While active, autograd keeps copies of the tensors it saves for backward.
 
@@ -544,7 +563,7 @@ class ComfyBackend(Backend):
     def prepare_for_training(self) -> None:
         self._load()
         if self.gradient_checkpointing and self._checkpointing is None:
-            self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model, self.interrupts_as_stop)
+            self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model, self._model_call)
 
     def release(self) -> None:
         """Unload the clone and take this backend's wrappers off the shared modules."""
@@ -580,6 +599,12 @@ class ComfyBackend(Backend):
         except comfy.model_management.InterruptProcessingException as interrupt:
             self.interrupted = True
             raise ModelInterrupted("Cancel pressed in ComfyUI") from interrupt
+
+    @contextlib.contextmanager
+    def _model_call(self) -> Iterator[None]:
+        """Around every diffusion-model computation (forward, and recomputation in backward)."""
+        with self.interrupts_as_stop(), comfy_training_mode():
+            yield
 
     def encode_prompts(self, prompts: List[str]) -> Cond:
         with self.interrupts_as_stop():
@@ -623,7 +648,7 @@ class ComfyBackend(Backend):
             entry["guidance"] = self.guidance              # as FluxGuidance writes it
         copies = saved_tensor_copies() if self.sampling_kind == "flow" and torch.is_grad_enabled() \
             else contextlib.nullcontext()
-        with self.interrupts_as_stop(), copies:
+        with self._model_call(), copies:
             conds = comfy.samplers.encode_model_conds(base.extra_conds, [entry], x_sigma, x_sigma.device, "positive")
             return comfy.samplers.calc_cond_batch(base, [conds], x_sigma, sigma, self._model_options)[0]
 
