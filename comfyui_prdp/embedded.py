@@ -4,7 +4,12 @@ No download, deterministic random weights from a seed. Same component types and 
 layout as SD 1.x (UNet2DConditionModel, CLIPTextModel + CLIP BPE tokenizer, AutoencoderKL
 with a downsample factor of 8, a scaled-linear DDIM schedule), only much smaller, so the
 whole PRDP loop runs on two CPU cores in minutes. Its images are random textures, not
-pictures; it exists to exercise and demonstrate the algorithm, not to draw.
+pictures; it exists to exercise the algorithm and the SD file formats, not to draw.
+
+The model that draws is the miniature world's (`--base embedded-world`, comfyui_prdp/world/),
+which the demo uses. This texture model stays the default without --base because the tests of
+the file formats need a model with a real AutoencoderKL (diffusers folders, single-file SD
+checkpoints, LoRA export and loading), which the world model's lossless pixel 'VAE' is not.
 """
 from __future__ import annotations
 
