@@ -35,9 +35,6 @@ class Schedule:
     def steps(self) -> int:
         return len(self.times)
 
-    def is_trained(self, step: int) -> bool:
-        return bool((self.trained == step).any())
-
 
 class Policy:
     """One stochastic sampler. Subclasses implement `schedule`, `check_backend` and `transition`."""
