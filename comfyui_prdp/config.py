@@ -37,6 +37,9 @@ class TrainConfig:
     # flow_sde: [first, stop) steps that are stochastic and trained (MixGRPO), the rest ODE
     # steps; None = every step but the last. A window is an APPROXIMATION of the objective
     sde_window: Optional[List[int]] = None
+    # guidance-distilled models (Flux.1-dev): the guidance value given as conditioning, as the
+    # FluxGuidance node writes it (train them with cfg 1); None = ComfyUI's default (3.5 for Flux)
+    flow_guidance: Optional[float] = None
     # objective
     algorithm: str = "prdp"             # "prdp" or "ddpo" (the baseline of spec section 6)
     beta: float = 3e-5
@@ -191,6 +194,8 @@ def _policy_problems(config: "TrainConfig") -> List[str]:
         problems.append(f"flow_noise_level={config.flow_noise_level}: must be in (0, 1] (Flow-GRPO uses 0.7)")
     if config.flow_sde_variant not in ("sde", "cps"):
         problems.append(f"flow_sde_variant={config.flow_sde_variant!r}: use 'sde' (Flow-GRPO) or 'cps'")
+    if config.flow_guidance is not None and config.flow_guidance < 0:
+        problems.append(f"flow_guidance={config.flow_guidance}: must be >= 0 (Flux.1-dev: 3.5, as FluxGuidance)")
     window = config.sde_window
     if window is not None:
         if config.policy == "ddpm":
@@ -286,7 +291,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # after the prompts are encoded: about 15-16 GB with fp8 weights, 24 GB cards comfortable
     "consumer-gpu-flux": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
                               policy="flow_sde", flow_noise_level=0.7, beta=2e-4, clip_range=1.5e-5, steps=16,
-                              cfg=1.0, learning_rate=1e-4, lora_rank=16, width=512, height=512,
+                              cfg=1.0, flow_guidance=3.5, learning_rate=1e-4, lora_rank=16, width=512, height=512,
                               sample_batch_size=2, train_batch_size=1, mixed_precision="bf16",
                               gradient_checkpointing=True),
     # SD3.5 (Medium; Large the same with more memory): CFG 4.5 as Flow-GRPO, 20 steps, LoRA r32

@@ -43,8 +43,9 @@ class PRDPTrainLoRA:
         "LoRA. Runs in the background with live progress and previews; Cancel stops after the "
         "current step and keeps a checkpoint. The LoRA is saved to models/loras/prdp/. Trains UNet "
         "models: SD1.x, SD2.x (including 768-v v-prediction), SDXL and its finetunes (Pony, Illustrious, "
-        "NoobAI, v-prediction and zero-terminal-SNR ones too); flow-matching models (SD3, Flux, ...) are "
-        "refused.")
+        "NoobAI, v-prediction and zero-terminal-SNR ones too); flow-matching models (SD3/3.5, Flux, "
+        "Qwen-Image, ...) train with the flow-SDE policy (presets consumer-gpu-flux / consumer-gpu-sd35); "
+        "other model samplings (EDM, continuous v) are refused.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -195,7 +196,7 @@ class PRDPTrainLoRA:
             progress.preparing("copying the model for training")
             with torch.inference_mode(False):
                 backend = ComfyBackend(model, clip, vae, rank=config.lora_rank, alpha=config.lora_alpha,
-                                       targets=config.lora_targets, seed=config.seed,
+                                       targets=config.lora_targets, seed=config.seed, guidance=config.flow_guidance,
                                        gradient_checkpointing=config.gradient_checkpointing,
                                        mixed_precision=config.mixed_precision)
                 # encode here: errors show before the job starts (skipped when Stop came already)

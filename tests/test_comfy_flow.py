@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from comfy_inprocess import import_comfy, in_thread
+from comfy_inprocess import comfy_dirs, import_comfy, in_thread  # noqa: F401  (comfy_dirs: a fixture)
 
 import_comfy()
 
@@ -323,3 +323,30 @@ def test_gradient_checkpointing_of_transformer_blocks_gives_the_same_gradient(fa
     assert largest > 0
     for a, b in zip(plain, checkpointed):      # float32 rounding of the recomputation apart (newer ComfyUI)
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * largest), (a - b).abs().max() / largest
+
+
+class BackendSeen(Exception):
+    pass
+
+
+def test_the_train_node_hands_the_presets_flux_guidance_to_the_backend(monkeypatch, comfy_dirs):
+    """The Flux preset reaches the model as ComfyUI conditions Flux: guidance 3.5 with cfg 1."""
+    import importlib
+
+    from comfy_inprocess import load_plugin_package
+
+    plugin = load_plugin_package()
+    node_class = plugin.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]
+    backend_module = importlib.import_module(plugin.__name__ + ".comfyui_prdp.backends.comfy_backend")
+
+    def seen(*args, **kwargs):
+        raise BackendSeen(kwargs)
+
+    monkeypatch.setattr(backend_module, "ComfyBackend", seen)
+    family = tiny_flow_family("flux")
+    with torch.inference_mode(), pytest.raises(BackendSeen) as caught:
+        node_class().train(family.model, family.clip, family.vae, MeanBrightness(), prompts="a cat",
+                           negative_prompt="", preset="consumer-gpu-flux", epochs=1, prompts_per_epoch=1,
+                           images_per_prompt=2, steps=3, cfg=1.0, beta=2e-4, clip_range=1.5e-5, updates_per_epoch=1,
+                           learning_rate=1e-4, lora_rank=2, width=64, height=64, seed=1, lora_name="flux-guidance")
+    assert caught.value.args[0]["guidance"] == 3.5

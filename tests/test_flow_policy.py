@@ -201,7 +201,9 @@ def test_auto_policy_follows_the_model_and_config_options_reach_it():
 @pytest.mark.parametrize("bad, match", [(dict(policy="euler"), "policy="), (dict(flow_noise_level=1.5), "flow_noise_level"),
                                         (dict(flow_sde_variant="x"), "flow_sde_variant"),
                                         (dict(sde_window=[0, 20]), "sde_window"),
-                                        (dict(sde_window=[0.5, 2]), "sde_window")])
+                                        (dict(sde_window=[0.5, 2]), "sde_window"),
+                                        (dict(flow_guidance=-1.0), "flow_guidance"),
+                                        (dict(flow_guidance=float("nan")), "flow_guidance")])
 def test_config_validates_the_policy_options(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig().replace(**bad).validate()
@@ -213,6 +215,7 @@ def test_flow_presets_use_the_flow_policy_and_count_only_stochastic_steps(name, 
 
     config = preset(name)
     assert config.policy == "flow_sde" and config.steps == steps and (config.cfg == 1.0) == (branches == 1)
+    assert config.flow_guidance == (3.5 if name == "consumer-gpu-flux" else None)   # Flux.1-dev: guidance, cfg 1
     trajectories = config.prompts_per_epoch * config.images_per_prompt
     assert config.model_evaluations_per_epoch() == {
         "sampling": trajectories * steps * branches,
