@@ -14,8 +14,8 @@ from ..comfyui_prdp.model_families import comfy_model_family, training_size
 from ..comfyui_prdp.prompts import read_prompt_file
 from . import train_paths
 from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems
-from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, LIMITS, MIN_SIZE, NATIVE_SIZE, build_config,
-                         config_summary, parse_prompts, validate_form)
+from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, LIMITS, MIN_SIZE, NATIVE_SIZE, PRESET_GUIDANCE,
+                         build_config, config_summary, parse_prompts, validate_form)
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ class PRDPTrainLoRA:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model to finetune: SD1.x, SD2.x (eps or "
-                                               "v-prediction), SDXL and finetunes; not flow models (SD3, "
-                                               "Flux). It is not modified: the LoRA is trained on a copy."}),
+                                               "v-prediction), SDXL and finetunes, or a flow model (SD3/3.5, "
+                                               "Flux, Qwen-Image, ...). It is not modified: the LoRA is "
+                                               "trained on a copy."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder that belongs to the model."}),
                 "vae": ("VAE", {"tooltip": "The VAE that belongs to the model (images go to the reward)."}),
                 "reward_model": (REWARD_TYPE, {"tooltip": "What to maximise, from Load Reward Model (PRDP)."}),
@@ -70,7 +71,7 @@ class PRDPTrainLoRA:
                 "prompts_per_epoch": _int("prompts_per_epoch", 4, "Prompts drawn per epoch."),
                 "images_per_prompt": _int("images_per_prompt", 4, "Images sampled per prompt (at least 2: PRDP "
                                                                    "compares images of the same prompt)."),
-                "steps": _int("steps", 20, "Sampling steps of the training sampler (DDPM)."),
+                "steps": _int("steps", 20, "Sampling steps of the training sampler (DDPM; flow models: the flow SDE)."),
                 "cfg": _float("cfg", 5.0, 0.1, "Classifier-free guidance scale while training."),
                 "beta": _float("beta", 3e-5, 1e-6, "KL weight: larger keeps the LoRA closer to the base "
                                                       "model (paper: 3e-5 small scale, 3e-6 large scale).", True),
@@ -107,6 +108,11 @@ class PRDPTrainLoRA:
                                "'epochs' is the total to reach."}),
                 "algorithm": (["prdp", "ddpo"], {
                     "tooltip": "prdp (the paper's method) or ddpo (the baseline it improves on)."}),
+                "flow_guidance": _float("flow_guidance", PRESET_GUIDANCE, 0.1,
+                                        "Distilled guidance of guidance-distilled flow models (Flux.1-dev), "
+                                        "given as conditioning as FluxGuidance does; train those with cfg 1. "
+                                        "Other models ignore it. -1 (the default): the preset's value "
+                                        "(consumer-gpu-flux: 3.5), else the model's own default."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -124,7 +130,7 @@ class PRDPTrainLoRA:
                         prompts_per_epoch=None, images_per_prompt=None, steps=None, cfg=None, beta=None,
                         clip_range=None, updates_per_epoch=None, learning_rate=None, lora_rank=None,
                         width=None, height=None, seed=None, lora_name=None, prompt_file=train_paths.NONE,
-                        checkpoint_every=None, resume_from=train_paths.NONE, algorithm=None):
+                        checkpoint_every=None, resume_from=train_paths.NONE, algorithm=None, flow_guidance=None):
         """True, or FormRefused listing every problem. Naming every widget here makes ComfyUI skip
         its own checks, so the declared kinds, choices and min/max are enforced here. None is a
         value fed by a link (unknown while validating) and is checked at run time."""
@@ -147,7 +153,7 @@ class PRDPTrainLoRA:
         widgets = {k: good[k] for k in ("epochs", "prompts_per_epoch", "images_per_prompt", "steps", "cfg",
                                         "beta", "clip_range", "updates_per_epoch", "learning_rate", "lora_rank",
                                         "width", "height", "seed", "negative_prompt", "checkpoint_every",
-                                        "algorithm")}
+                                        "algorithm", "flow_guidance")}
         problems += validate_form(good["prompts"], prompt_file_given, good["preset"], name_error, **widgets)
         refuse(TITLE, problems)
         return True
@@ -159,7 +165,8 @@ class PRDPTrainLoRA:
     def train(self, model, clip, vae, reward_model, prompts, negative_prompt, preset, epochs,
               prompts_per_epoch, images_per_prompt, steps, cfg, beta, clip_range, updates_per_epoch,
               learning_rate, lora_rank, width, height, seed, lora_name, prompt_file=train_paths.NONE,
-              checkpoint_every=0, resume_from=train_paths.NONE, algorithm="prdp", unique_id=None):
+              checkpoint_every=0, resume_from=train_paths.NONE, algorithm="prdp", flow_guidance=PRESET_GUIDANCE,
+              unique_id=None):
         import comfy.model_management  # ComfyUI only
         import comfy.sd
 
@@ -177,7 +184,7 @@ class PRDPTrainLoRA:
                               clip_range=clip_range, updates_per_epoch=updates_per_epoch,
                               learning_rate=learning_rate, lora_rank=lora_rank, width=width, height=height,
                               seed=seed, negative_prompt=negative_prompt, checkpoint_every=checkpoint_every,
-                              algorithm=algorithm)
+                              algorithm=algorithm, flow_guidance=flow_guidance)
         name = train_paths.strip_extension(lora_name)
         error = train_paths.check_lora_name(name)
         if error:

@@ -21,6 +21,9 @@ MAX_STEPS = 1000
 MAX_SIZE = 2048                  # SD1.x/2.x are trained at 512-768; 2048 already needs a large GPU
 MIN_SIZE = 64
 SIZE_WIDGETS = ("width", "height")
+#: flow_guidance -1 (the default): the preset's value, or the model's own default where it sets none
+PRESET_GUIDANCE = -1.0
+MAX_GUIDANCE = 100.0             # FluxGuidance's own maximum
 #: the CPU memory one epoch's trajectories and decoded images may take (a shared server's limit)
 MAX_EPOCH_MEMORY_BYTES = 16 * 2 ** 30
 
@@ -31,13 +34,13 @@ LIMITS = {
     "steps": (1, MAX_STEPS), "cfg": (1.0, 30.0), "beta": (1e-9, 10.0), "clip_range": (1e-9, 10.0),
     "updates_per_epoch": (1, 1000), "learning_rate": (1e-9, 1.0), "lora_rank": (1, 256),
     "width": (NATIVE_SIZE, MAX_SIZE), "height": (NATIVE_SIZE, MAX_SIZE), "seed": (0, 0xFFFFFFFFFFFFFFFF),
-    "checkpoint_every": (0, 100000),
+    "checkpoint_every": (0, 100000), "flow_guidance": (PRESET_GUIDANCE, MAX_GUIDANCE),
 }
 
 #: widget name -> TrainConfig field (same name unless listed)
 CONFIG_WIDGETS = ("epochs", "prompts_per_epoch", "images_per_prompt", "steps", "cfg", "beta",
                   "clip_range", "updates_per_epoch", "learning_rate", "lora_rank", "width", "height",
-                  "seed", "negative_prompt", "checkpoint_every", "algorithm")
+                  "seed", "negative_prompt", "checkpoint_every", "algorithm", "flow_guidance")
 
 
 def parse_prompts(text: Optional[str], source: str = "prompts") -> List[str]:
@@ -50,7 +53,7 @@ def parse_prompts(text: Optional[str], source: str = "prompts") -> List[str]:
 
 def limit_problem(name: str, value: Any) -> Optional[str]:
     """What is wrong with a numeric widget value against LIMITS (None when fine or not numeric);
-    a width/height is 0 (native) or at least MIN_SIZE."""
+    a width/height is 0 (native) or at least MIN_SIZE, a flow_guidance -1 (the preset's) or at least 0."""
     if name not in LIMITS:
         return None
     low, high = LIMITS[name]
@@ -58,6 +61,8 @@ def limit_problem(name: str, value: Any) -> Optional[str]:
     problem = widget_problem(name, kind, {"min": low, "max": high}, value)
     if problem is None and name in SIZE_WIDGETS and NATIVE_SIZE < value < MIN_SIZE:
         problem = f"{name}={value}: at least {MIN_SIZE} (or {NATIVE_SIZE} for the model's native size)"
+    if problem is None and name == "flow_guidance" and PRESET_GUIDANCE < value < 0:
+        problem = f"{name}={value}: at least 0 (or {PRESET_GUIDANCE:g} for the preset's value)"
     return problem
 
 
@@ -80,7 +85,8 @@ def memory_problem(config: TrainConfig) -> Optional[str]:
 
 def build_config(preset: str, **widgets: Any) -> TrainConfig:
     """The preset's values for everything not on the node, overridden by the widget values
-    that are given (None: keep the preset's). Raises ValueError naming every bad value.
+    that are given (None, or a flow_guidance of PRESET_GUIDANCE: keep the preset's). Raises
+    ValueError naming every bad value.
 
     A width/height of NATIVE_SIZE keeps the preset's too: the node resolves it to the model's
     native size before its run-time call, so only VALIDATE_INPUTS (no model yet) passes it."""
@@ -93,6 +99,8 @@ def build_config(preset: str, **widgets: Any) -> TrainConfig:
     for name in SIZE_WIDGETS:
         if overrides.get(name) == NATIVE_SIZE:
             del overrides[name]
+    if overrides.get("flow_guidance") == PRESET_GUIDANCE:
+        del overrides["flow_guidance"]
     try:
         config = preset_config(preset, **overrides)
     except ValueError as error:
@@ -131,7 +139,7 @@ def validate_form(prompts: Optional[str], prompt_file_given: bool, preset: str,
 def config_summary(config: TrainConfig, prompt_count: int) -> Dict[str, Any]:
     """What a job reports about its settings."""
     keys = ("algorithm", "epochs", "prompts_per_epoch", "images_per_prompt", "updates_per_epoch",
-            "steps", "cfg", "beta", "clip_range", "learning_rate", "lora_rank", "width", "height", "seed")
+            "steps", "cfg", "beta", "clip_range", "learning_rate", "lora_rank", "width", "height", "seed", "flow_guidance")
     summary = {key: getattr(config, key) for key in keys}
     summary["prompts"] = prompt_count
     return summary

@@ -549,6 +549,10 @@ def _base_and_finetuned_decodes(prompt: dict) -> tuple[list[str], list[str]]:
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
 def test_example_workflow_runs_with_tiny_settings(server, object_info, path, request):
+    if path.stem == "train_and_compare_flux":
+        pytest.skip("a Flux workflow (UNETLoader + DualCLIPLoader), not one for the tiny SD1.5 checkpoint; why no "
+                    "tiny Flux runs it: tests/test_comfy_flow.py::test_the_flux_workflow_has_no_real_server_run_"
+                    "because_comfyui_builds_a_full_t5_xxl")
     _require_nodes(object_info)
     workflow = json.loads(path.read_text())
     prompt = workflow_to_api_prompt(workflow, object_info)

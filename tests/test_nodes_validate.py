@@ -18,7 +18,16 @@ NAMES = {
 }
 #: widget counts of the core nodes the workflows use (ComfyUI 0.3.6x; seed adds its control)
 CORE_WIDGETS = {"CheckpointLoaderSimple": 1, "CLIPTextEncode": 1, "EmptyLatentImage": 3, "KSampler": 7,
-                "VAEDecode": 0, "ImageStitch": 4, "SaveImage": 1, "LoraLoader": 3, "MarkdownNote": 1}
+                "VAEDecode": 0, "ImageStitch": 4, "SaveImage": 1, "LoraLoader": 3, "MarkdownNote": 1,
+                "UNETLoader": 2, "DualCLIPLoader": 4, "VAELoader": 1, "FluxGuidance": 1, "EmptySD3LatentImage": 3}
+#: the model files each shipped workflow loads: {loader type: [widgets_values of each such node]}
+WORKFLOW_MODELS = {
+    "train_and_compare_sdxl": {"CheckpointLoaderSimple": [["sd_xl_base_1.0.safetensors"]]},
+    "train_and_compare_flux": {"UNETLoader": [["flux1-dev.safetensors", "default"]],
+                               "DualCLIPLoader": [["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]],
+                               "VAELoader": [["ae.safetensors"]]},
+}
+SD15_MODELS = {"CheckpointLoaderSimple": [["v1-5-pruned-emaonly.safetensors"]]}
 GOOD = dict(prompts="a cat\na dog", negative_prompt="", preset="cpu-smoke", epochs=2, prompts_per_epoch=2,
             images_per_prompt=2, steps=2, cfg=3.0, beta=0.1, clip_range=0.01, updates_per_epoch=1,
             learning_rate=3e-3, lora_rank=2, width=64, height=64, seed=0, lora_name="tiny")
@@ -171,6 +180,18 @@ def test_load_reward_builds_a_jpeg_reward_and_scores_through_the_score_node(node
         nodes["PRDPScoreImages"]().score(reward, torch.cat([flat, flat, flat]), "a\nb", "")
 
 
+def train_widget_values(nodes, node: dict) -> tuple:
+    """({widget name: value}, the seed's control value) of a PRDP Train LoRA node of a UI
+    workflow, whose widgets_values follow INPUT_TYPES order as the frontend writes them."""
+    spec = nodes["PRDPTrainLoRA"].INPUT_TYPES()
+    names = [name for section in ("required", "optional") for name, (kind, *_) in spec[section].items()
+             if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+    values = list(node["widgets_values"])
+    control = values.pop(names.index("seed") + 1)
+    assert len(values) == len(names), (names, values)
+    return dict(zip(names, values)), control
+
+
 def widget_count(spec: dict) -> int:
     """Widgets the frontend creates for a V1 node spec (a seed INT adds its control widget)."""
     count = 0
@@ -209,23 +230,52 @@ def test_workflows_are_consistent_ui_graphs(nodes, path):
             assert len(node["widgets_values"]) == CORE_WIDGETS[node["type"]], node["type"]
     train = [n for n in workflow["nodes"] if n["type"] == "PRDPTrainLoRA"]
     for node in train:   # real-use defaults, and a seed that does not change on every queue
-        values = dict(zip([k for s in ("required", "optional") for k in nodes["PRDPTrainLoRA"].INPUT_TYPES()[s]
-                           if k not in ("model", "clip", "vae", "reward_model")], node["widgets_values"][:16]))
-        # 0: the checkpoint's native size; 512 is SD1.5's, set by hand
+        values, seed_control = train_widget_values(nodes, node)
+        # 0: the checkpoint's native size; 512 is SD1.5's (and the Flux preset's), set by hand
         assert values["width"] == values["height"] and values["width"] in (0, 512)
-        assert node["widgets_values"][16] == "fixed"
-        assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(
-            **dict(zip(["prompts", "negative_prompt", "preset", "epochs", "prompts_per_epoch", "images_per_prompt",
-                        "steps", "cfg", "beta", "clip_range", "updates_per_epoch", "learning_rate", "lora_rank",
-                        "width", "height", "seed"], node["widgets_values"][:16])),
-            lora_name=node["widgets_values"][17]) is True
-    checkpoints = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
-    expected = "sd_xl_base_1.0.safetensors" if path.stem.endswith("_sdxl") else "v1-5-pruned-emaonly.safetensors"
-    assert [n["widgets_values"] for n in checkpoints] == [[expected]]
+        assert seed_control == "fixed"
+        assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**values) is True     # every widget, flow_guidance too
+    expected = WORKFLOW_MODELS.get(path.stem, SD15_MODELS)
+    loaders = {kind: [n["widgets_values"] for n in workflow["nodes"] if n["type"] == kind]
+               for kind in ("CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader")}
+    assert {kind: found for kind, found in loaders.items() if found} == expected
 
 
 def test_the_three_workflows_exist():
     assert {p.name for p in WORKFLOWS} >= {"train_and_compare.json", "compare_saved_lora.json", "multi_reward.json"}
+
+
+def test_the_flux_workflow_trains_and_compares_as_flux_dev_is_sampled(nodes):
+    """train_and_compare_flux.json: the consumer-gpu-flux preset at cfg 1 with the distilled
+    guidance the comparison's FluxGuidance gives, and both samplers see that guidance."""
+    workflow = json.loads((REPO_ROOT / "example_workflows" / "train_and_compare_flux.json").read_text())
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    (train,) = [n for n in workflow["nodes"] if n["type"] == "PRDPTrainLoRA"]
+    (guidance,) = [n for n in workflow["nodes"] if n["type"] == "FluxGuidance"]
+    values, _ = train_widget_values(nodes, train)
+    assert (values["preset"], values["cfg"], values["flow_guidance"]) == ("consumer-gpu-flux", 1.0, 3.5)
+    assert guidance["widgets_values"] == [values["flow_guidance"]]
+    links = {link[0]: link for link in workflow["links"]}
+    samplers = [n for n in workflow["nodes"] if n["type"] == "KSampler"]
+    assert len(samplers) == 2
+    for sampler in samplers:
+        positive = next(i["link"] for i in sampler["inputs"] if i["name"] == "positive")
+        assert by_id[links[positive][1]]["type"] == "FluxGuidance"
+        assert sampler["widgets_values"][3] == 1.0          # cfg 1: guidance-distilled
+    (latent,) = [n for n in workflow["nodes"] if n["type"] == "EmptySD3LatentImage"]   # Flux's 16 channels
+    assert latent["widgets_values"][:2] == [values["width"], values["height"]]
+
+
+def test_flow_guidance_is_the_presets_by_default_and_overrides_it_when_set(nodes, package):
+    form = __import__(f"{package.__name__}.nodes.train_form", fromlist=["build_config"])
+    spec = nodes["PRDPTrainLoRA"].INPUT_TYPES()["optional"]["flow_guidance"]
+    assert spec[0] == "FLOAT" and spec[1]["default"] == form.PRESET_GUIDANCE == -1.0
+    assert form.build_config("consumer-gpu-flux", flow_guidance=-1.0).flow_guidance == 3.5
+    assert form.build_config("consumer-gpu-flux", flow_guidance=2.0).flow_guidance == 2.0
+    assert form.build_config("consumer-gpu-flux", flow_guidance=0.0).flow_guidance == 0.0   # a value, not "unset"
+    assert form.build_config("consumer-gpu", flow_guidance=-1.0).flow_guidance is None      # the model's default
+    assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, "flow_guidance": 3.5}) is True
+    assert nodes["PRDPTrainLoRA"].VALIDATE_INPUTS(**{**GOOD, "flow_guidance": -1.0}) is True
 
 
 # --- the node's own limits (issue 8, item 3) ------------------------------------------------------
@@ -248,6 +298,9 @@ def test_the_three_workflows_exist():
     ({"clip_range": "0.1"}, "clip_range='0.1': must be a number"),
     ({"lora_name": "x\n"}, "lora_name='x\\n'"),
     ({"algorithm": "ppo"}, "algorithm='ppo' is not one of the choices"),
+    ({"flow_guidance": -0.5}, "flow_guidance=-0.5: at least 0 (or -1 for the preset's value)"),
+    ({"flow_guidance": 100.5}, "flow_guidance=100.5: at most 100.0"),
+    ({"flow_guidance": float("nan")}, "flow_guidance=nan: must be a finite number"),
     ({"prompts": "a cat\n" + "x" * 20000}, "line 2 is 20000 characters"),
     ({"prompts": "a cat\x00\x01"}, "NUL bytes"),
 ])
@@ -270,7 +323,7 @@ def test_limits_are_the_declared_ones_at_both_ends(nodes):
             assert name in refusal(train, **{**GOOD, name: low - (1 if kind == "INT" else low / 2)})
             assert name in refusal(train, **{**GOOD, name: high + beyond})
             checked += 1
-    assert checked == 14
+    assert checked == 15
     assert train.VALIDATE_INPUTS(**{**GOOD, "seed": 0xFFFFFFFFFFFFFFFF, "lora_rank": 256, "epochs": 100000}) is True
 
 
@@ -334,6 +387,7 @@ def test_run_time_enforces_the_limits_too(package):
                              ({"lora_rank": 100000}, "lora_rank=100000: at most 256"),
                              ({"learning_rate": float("nan")}, "learning_rate=nan: must be a finite number"),
                              ({"seed": -1}, "seed=-1: at least 0"),
+                             ({"flow_guidance": -0.5}, "flow_guidance=-0.5: at least 0"),
                              ({"prompts_per_epoch": 4096, "images_per_prompt": 256}, "GiB")):
         with pytest.raises(ValueError) as refused:
             form.build_config("cpu-smoke", **change)
