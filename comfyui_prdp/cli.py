@@ -7,7 +7,6 @@ reward_curve.png and before_after.png (the same held-out seeds before and after)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -259,6 +258,9 @@ def train(args) -> int:
     check_device(args.device)
     check_base(args.base, args.base_config)
     prompts = read_prompts(args.prompts, args.prompt_field)
+    if args.prompts is None and is_world_base(args.base):
+        from .world.demo_eval import demo_train_prompts
+        prompts = demo_train_prompts()     # the world's training captions (held-out ones stay unseen)
     if not args.resume:                        # (a resumed run's own settings are checked later)
         split_held_out(args, config, prompts)  # refused here, before --out is touched
     check_out_path(args.out)
@@ -304,8 +306,8 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
         except (FileNotFoundError, ValueError, OSError) as error:
             raise SystemExit(f"error: {error}")
         if evaluate:
-            before, before_images = evaluate_reward(backend, reward, HELD_OUT_PROMPTS, HELD_OUT_SEEDS, config,
-                                                    lora=False)
+            eval_prompts, eval_seeds = held_out_set(args.base)
+            before, before_images = evaluate_reward(backend, reward, eval_prompts, eval_seeds, config, lora=False)
     except KeyboardInterrupt:
         print(f"interrupted before training started: nothing to keep; run the same command again to start "
               f"over in {args.out}", file=sys.stderr)
@@ -342,15 +344,35 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     reward_curve(trainer.metrics, title=f"{reward.name}: reward per epoch (mean ± std)").save(args.out / "reward_curve.png")
     print(f"trained {result.epochs_done} epochs in {elapsed:.0f} s; LoRA: {result.lora_path}")
     if evaluate:
-        after, after_images = evaluate_reward(backend, reward, HELD_OUT_PROMPTS, HELD_OUT_SEEDS, config)
-        grid = comparison_grid([before_images, after_images], ["before", "after"], [before, after])
+        after, after_images = evaluate_reward(backend, reward, eval_prompts, eval_seeds, config)
+        from .world.demo_eval import captioned_grid, held_out_record, summary_lines, write_json
+        if is_world_base(args.base):
+            grid = captioned_grid(eval_prompts, eval_seeds, before_images, after_images, before, after)
+            (args.out / "train_prompts.txt").write_text("\n".join(prompts) + "\n")
+        else:
+            grid = comparison_grid([before_images, after_images], ["before", "after"], [before, after])
         grid.save(args.out / "before_after.png")
-        summary = {"held_out_reward_before": before.mean().item(), "held_out_reward_after": after.mean().item()}
-        (args.out / "held_out.json").write_text(json.dumps(summary, indent=2))
-        print(f"held-out reward ({len(before)} images, same seeds): before {summary['held_out_reward_before']:+.4f} "
-              f"-> after {summary['held_out_reward_after']:+.4f}")
-    print(f"wrote {args.out}/metrics.jsonl, reward_curve.png" + (", before_after.png" if evaluate else ""))
+        record = held_out_record(eval_prompts, eval_seeds, before, after)
+        record.update(held_out_reward_before=before.mean().item(), held_out_reward_after=after.mean().item())
+        write_json(args.out / "held_out.json", record)
+    print(f"wrote {args.out}/metrics.jsonl, reward_curve.png" + (", before_after.png, held_out.json" if evaluate else ""))
+    if evaluate:    # the last lines: the paired change on the held-out (for the world: unseen) prompts
+        label = "unseen prompts" if is_world_base(args.base) else "held-out prompts"
+        print("\n".join(summary_lines(record["summary"], label)))
     return 0
+
+
+def is_world_base(base: Optional[str]) -> bool:
+    from .world.model import MODEL_NAME
+    return base is not None and str(base).strip() == MODEL_NAME
+
+
+def held_out_set(base: Optional[str]):
+    """(prompts, seeds) of the before/after evaluation: for the world model, unseen captions."""
+    if is_world_base(base):
+        from .world.demo_eval import EVAL_SEEDS, eval_prompts
+        return eval_prompts(), list(EVAL_SEEDS)
+    return HELD_OUT_PROMPTS, HELD_OUT_SEEDS
 
 
 def split_held_out(args, config: TrainConfig, prompts: Sequence[str]):

@@ -96,6 +96,9 @@ def load_components(base: Optional[str], base_config: Optional[str] = None) -> T
     """({unet, text_encoder, tokenizer, vae, scheduler}, model name) for `base`, on the CPU."""
     if base is None or str(base).strip() in ("", EMBEDDED_NAME):
         return build_embedded_pipeline(0), EMBEDDED_NAME
+    if str(base).strip() == "embedded-world":    # the miniature world's model (comfyui_prdp/world)
+        from .world.model import MODEL_NAME as WORLD_NAME, build_world_pipeline
+        return build_world_pipeline(0), WORLD_NAME
     base = str(base)
     path = Path(base).expanduser()
     if path.is_dir():

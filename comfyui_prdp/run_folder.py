@@ -32,7 +32,7 @@ from .run_lock import LOCK_FILE
 RUN_RECORD = "config.json"
 METRICS = "metrics.jsonl"
 RECORD_FORMAT = "comfyui-prdp-run"
-RESULT_FILES = frozenset({"reward_curve.png", "before_after.png", "held_out.json"})
+RESULT_FILES = frozenset({"reward_curve.png", "before_after.png", "held_out.json", "train_prompts.txt"})
 #: settings that may change on resume without changing what is trained
 FREE_SETTINGS = frozenset({"epochs", "checkpoint_every", "eval_every", "early_stop_patience"})
 #: settings that change only how the work is batched or computed: allowed with a warning

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job: a PRDP finetune of the embedded tiny model (no download, no GPU) on the
-# JPEG-compressibility reward. Extra arguments go to `python -m comfyui_prdp train`.
+# The main job: a PRDP finetune of the embedded miniature-world model (no download, no GPU) on
+# the world-alignment reward (a tiny contrastive image-text scorer), evaluated on captions the
+# model never saw. First use pretrains the world model and the scorer (cached in
+# $PRDP_CACHE_DIR, else ~/.cache/comfyui-prdp). Extra arguments go to `python -m comfyui_prdp train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 OUT="runs/demo-$(date +%Y%m%d-%H%M%S)"
-.venv/bin/python -m comfyui_prdp train --out "$OUT" --reward jpeg-compressibility --preset cpu-smoke "$@"
-echo "see $OUT/reward_curve.png and $OUT/before_after.png"
+.venv/bin/python -m comfyui_prdp train --out "$OUT" --base embedded-world --reward world-alignment \
+    --preset cpu-smoke --width 32 --height 32 "$@"
+echo "see $OUT/before_after.png (unseen prompts), $OUT/reward_curve.png and $OUT/held_out.json"
