@@ -28,10 +28,6 @@ class DistributedError(RuntimeError):
     """A distributed run cannot start or its ranks disagree."""
 
 
-class PeerStopped(RuntimeError):
-    """Another rank failed; this rank stops too (the failing rank reports why)."""
-
-
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in a run. The default is the single process of a plain run,

@@ -8,6 +8,7 @@ run folder must be on a filesystem every node sees (a resume reads the checkpoin
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List
 
@@ -20,7 +21,6 @@ def join_ranks(args) -> Distributed:
     CPUs) and set args.device to this rank's device (cuda:LOCAL_RANK)."""
     if not launched_by_torchrun():
         return SINGLE
-    import os
     try:
         args.device = rank_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
         return init_from_env(args.device)
@@ -29,7 +29,7 @@ def join_ranks(args) -> Distributed:
 
 
 def train_ranks(args, config, prompts: List[str], dist: Distributed) -> int:
-    """Plan the run on rank 0 (holding the --out lock until every rank is done), then train on all."""
+    """Plan the run on rank 0 (which holds the --out lock while it trains), then train on every rank."""
     from . import cli
     from .run_folder import config_from_dict
 
