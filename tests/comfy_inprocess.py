@@ -1,7 +1,7 @@
 """ComfyUI imported into the test process (CPU only), a tiny random SD1.5 model, and the
 plugin package loaded the way ComfyUI loads a custom node (by path, under another name).
 
-Used by test_comfy_backend.py and test_nodes_validate.py. A test module that needs ComfyUI
+Used by test_comfy_backend.py, test_comfy_sdxl.py, test_comfy_flow.py and test_nodes_validate.py. A test module that needs ComfyUI
 calls ``import_comfy()`` at import time: without a usable tree the whole module is skipped
 with the reason (a module-level skip, so collection never fails).
 
@@ -78,6 +78,65 @@ class LogCapture(logging.Handler):
 
     def emit(self, record):
         self.messages.append(record.getMessage())
+
+
+def lora_through_comfyui(model, lora: dict):
+    """comfy.sd.load_lora_for_models (what core LoraLoader calls) on a LoRA state dict, under
+    inference mode as in the server: (the patched MODEL, its 'lora key not loaded' messages)."""
+    import torch
+    import comfy.sd
+
+    capture = LogCapture()
+    logging.getLogger().addHandler(capture)
+    try:
+        with torch.inference_mode():
+            patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+    finally:
+        logging.getLogger().removeHandler(capture)
+    return patched, [m for m in capture.messages if "lora key not loaded" in m]
+
+
+def make_backend(family, **kwargs):
+    """A ComfyBackend on a tiny family's model, clip and vae (rank 2, seed 0 unless given), built
+    under inference mode as the node builds it in ComfyUI's worker thread."""
+    import torch
+    from comfyui_prdp.backends.comfy_backend import ComfyBackend
+
+    with torch.inference_mode():
+        return ComfyBackend(family.model, family.clip, family.vae, **{"rank": 2, "seed": 0, **kwargs})
+
+
+def randomize_lora(backend, scale: float = 0.05, seed: int = 1) -> None:
+    """Every LoRA factor drawn from N(0, scale^2), so the adapters change the model's output."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in backend.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def lora_outputs(backend, method: str, *inputs):
+    """(with the LoRA, with the adapters disabled): backend.<method>(*inputs) without gradients,
+    each in a fresh thread as the job runner calls the backend."""
+    import torch
+
+    predict = getattr(backend, method)
+    with torch.no_grad():
+        trained = in_thread(lambda: predict(*inputs).detach())
+        with backend.adapters_disabled():
+            base = in_thread(lambda: predict(*inputs).detach())
+    return trained, base
+
+
+def output_through_loader(family, patched, method: str, *inputs, **backend_options):
+    """backend.<method>(*inputs) of a fresh backend on a MODEL patched by ComfyUI's LoRA loader,
+    its own (zero) adapters disabled: what the loaded file alone makes of the model."""
+    loaded = make_backend(type(family)(patched, family.clip, family.vae, family.name), **backend_options)
+    try:
+        return lora_outputs(loaded, method, *inputs)[1]
+    finally:
+        loaded.release()
 
 
 def in_thread(function):

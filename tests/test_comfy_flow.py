@@ -15,13 +15,14 @@ What each test pins down:
   with zero keys not loaded (a control with one foreign key does log the message) and the
   trained output.
 """
-import logging
 import math
 
 import pytest
 import torch
 
-from comfy_inprocess import comfy_dirs, import_comfy, in_thread  # noqa: F401  (comfy_dirs: a fixture)
+from comfy_inprocess import comfy_dirs  # noqa: F401  (a fixture)
+from comfy_inprocess import (import_comfy, in_thread, lora_outputs, lora_through_comfyui, make_backend,
+                             output_through_loader, randomize_lora)
 
 import_comfy()
 
@@ -33,12 +34,11 @@ import comfy.utils  # noqa: E402
 
 from comfy_tiny_families import Family  # noqa: E402
 from comfy_tiny_flow import tiny_flow_family  # noqa: E402
-from comfyui_prdp.backends.comfy_backend import ComfyBackend  # noqa: E402
 from comfyui_prdp.config import TrainConfig  # noqa: E402
 from comfyui_prdp.evaluation import sample_images  # noqa: E402
-from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
-from comfyui_prdp.rewards.base import Reward  # noqa: E402
+from comfyui_prdp.lora import load_lora  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
+from toy_backend import BrightnessReward  # noqa: E402
 
 KINDS = ("flux", "sd3", "qwen-image")
 TARGETS = {"flux": {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.qkv",
@@ -54,18 +54,6 @@ TARGETS = {"flux": {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.pr
 @pytest.fixture(scope="module", params=KINDS)
 def family(request):
     return tiny_flow_family(request.param)
-
-
-def make_backend(family, **kwargs):
-    with torch.inference_mode():       # the node builds it in ComfyUI's worker thread
-        return ComfyBackend(family.model, family.clip, family.vae, **{"rank": 2, "seed": 0, **kwargs})
-
-
-def randomize_lora(backend, scale=0.05, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in backend.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * scale)
 
 
 def snapshot(model):
@@ -206,39 +194,11 @@ def test_predict_is_comfyuis_denoised_x0_without_vp_rescaling_and_guidance_reach
         backend.release()
 
 
-class MeanBrightness(Reward):
-    name = "mean-brightness"
-
-    def score(self, images, prompts):
-        return images.float().mean(dim=(1, 2, 3)).cpu()
-
-
 def tiny_run(family):
     """Flux.1-dev style: cfg 1 with guidance as conditioning; SD3: CFG. 3 steps = 2 trained + ODE."""
     return dict(epochs=2, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=2, steps=3,
                 cfg=1.0 if family.name == "flux" else 3.0, beta=0.05, clip_range=0.05, learning_rate=0.05,
                 lora_rank=2, width=32, height=32, sample_batch_size=4, train_batch_size=3, seed=5)
-
-
-class LoraLogCapture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def load_through_comfyui(model, lora):
-    """comfy.sd.load_lora_for_models (what core LoraLoader calls) and its log."""
-    capture = LoraLogCapture()
-    logging.getLogger().addHandler(capture)
-    try:
-        with torch.inference_mode():
-            patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
-    finally:
-        logging.getLogger().removeHandler(capture)
-    return patched, [m for m in capture.messages if "lora key not loaded" in m]
 
 
 def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comfyui(family, tmp_path):
@@ -248,7 +208,7 @@ def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comf
     try:
         seeds = [101, 102]
         samples_before = in_thread(lambda: sample_images(backend, ["a cat"], seeds, config))
-        trainer = Trainer(backend, MeanBrightness(), ["a cat", "a dog", "a fox"], config, out_dir=tmp_path / "run")
+        trainer = Trainer(backend, BrightnessReward(), ["a cat", "a dog", "a fox"], config, out_dir=tmp_path / "run")
         result = in_thread(trainer.run)
         assert result.epochs_done == 2 and not result.stopped
         for metrics in result.metrics:
@@ -262,25 +222,17 @@ def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comf
         cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
         x = torch.randn(1, *backend.latent_shape(32, 32), generator=torch.Generator().manual_seed(11))
         sigma = torch.tensor([0.6], dtype=torch.float64)
-        with torch.no_grad():
-            trained = in_thread(lambda: backend.predict(x, sigma, cond).detach())
-            with backend.adapters_disabled():
-                base = in_thread(lambda: backend.predict(x, sigma, cond).detach())
+        trained, base = lora_outputs(backend, "predict", x, sigma, cond)
         assert (trained - base).abs().max() > 1e-5
     finally:
         backend.release()
     assert untouched(family.model, before_weights), "the user's MODEL changed"
 
     lora_file = comfy.utils.load_torch_file(str(result.lora_path))
-    patched, not_loaded = load_through_comfyui(family.model, lora_file)
+    patched, not_loaded = lora_through_comfyui(family.model, lora_file)
     assert not not_loaded and len(patched.patches) == len(state) // 3
-    loaded = make_backend(Family(patched, family.clip, family.vae, family.name),
-                          guidance=3.5 if family.name == "flux" else None)
-    try:
-        with torch.no_grad(), loaded.adapters_disabled():
-            through_loader = in_thread(lambda: loaded.predict(x, sigma, cond).detach())
-    finally:
-        loaded.release()
+    through_loader = output_through_loader(family, patched, "predict", x, sigma, cond,
+                                           guidance=3.5 if family.name == "flux" else None)
     assert torch.allclose(through_loader, trained, atol=1e-4), (through_loader - trained).abs().max()
 
     # the control: one key of a module this model does not have is reported by the same loader
@@ -288,7 +240,7 @@ def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comf
     foreign = {(k.replace(module, module.replace("_0_", "_7_", 1)) if k.split(".")[0] == module else k): v
                for k, v in lora_file.items()}           # that module's three keys name block 7 (absent)
     assert set(foreign) != set(lora_file)
-    _, not_loaded = load_through_comfyui(family.model, foreign)
+    _, not_loaded = lora_through_comfyui(family.model, foreign)
     assert not_loaded, "the control LoRA should have a key ComfyUI does not load"
 
 
@@ -298,7 +250,7 @@ def first_gradient(family, gradient_checkpointing):
     try:
         randomize_lora(backend, scale=0.2)
         config = TrainConfig(**{**tiny_run(family), "epochs": 1, "updates_per_epoch": 1}).validate()
-        trainer = Trainer(backend, MeanBrightness(), ["a cat", "a dog"], config)
+        trainer = Trainer(backend, BrightnessReward(), ["a cat", "a dog"], config)
         grads, original = [], trainer.optimizer.step
 
         def step(*args, **kwargs):
@@ -351,7 +303,7 @@ def test_the_train_node_hands_the_flow_guidance_to_the_backend(monkeypatch, comf
     family = tiny_flow_family("flux")
     optional = {} if widget is None else {"flow_guidance": widget}
     with torch.inference_mode(), pytest.raises(BackendSeen) as caught:
-        node_class().train(family.model, family.clip, family.vae, MeanBrightness(), prompts="a cat",
+        node_class().train(family.model, family.clip, family.vae, BrightnessReward(), prompts="a cat",
                            negative_prompt="", preset=preset, epochs=1, prompts_per_epoch=1,
                            images_per_prompt=2, steps=3, cfg=1.0, beta=2e-4, clip_range=1.5e-5, updates_per_epoch=1,
                            learning_rate=1e-4, lora_rank=2, width=64, height=64, seed=1, lora_name="flux-guidance",

@@ -11,13 +11,13 @@ What each test pins down:
   (comfy.sd.load_lora_for_models, what core LoraLoader calls) with zero keys not loaded and
   the trained adapters' output.
 """
-import logging
 import sys
 
 import pytest
 import torch
 
-from comfy_inprocess import LogCapture, import_comfy, in_thread
+from comfy_inprocess import (import_comfy, in_thread, lora_outputs, lora_through_comfyui, make_backend,
+                             output_through_loader)
 
 import_comfy()
 
@@ -26,25 +26,12 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
 from comfy_tiny_families import tiny_family  # noqa: E402
-from comfyui_prdp.backends.comfy_backend import ComfyBackend  # noqa: E402
 from comfyui_prdp.config import TrainConfig  # noqa: E402
 from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
-from comfyui_prdp.rewards.base import Reward  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
+from toy_backend import BrightnessReward  # noqa: E402
 
 FAMILIES = ("sdxl", "sdxl-v", "sd2-v")
-
-
-def make_backend(family, **kwargs):
-    with torch.inference_mode():       # the node builds it in ComfyUI's worker thread
-        return ComfyBackend(family.model, family.clip, family.vae, **{"rank": 2, "seed": 0, **kwargs})
-
-
-def randomize_lora(backend, scale=0.05, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in backend.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * scale)
 
 
 def raw_unet(patcher, x_in, t, context, y=None):
@@ -142,13 +129,6 @@ def test_predict_eps_of_v_prediction_models_follows_comfyuis_model_sampling(kind
         backend.release()
 
 
-class MeanBrightness(Reward):
-    name = "mean-brightness"
-
-    def score(self, images, prompts):
-        return images.float().mean(dim=(1, 2, 3)).cpu()
-
-
 #: sampling batches of 4 trajectories, update micro-batches of 3 transitions: other layouts
 TINY_RUN = dict(epochs=2, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=2, steps=3, cfg=3.0,
                 beta=0.05, clip_range=0.05, learning_rate=0.02, lora_rank=2, width=64, height=64,
@@ -159,7 +139,7 @@ def test_a_short_run_trains_on_policy_and_its_lora_loads_in_comfyui(family, tmp_
     backend = make_backend(family)
     try:
         before = [p.detach().clone() for p in backend.trainable_parameters()]
-        trainer = Trainer(backend, MeanBrightness(), ["a cat", "a dog", "a fox"], TrainConfig(**TINY_RUN),
+        trainer = Trainer(backend, BrightnessReward(), ["a cat", "a dog", "a fox"], TrainConfig(**TINY_RUN),
                           out_dir=tmp_path / "run")
         result = in_thread(trainer.run)
         assert result.epochs_done == 2 and not result.stopped
@@ -181,30 +161,15 @@ def test_a_short_run_trains_on_policy_and_its_lora_loads_in_comfyui(family, tmp_
         cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
         t = torch.tensor([400])
-        with torch.no_grad():
-            trained = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
-            with backend.adapters_disabled():
-                base = in_thread(lambda: backend.predict_eps(x, t, cond).detach())
+        trained, base = lora_outputs(backend, "predict_eps", x, t, cond)
         assert (trained - base).abs().max() > 1e-5
     finally:
         backend.release()
 
-    capture = LogCapture()
-    logging.getLogger().addHandler(capture)
-    try:
-        with torch.inference_mode():        # what core LoraLoader does with the file
-            patched, _ = comfy.sd.load_lora_for_models(family.model, None,
-                                                       comfy.utils.load_torch_file(str(result.lora_path)), 1.0, 0)
-    finally:
-        logging.getLogger().removeHandler(capture)
-    assert not [m for m in capture.messages if "lora key not loaded" in m], capture.messages
+    patched, not_loaded = lora_through_comfyui(family.model, comfy.utils.load_torch_file(str(result.lora_path)))
+    assert not not_loaded, not_loaded
     assert len(patched.patches) == len(state) // 3
-    loaded = make_backend(type(family)(patched, family.clip, family.vae, family.name))
-    try:
-        with torch.no_grad(), loaded.adapters_disabled():
-            through_loader = in_thread(lambda: loaded.predict_eps(x, t, cond).detach())
-    finally:
-        loaded.release()
+    through_loader = output_through_loader(family, patched, "predict_eps", x, t, cond)
     assert torch.allclose(through_loader, trained, atol=1e-4), (through_loader - trained).abs().max()
 
 
