@@ -29,6 +29,7 @@ DEFAULT_PORT = 8190
 DEFAULT_MAX_BODY_MB = 64
 DEFAULT_MAX_IMAGES = 64
 MAX_SIDE = 4096
+FLOAT32_PIXEL_BYTES = 12   # one RGB pixel in float32: the unit of the decoded-pixel budget
 MAX_PROMPT_CHARS = 2000
 ENCODINGS = ("float32", "png")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -43,9 +44,17 @@ class BadRequest(ValueError):
 
 
 # ----------------------------------------------------------------------------- requests
-def decode_request(body: Any, max_images: int) -> Tuple[torch.Tensor, List[str]]:
+def pixel_budget(max_body_bytes: int) -> int:
+    """The most pixels one request may decode to: as many as a float32 image of `max_body_bytes`
+    holds. A PNG compresses far better than that (a black 4096x4096 one is ~50 kB), so without
+    this bound a body within its limit could decode to gigabytes."""
+    return max(1, max_body_bytes // FLOAT32_PIXEL_BYTES)
+
+
+def decode_request(body: Any, max_images: int,
+                   max_pixels: int = pixel_budget(DEFAULT_MAX_BODY_MB * 2 ** 20)) -> Tuple[torch.Tensor, List[str]]:
     """(images [B, H, W, 3] float32 in 0..1, prompts [B]) of a parsed /score body; BadRequest
-    naming the first problem otherwise."""
+    naming the first problem otherwise (413 for more than `max_pixels` decoded pixels)."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with 'images' and 'prompts'")
     images = body.get("images")
@@ -56,7 +65,7 @@ def decode_request(body: Any, max_images: int) -> Tuple[torch.Tensor, List[str]]
     if encoding == "float32":
         array = _decode_float32(images, max_images)
     elif encoding == "png":
-        array = _decode_png(images, max_images)
+        array = _decode_png(images, max_images, max_pixels)
     else:
         raise BadRequest(f"images.encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}")
     if not np.isfinite(array).all():
@@ -102,13 +111,15 @@ def _decode_float32(images: dict, max_images: int) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
 
 
-def _decode_png(images: dict, max_images: int) -> np.ndarray:
+def _decode_png(images: dict, max_images: int, max_pixels: int) -> np.ndarray:
+    """Each PNG's size is read from its header (PIL decodes lazily) and checked, alone and with
+    the images before it, against `max_pixels` before any pixel is decoded."""
     from PIL import Image
 
     items = images.get("data")
     if not isinstance(items, list) or not 1 <= len(items) <= max_images:
         raise BadRequest(f"images.data must be a list of 1 to {max_images} base64 PNG images")
-    arrays = []
+    arrays, pixels = [], 0
     for index, item in enumerate(items):
         raw = _base64(item, f"images.data[{index}]")
         try:
@@ -117,6 +128,15 @@ def _decode_png(images: dict, max_images: int) -> np.ndarray:
                     raise BadRequest(f"images.data[{index}] is {image.format}, not PNG")
                 if max(image.size) > MAX_SIDE:
                     raise BadRequest(f"images.data[{index}] is {image.size[0]}x{image.size[1]}; at most {MAX_SIDE}")
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise BadRequest(f"images.data[{index}] is {width}x{height} = {width * height} pixels, more than "
+                                     f"this server's budget of {max_pixels} per request; send smaller images", 413)
+                pixels += width * height
+                if pixels > max_pixels:
+                    raise BadRequest(f"images.data[0..{index}] decode to {pixels} pixels, more than this server's "
+                                     f"budget of {max_pixels} per request; send fewer or smaller images per "
+                                     "request", 413)
                 arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
         except BadRequest:
             raise
@@ -159,8 +179,9 @@ def build_app(reward, max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2 ** 20, max_i
     from aiohttp import web
 
     scorer = Scorer(reward)
+    max_pixels = pixel_budget(max_body_bytes)
     info = {"protocol": PROTOCOL, "reward": scorer.name, "max_body_bytes": max_body_bytes,
-            "max_images": max_images, "encodings": list(ENCODINGS)}
+            "max_images": max_images, "max_pixels": max_pixels, "encodings": list(ENCODINGS)}
 
     def error(status: int, message: str):
         return web.json_response({"error": message}, status=status)
@@ -181,8 +202,10 @@ def build_app(reward, max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2 ** 20, max_i
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as problem:
             return error(400, f"the body is not JSON ({problem}); see docs/reward-protocol.md")
+        except RecursionError:
+            return error(400, "the body's JSON is nested too deeply to parse; see docs/reward-protocol.md")
         try:
-            images, prompts = decode_request(body, max_images)
+            images, prompts = decode_request(body, max_images, max_pixels)
         except BadRequest as problem:
             return error(problem.status, str(problem))
         try:

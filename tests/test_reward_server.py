@@ -125,6 +125,20 @@ def test_png_images_are_accepted(serve):
     assert answer["scores"] == pytest.approx((pixels / 255.0).mean(axis=(1, 2, 3)).tolist(), abs=1e-6)
 
 
+def png_base64(width, height, truncate=False):
+    """A black PNG of width x height in base64; `truncate` keeps only its header (no pixel data)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return base64.b64encode(data[:data.index(b"IDAT") + 4] if truncate else data).decode()
+
+
+def png_body(*sizes):
+    """A /score body of PNGs; each size is (width, height) or (width, height, truncate)."""
+    encoded = [png_base64(*size) for size in sizes]
+    return json.dumps({"prompts": ["p"] * len(sizes), "images": {"encoding": "png", "data": encoded}}).encode()
+
+
 def bad_requests():
     good = torch.rand(2, 4, 4, 3)
     nan = good.clone()
@@ -150,6 +164,14 @@ def bad_requests():
                                     "data": [base64.b64encode(b"GIF89a....").decode()]}}).encode(),
          400, "not a readable PNG"),
         ("oversized", b"{" + b" " * 300_000 + b"}", 413, "more than this server's 200000"),
+        ("deep JSON", b"[" * 50_000 + b"]" * 50_000, 400, "nested too deeply"),
+        # the 200000-byte body limit gives a budget of 200000 // 12 = 16666 decoded pixels per request
+        ("PNG over the pixel budget", png_body((200, 100)), 413, "20000 pixels, more than this server's budget "
+                                                                  "of 16666 per request; send smaller"),
+        ("PNGs over the pixel budget together", png_body((100, 100), (100, 100)), 413,
+         "images.data[0..1] decode to 20000 pixels"),
+        ("PNG header over the budget", png_body((100, 100), (4096, 4096, True)), 413,
+         "images.data[1] is 4096x4096"),       # refused from its header, before any pixel is decoded
     ]
 
 
@@ -165,6 +187,20 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(serve):
     status, answer = post(url, float32_body(torch.full((1, 2, 2, 3), 0.25), ["ok"]))
     assert status == 200 and answer["scores"] == [0.25]
     assert post(url, None, path="/info", method="GET")[1]["reward"] == "brightness"
+
+
+def test_the_png_pixel_budget_bounds_what_a_small_body_decodes_to(serve):
+    counting = CountingReward()
+    url = serve(counting, max_images=64, max_body_bytes=200_000)
+    info = post(url, None, path="/info", method="GET")[1]
+    assert info["max_pixels"] == 200_000 // 12
+    bomb = png_body(*[(128, 128)] * 64)              # 64 small PNGs: ~1 MiB decoded, from a body of ~10 kB
+    assert len(bomb) < 20_000
+    status, answer = post(url, bomb)
+    assert status == 413 and "images.data[0..1] decode to 32768 pixels" in answer["error"], answer
+    status, answer = post(url, png_body((128, 64), (128, 64)))          # 16384 pixels: within the budget
+    assert status == 200 and answer["scores"] == [0.0, 0.0], answer
+    assert counting.calls == 1
 
 
 def test_a_failing_reward_answers_500_once_and_the_client_names_it(serve):
