@@ -16,7 +16,11 @@ previous evaluation) is above the training reward at the best evaluation. After
 atomically; its `lora.safetensors` is the best LoRA), and `best/best.json` naming it. A new best
 is written before the previous one is removed, and only folders that verify as checkpoints this
 package wrote are ever removed, so a crash leaves at least one best and files a user put in
-`best/` stay.
+`best/` stay. A best whose recorded held-out reward is above the new one is never removed.
+
+On resume, `best/` may be ahead of the checkpoint resumed from (a best written after the last
+periodic checkpoint): `adopt_saved_best` then takes best.json's record as the best so far, so a
+later, worse evaluation does not replace it.
 """
 from __future__ import annotations
 
@@ -168,14 +172,37 @@ class HeldOutMonitor:
         self.strikes = int(state.get("strikes", 0))
         self.stopped_early = bool(state.get("stopped_early", False))
 
+    def adopt_saved_best(self, out_dir: Optional[Path]) -> bool:
+        """After loading a checkpoint: take out_dir/best/best.json's record as the best so far
+        when it is newer than the checkpoint's, names a checkpoint in best/ and scored the same
+        pairs. True when adopted."""
+        if out_dir is None:
+            return False
+        record = _saved_best(Path(out_dir) / BEST_FOLDER)
+        if record is None or record["pairs"] != self._pairs() or (
+                self.best is not None and record["epoch"] <= self.best["epoch"]):
+            return False
+        self.best = {"epoch": record["epoch"], "eval": record["eval/reward_mean"],
+                     "train": record["train_reward_mean"]}
+        self.strikes = 0               # a best resets the divergence count
+        return True
+
+    def _pairs(self) -> Dict[str, list]:
+        return {"prompts": list(self.held_out.prompts), "seeds": list(self.held_out.seeds)}
+
     # --- best/ ------------------------------------------------------------------------
     def save_best(self, trainer: "Trainer") -> Optional[Path]:
-        """Write the trainer's current state as best/epoch_NNNNN (then drop older bests)."""
+        """Write the trainer's current state as best/epoch_NNNNN (then drop older bests); None,
+        writing nothing, when best.json records a higher held-out reward on the same pairs."""
         if trainer.out_dir is None:
             return None
         root = trainer.out_dir / BEST_FOLDER
         if root.exists() and not root.is_dir():
             raise RuntimeError(f"{root} is a file, not the best-checkpoint folder; move it away and resume")
+        previous = _saved_best(root)
+        if (previous is not None and previous["pairs"] == self._pairs()
+                and previous["eval/reward_mean"] > self.best["eval"]):
+            return None      # best/ holds a better LoRA on these pairs (see adopt_saved_best): kept
         target = checkpoints.write_checkpoint(
             root, trainer.epoch, False, lora=trainer.backend.lora_state_dict(), lora_metadata=trainer._metadata(),
             optimizer_state_dict=trainer.optimizer.state_dict(), metrics=trainer.metrics[: trainer.epoch],
@@ -183,7 +210,7 @@ class HeldOutMonitor:
         record = {"epoch": self.best["epoch"], "eval/reward_mean": self.best["eval"],
                   "train_reward_mean": self.best["train"], "checkpoint": target.name,
                   "lora": f"{target.name}/{checkpoints.LORA_FILE}",
-                  "pairs": {"prompts": self.held_out.prompts, "seeds": self.held_out.seeds}}
+                  "pairs": self._pairs()}
         text = json.dumps(record, indent=1)
         atomic_write(root / BEST_RECORD, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         for older in checkpoints.list_checkpoints(root):     # only verified checkpoints this package wrote
@@ -199,6 +226,23 @@ def best_checkpoint(out_dir: Path) -> Path:
         raise checkpoints.CheckpointError(f"no best checkpoint in {Path(out_dir) / BEST_FOLDER}; train with "
                                           "eval_every > 0")
     return found[-1]
+
+
+def _saved_best(root: Path) -> Optional[Dict[str, Any]]:
+    """best.json under `root` when it is well-formed and names a verified checkpoint there."""
+    try:
+        record = json.loads((root / BEST_RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("checkpoint"), str)
+            and isinstance(record.get("pairs"), dict)
+            and _is_record({"epoch": record.get("epoch"), "eval": record.get("eval/reward_mean"),
+                            "train": record.get("train_reward_mean")})):
+        return None
+    folder = root / record["checkpoint"]
+    if folder.parent != root or folder not in checkpoints.list_checkpoints(root):
+        return None
+    return record
 
 
 def _is_record(value) -> bool:

@@ -146,6 +146,8 @@ class Trainer:
             self.ddpo_tracker.load_state_dict(state["ddpo_tracker"])
         if self.held_out is not None and "held_out" in state:
             self.held_out.load_state_dict(state["held_out"])
+        if self.held_out is not None:       # best/ may be ahead of this checkpoint (heldout.py)
+            self.held_out.adopt_saved_best(self.out_dir)
 
     # ------------------------------------------------------------------ public entry
     def run(self, resume_from: Optional[Path] = None) -> TrainResult:

@@ -2,6 +2,7 @@
 LoRA, evaluation leaving training unchanged, best/ kept by held-out reward (and across a
 resume), the early stop on reward hacking, the curve's second line and the CLI's checks."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -262,3 +263,61 @@ def test_an_evaluation_file_that_repeats_training_prompts_is_noted(tmp_path, cap
                      "--images-per-prompt", "2", "--updates-per-epoch", "1"])
     err = capsys.readouterr().err
     assert code == 0 and f"note: 1 training prompt(s) are also in {evals}" in err, err
+
+
+class ScheduledHeldOutReward(BrightnessReward):
+    """Brightness for training images; `values[epoch]` for every held-out image (the epoch is set
+    by the trainer's held-out phase event), so each evaluation's mean is chosen by the test."""
+
+    def __init__(self, held_prompts, values):
+        super().__init__()
+        self.held, self.values, self.epoch = set(held_prompts), values, None
+
+    def score(self, images, prompts):
+        if all(p in self.held for p in prompts):
+            return torch.full((len(prompts),), self.values[self.epoch])
+        return super().score(images, prompts)
+
+
+def scheduled_trainer(config, out, values):
+    trainer, held = trainer_with_held_out(config, out)
+    trainer.reward = ScheduledHeldOutReward(held.prompts, values)
+
+    def on_event(event):
+        if event.get("phase") == "held-out evaluation":
+            trainer.reward.epoch = event["epoch"]
+    trainer.callback = on_event
+    return trainer
+
+
+def test_resume_from_before_the_best_keeps_the_better_best(tmp_path):
+    out = tmp_path / "run"
+    config = eval_config(epochs=3, checkpoint_every=1)
+    scheduled_trainer(config, out, {1: 0.1, 2: 0.2, 3: 0.9}).run()
+    assert best_checkpoint(out).name == "epoch_00003"
+    best_lora = (best_checkpoint(out) / checkpoints.LORA_FILE).read_bytes()
+    for name in ("epoch_00002", "epoch_00003"):      # killed after best/epoch_00003, before its checkpoint
+        shutil.rmtree(out / "checkpoints" / name)
+    resumed = scheduled_trainer(config.replace(epochs=2), out, {2: 0.5})   # above epoch 1's 0.1, below 0.9
+    resumed.run(resume_from=checkpoints.latest_checkpoint(out))
+    assert metrics_file(out)[-1]["eval/reward_mean"] == pytest.approx(0.5)
+    assert metrics_file(out)[-1]["eval/is_best"] is False and metrics_file(out)[-1]["eval/best_epoch"] == 3
+    assert resumed.held_out.best == {"epoch": 3, "eval": pytest.approx(0.9), "train": pytest.approx(
+        json.loads((out / "best" / BEST_RECORD).read_text())["train_reward_mean"])}
+    assert [p.name for p in checkpoints.list_checkpoints(out / "best")] == ["epoch_00003"]
+    assert (best_checkpoint(out) / checkpoints.LORA_FILE).read_bytes() == best_lora
+    assert json.loads((out / "best" / BEST_RECORD).read_text())["epoch"] == 3
+
+
+def test_a_best_above_the_new_one_is_never_replaced(tmp_path):
+    out = tmp_path / "run"
+    config = eval_config(epochs=2)
+    scheduled_trainer(config, out, {1: 0.2, 2: 0.9}).run()
+    again = scheduled_trainer(config, out, {1: 0.5, 2: 0.95})   # a fresh run into the same folder
+    again.held_out.observe(1, 0.5, 0.0)                         # its own best: 0.5, below best.json's 0.9
+    assert again.held_out.save_best(again) is None
+    assert [p.name for p in checkpoints.list_checkpoints(out / "best")] == ["epoch_00002"]
+    again.held_out.observe(2, 0.95, 0.0)                        # above it: replaces it
+    assert again.held_out.save_best(again).name == "epoch_00000"
+    assert [p.name for p in checkpoints.list_checkpoints(out / "best")] == ["epoch_00000"]
+    assert json.loads((out / "best" / BEST_RECORD).read_text())["eval/reward_mean"] == pytest.approx(0.95)
