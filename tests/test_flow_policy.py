@@ -80,6 +80,35 @@ def test_sde_mean_and_std_follow_the_spec(a, step):
     assert math.isfinite(expected_std) and expected_std > 0     # sigma = 1 is finite via sigmas[1]
 
 
+class NearlyOneFlowBackend(ToyFlowBackend):
+    """A schedule whose first sigma is off 1 by float rounding (a float32 model schedule)."""
+
+    def __init__(self, first, **kwargs):
+        super().__init__(**kwargs)
+        self.first = first
+
+    def flow_sigmas(self, steps):
+        sigmas = super().flow_sigmas(steps).clone()
+        sigmas[0] = self.first
+        return sigmas
+
+
+@pytest.mark.parametrize("first", [1 - 1e-7, 1 + 1e-7, 1 - 9e-7])
+def test_a_first_sigma_within_rounding_of_one_is_one(first):
+    steps, shift, a = 6, 3.0, 0.7
+    sigmas = shifted_sigmas(steps, shift)
+    policy = FlowSDEPolicy(noise_level=a)
+    schedule = policy.schedule(NearlyOneFlowBackend(first, shift=shift), steps)
+    x, v = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    mean, std = policy.transition(v, "velocity", x, schedule, torch.full((2,), 0))
+    expected_mean, expected_std = spec_sde(x, v, 1.0, float(sigmas[1]), float(sigmas[1]), a)
+    assert std.flatten()[0].item() == pytest.approx(expected_std, rel=1e-12)     # ~0.6, not ~2200 * sqrt(-dt)
+    assert torch.allclose(mean.double(), expected_mean, atol=1e-5)
+    assert float(schedule.times[0]) == 1.0 and torch.equal(schedule.times[1:], sigmas[1:-1])
+    with pytest.raises(ValueError, match="descend strictly from 1 to 0"):
+        policy.schedule(NearlyOneFlowBackend(1 - 1e-5, shift=shift), steps)
+
+
 @pytest.mark.parametrize("a", [0.7, 1.0])
 @pytest.mark.parametrize("step", [0, 3])
 def test_cps_mean_and_std_follow_the_spec(a, step):

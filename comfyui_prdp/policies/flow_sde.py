@@ -39,13 +39,20 @@ def check_flow_options(noise_level: float, variant: str) -> None:
 
 
 def check_flow_sigmas(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
-    """float64 [steps + 1], 1 -> 0 strictly descending, or a ValueError naming the problem."""
-    sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    """float64 [steps + 1], 1 -> 0 strictly descending, or a ValueError naming the problem.
+
+    A first sigma within 1e-6 of 1 (float32 rounding of a model's schedule) is set to exactly 1:
+    the SDE's std_t = a sqrt(sigma / (1 - sigma)) uses sigmas[1] in the denominator only at
+    sigma = 1, so 0.9999999 would give std_t ~ 2200 instead."""
+    sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).clone()
     if sigmas.shape != (steps + 1,):
         raise ValueError(f"the backend gave {tuple(sigmas.shape)} flow sigmas for {steps} steps; expected {steps + 1}")
-    if not torch.isfinite(sigmas).all() or abs(float(sigmas[0]) - 1) > 1e-6 or float(sigmas[-1]) != 0 \
+    given = sigmas.tolist()
+    if torch.isfinite(sigmas).all() and abs(float(sigmas[0]) - 1) <= 1e-6:
+        sigmas[0] = 1.0
+    if not torch.isfinite(sigmas).all() or float(sigmas[0]) != 1 or float(sigmas[-1]) != 0 \
             or not (sigmas[1:] < sigmas[:-1]).all():
-        raise ValueError(f"flow sigmas must descend strictly from 1 to 0, got {sigmas.tolist()}")
+        raise ValueError(f"flow sigmas must descend strictly from 1 to 0, got {given}")
     return sigmas
 
 
