@@ -111,13 +111,16 @@ def held_out_brightness(backend, trainer):
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_toy_learning_moves_reward_in_the_rewarded_direction(sign):
-    backend = ToyBackend()
-    # a weak signal next to the seed-to-seed spread: over seeds 1-6 the change in the rewarded
-    # direction ranged from -0.025 to +0.032 (per-trajectory noise; the earlier shared-stream noise
-    # spread alike). Seed 6 meets the margin both ways; test_learning.py is the stronger check
-    config = toy_config(epochs=6, updates_per_epoch=2, learning_rate=0.05, clip_range=0.5, beta=0.01, seed=6)
-    trainer = Trainer(backend, BrightnessReward(sign), PROMPTS, config)
-    before = held_out_brightness(backend, trainer)
-    trainer.run()
-    after = held_out_brightness(backend, trainer)
-    assert sign * (after - before) > 0.02, (before, after)
+    # a weak signal next to the seed-to-seed spread (one seed's change in the rewarded direction
+    # ranges from -0.05 to +0.035), so the test asserts on the mean over 12 seeds: measured
+    # +0.0078 (sign +1) and +0.0090 (sign -1) with the correct update, -0.076 and -0.034 with the
+    # update direction flipped. test_learning.py is the stronger check.
+    changes = []
+    for seed in range(1, 13):
+        backend = ToyBackend()
+        config = toy_config(epochs=6, updates_per_epoch=2, learning_rate=0.05, clip_range=0.5, beta=0.01, seed=seed)
+        trainer = Trainer(backend, BrightnessReward(sign), PROMPTS, config)
+        before = held_out_brightness(backend, trainer)
+        trainer.run()
+        changes.append(sign * (held_out_brightness(backend, trainer) - before))
+    assert sum(changes) / len(changes) > 0.003, [round(c, 4) for c in changes]
