@@ -129,14 +129,16 @@ def _decode_png(images: dict, max_images: int, max_pixels: int) -> np.ndarray:
                 if max(image.size) > MAX_SIDE:
                     raise BadRequest(f"images.data[{index}] is {image.size[0]}x{image.size[1]}; at most {MAX_SIDE}")
                 width, height = image.size
+                raise_it = "the body limit / 12; serve-reward --max-body-mb raises it"
                 if width * height > max_pixels:
                     raise BadRequest(f"images.data[{index}] is {width}x{height} = {width * height} pixels, more than "
-                                     f"this server's budget of {max_pixels} per request; send smaller images", 413)
+                                     f"this server's budget of {max_pixels} per request ({raise_it}); send smaller "
+                                     "images", 413)
                 pixels += width * height
                 if pixels > max_pixels:
                     raise BadRequest(f"images.data[0..{index}] decode to {pixels} pixels, more than this server's "
-                                     f"budget of {max_pixels} per request; send fewer or smaller images per "
-                                     "request", 413)
+                                     f"budget of {max_pixels} per request ({raise_it}); send fewer or smaller "
+                                     "images per request", 413)
                 arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
         except BadRequest:
             raise

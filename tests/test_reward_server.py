@@ -167,7 +167,7 @@ def bad_requests():
         ("deep JSON", b"[" * 50_000 + b"]" * 50_000, 400, "nested too deeply"),
         # the 200000-byte body limit gives a budget of 200000 // 12 = 16666 decoded pixels per request
         ("PNG over the pixel budget", png_body((200, 100)), 413, "20000 pixels, more than this server's budget "
-                                                                  "of 16666 per request; send smaller"),
+                                                                  "of 16666 per request (the body limit / 12"),
         ("PNGs over the pixel budget together", png_body((100, 100), (100, 100)), 413,
          "images.data[0..1] decode to 20000 pixels"),
         ("PNG header over the budget", png_body((100, 100), (4096, 4096, True)), 413,
