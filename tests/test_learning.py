@@ -14,8 +14,11 @@ from comfyui_prdp.trainer import Trainer
 HELD_OUT_PROMPTS = ["a painting of a wolf", "a painting of a frog"]
 HELD_OUT_SEEDS = list(range(2000, 2008))
 # JPEG size in kB of a 64x64 image; the embedded model's held-out images average ~3.5 kB with a
-# per-image spread of ~0.2 kB. The margin is a mean paired change over 16 held-out images
-# (measured: -0.16 kB for compressibility, +0.09 kB for incompressibility, seed 0).
+# per-image spread of ~0.2 kB. The margin is on the mean over two training seeds of the mean paired
+# change over 16 held-out images. One seed alone is too noisy for incompressibility (measured with
+# per-trajectory noise: +0.013 kB at seed 0, +0.228 at seed 1, +0.103 at seed 2); compressibility
+# moved -0.273 (seed 0) and -0.339 (seed 1). Means over seeds 0-1: -0.306 and +0.120 kB.
+TRAINING_SEEDS = (0, 1)
 MARGIN_KB = 0.04
 
 
@@ -28,15 +31,18 @@ def held_out_size_kb(backend, config):
 @pytest.mark.parametrize("reward_name,direction", [("jpeg-compressibility", -1.0),
                                                    ("jpeg-incompressibility", +1.0)])
 def test_prdp_moves_held_out_jpeg_size_in_the_rewarded_direction(reward_name, direction):
-    torch.manual_seed(0)
-    config = preset("cpu-smoke", seed=0)
-    backend = DiffusersBackend.from_components(**build_embedded_pipeline(0), config=config)
-    before = held_out_size_kb(backend, config)
-    result = Trainer(backend, create_reward(reward_name), DEFAULT_PROMPTS, config).run()
-    after = held_out_size_kb(backend, config)
-    change = (after - before).mean().item()     # paired: same prompts and seeds
-    assert result.metrics[0]["onpolicy_max_diff"] < 1e-4
+    changes = []
+    for seed in TRAINING_SEEDS:
+        torch.manual_seed(seed)
+        config = preset("cpu-smoke", seed=seed)
+        backend = DiffusersBackend.from_components(**build_embedded_pipeline(0), config=config)
+        before = held_out_size_kb(backend, config)
+        result = Trainer(backend, create_reward(reward_name), DEFAULT_PROMPTS, config).run()
+        after = held_out_size_kb(backend, config)
+        assert result.metrics[0]["onpolicy_max_diff"] < 1e-4
+        changes.append((after - before).mean().item())     # paired: same prompts and seeds
+    change = sum(changes) / len(changes)
     assert direction * change > MARGIN_KB, (
-        f"{reward_name}: held-out JPEG size changed by {change:+.4f} kB "
-        f"(before {before.mean():.4f}, after {after.mean():.4f}); expected {'+' if direction > 0 else '-'}"
+        f"{reward_name}: held-out JPEG size changed by {change:+.4f} kB on average over training seeds "
+        f"{TRAINING_SEEDS} (each: {[round(c, 4) for c in changes]}); expected {'+' if direction > 0 else '-'}"
         f"{MARGIN_KB} kB or more")
