@@ -15,11 +15,11 @@ from typing import Dict
 
 import torch
 
+from ..embedded import CROSS_ATTENTION_DIM, TEXT_CONFIG   # the same tiny CLIP text encoder
 from .pixel_vae import PixelUnshuffleVAE
 from .render import IMAGE_SIZE
 
 MODEL_NAME = "embedded-world"   # --base embedded-world
-CROSS_ATTENTION_DIM = 32
 LATENT_SIDE = IMAGE_SIZE // 4
 
 LATENT_CHANNELS = 3 * 16
@@ -30,11 +30,6 @@ UNET_CONFIG = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=8, norm_num_groups=32,
-)
-TEXT_CONFIG = dict(
-    hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-    pad_token_id=49407, projection_dim=CROSS_ATTENTION_DIM,
 )
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
