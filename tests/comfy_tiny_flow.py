@@ -156,9 +156,12 @@ def _flow_model(config_name: str, unet: dict, seed: int):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "")
     torch.manual_seed(seed)
-    with torch.no_grad():   # parameters outside torch.nn modules: RMSNorm scales (Flux), pos_embed (SD3)
+    with torch.no_grad():   # parameters outside torch.nn modules: RMSNorm scales (Flux)
         for name, parameter in model.diffusion_model.named_parameters():
             parameter.fill_(1.0) if name.endswith(".scale") else parameter.normal_(0.0, 0.02)
+        for name, buffer in model.diffusion_model.named_buffers():
+            if buffer.is_floating_point():   # SD3's pos_embed is torch.empty: whatever memory held, NaN at times
+                buffer.normal_(0.0, 0.02)
     _reset_parameters(model.diffusion_model)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
