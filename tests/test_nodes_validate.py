@@ -23,6 +23,7 @@ CORE_WIDGETS = {"CheckpointLoaderSimple": 1, "CLIPTextEncode": 1, "EmptyLatentIm
 #: the model files each shipped workflow loads: {loader type: [widgets_values of each such node]}
 WORKFLOW_MODELS = {
     "train_and_compare_sdxl": {"CheckpointLoaderSimple": [["sd_xl_base_1.0.safetensors"]]},
+    "train_and_compare_sd35": {"CheckpointLoaderSimple": [["sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"]]},
     "train_and_compare_flux": {"UNETLoader": [["flux1-dev.safetensors", "default"]],
                                "DualCLIPLoader": [["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]],
                                "VAELoader": [["ae.safetensors"]]},
