@@ -78,21 +78,48 @@ class Distributed:
 
     def max(self, value: float) -> float:
         """The largest `value` over ranks (NaN only where every rank has NaN)."""
+        return self.maxima(value)[0]
+
+    def maxima(self, *values: float) -> List[float]:
+        """The largest of each of `values` over ranks, in one all-reduce (NaN only where every
+        rank has NaN)."""
         if not self.enabled:
-            return value
-        finite = value if value == value else float("-inf")
-        packed = torch.tensor([finite], dtype=torch.float64, device=self.device)
+            return list(values)
+        packed = torch.tensor([v if v == v else float("-inf") for v in values], dtype=torch.float64,
+                              device=self.device)
         torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
-        result = packed.item()
-        return float("nan") if result == float("-inf") else result
+        return [float("nan") if v == float("-inf") else v for v in packed.tolist()]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on at least one."""
+        return self.flags(flag)[0]
+
+    def flags(self, *flags: bool) -> List[bool]:
+        """For each of `flags`: true on every rank when it is true on at least one (one all-reduce)."""
         if not self.enabled:
-            return bool(flag)
-        packed = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
+            return [bool(flag) for flag in flags]
+        packed = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
-        return bool(packed.item())
+        return [bool(v) for v in packed.tolist()]
+
+    def gather_text(self, text: str, size: int) -> List[str]:
+        """Every rank's `text` in rank order, each cut to `size` UTF-8 bytes (one all-gather of
+        fixed-size byte tensors; for rare messages such as an error)."""
+        data = text.encode("utf-8")[:size].decode("utf-8", errors="ignore").encode("utf-8")
+        if not self.enabled:
+            return [data.decode("utf-8")]
+        local = torch.zeros(size + 8, dtype=torch.uint8, device=self.device)
+        local[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+        if data:
+            local[8:8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        pieces = [torch.empty_like(local) for _ in range(self.world_size)]
+        torch.distributed.all_gather(pieces, local)
+        texts = []
+        for piece in pieces:
+            raw = bytes(piece.cpu().tolist())
+            length = min(int.from_bytes(raw[:8], "little"), size)
+            texts.append(raw[8:8 + length].decode("utf-8", errors="replace"))
+        return texts
 
     def gather_rows(self, local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """Concatenate every rank's rows in rank order (rank r holds sizes[r] rows): the

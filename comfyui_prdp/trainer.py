@@ -32,6 +32,7 @@ from .objective import LOSSES, clip_fraction, logp_gradient_weights
 from .heldout import HeldOutMonitor
 from .prompts import PromptSet
 from .policies import policy_for
+from .rank_faults import RankFailed, RankFaults
 from .sampling import (Trajectories, broadcast_row, index_cond, join_trajectories, recorded_logprob, repeat_cond,
                        sample_trajectories)
 
@@ -115,6 +116,7 @@ class Trainer:
             self.out_dir / "lora.safetensors" if self.out_dir is not None else None)
         self.callback = callback or (lambda event: None)
         self.stop_event = stop_event or threading.Event()
+        self._faults = RankFaults(self.dist, passthrough=(StopRequested,))   # an error on one rank ends all
         self.loss_fn = LOSSES[config.algorithm]
         params = backend.trainable_parameters()
         if not params:
@@ -158,19 +160,26 @@ class Trainer:
         try:
             while self.epoch < self.config.epochs and not (self.held_out and self.held_out.stopped_early):
                 self._sync_stop()
-                self._mark_epoch_start()
+                self._faults.phase = f"epoch {self.epoch + 1} start"
+                self._faults.attempt(self._mark_epoch_start)
                 metrics = self.train_epoch(self.epoch)
                 self.epoch += 1
                 self.metrics.append(metrics)
                 early_stop = self._held_out_evaluation(metrics)   # eval/... into metrics, best/
-                self._append_metrics(metrics)
+                self._faults.phase = f"epoch {self.epoch} metrics and checkpoint"
+                self._faults.attempt(self._append_metrics, metrics)
                 if early_stop:
                     break
                 every = self.config.checkpoint_every
                 if every and self.epoch % every == 0 and self.epoch < self.config.epochs:
-                    checkpoint_path = self.save_checkpoint()
+                    checkpoint_path = self._faults.attempt(self.save_checkpoint)
+            if self.dist.enabled:       # an error after the last epoch's last collective
+                self._faults.check(self.dist.any(self._faults.failed))
         except StopRequested:
             stopped = True
+        except RankFailed as failure:     # every rank alike; rank 0 keeps the last finished epoch
+            self._checkpoint_after_failure(failure)
+            raise
         early_stopped = self.held_out is not None and self.held_out.stopped_early
         if stopped or early_stopped or self.config.checkpoint_every:
             checkpoint_path = self.save_checkpoint(partial=stopped)
@@ -185,6 +194,13 @@ class Trainer:
         if monitor is None or not monitor.due(self.epoch, self.config.epochs):
             return False
         self._event_phase(self.epoch - 1, "held-out evaluation")
+        self._faults.attempt(self._score_held_out, monitor, metrics)
+        stopped, failed = self.dist.flags(monitor.stopped_early, self._faults.failed)   # every rank alike
+        self._faults.check(failed)
+        monitor.stopped_early = stopped
+        return stopped
+
+    def _score_held_out(self, monitor: HeldOutMonitor, metrics: dict) -> None:
         start = time.perf_counter()
         mean, std, _ = monitor.evaluate(self)
         previous = monitor.evaluations[-1]["epoch"] if monitor.evaluations else 0
@@ -198,9 +214,14 @@ class Trainer:
                 self.callback({"type": "best", "epoch": self.epoch, "path": str(best)})
         self.callback({"type": "eval", "epoch": self.epoch,
                        "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")}})
-        dist = getattr(self, "dist", None)         # distributed runs: every rank stops alike
-        monitor.stopped_early = dist.any(monitor.stopped_early) if dist is not None else monitor.stopped_early
-        return monitor.stopped_early
+
+    def _checkpoint_after_failure(self, failure: RankFailed) -> None:
+        """Rank 0 writes the stop checkpoint: the state at the start of the failed epoch (or
+        after the last finished one), never a partly updated LoRA."""
+        try:
+            failure.checkpoint = self.save_checkpoint(partial=True)
+        except Exception as error:      # noqa: BLE001 - the run's own error is the one to raise
+            failure.checkpoint_error = f"{type(error).__name__}: {error}"
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> dict:
@@ -214,7 +235,9 @@ class Trainer:
 
         start = time.perf_counter()
         self._event_phase(epoch, "reward")
-        rewards, components = self.score(batch)
+        scored = self._faults.attempt(self.score, batch)
+        self._sync_stop()              # before the gather: a stop, or an error on any rank so far, ends every rank
+        rewards, components = scored
         batch.rewards = rewards
         epoch_rewards = self._gather_rows(batch, rewards)    # every rank's, in the single-process order
         if self.config.algorithm == "ddpo" and self.config.ddpo_advantages == "tracker":
@@ -223,7 +246,6 @@ class Trainer:
             advantages = self.ddpo_tracker.update(epoch_row_prompts, epoch_rewards)
             batch.advantages = advantages[batch.first_group * B:(batch.first_group + len(batch.prompts)) * B]
         timings["reward"] = time.perf_counter() - start
-        self._sync_stop()
 
         start = time.perf_counter()
         self._event_phase(epoch, "update")
@@ -251,11 +273,26 @@ class Trainer:
         for phase, seconds in timings.items():
             metrics[f"seconds_{phase}"] = round(seconds, 4)
         shown = min(4, len(batch.images))
-        self.callback({"type": "epoch", "epoch": epoch + 1, "metrics": metrics, "preview": batch.images[:shown],
-                       "preview_rewards": rewards[:shown].tolist(), "preview_prompts": batch.row_prompts[:shown]})
+        self._faults.attempt(self.callback, {
+            "type": "epoch", "epoch": epoch + 1, "metrics": metrics, "preview": batch.images[:shown],
+            "preview_rewards": rewards[:shown].tolist(), "preview_prompts": batch.row_prompts[:shown]})
         return metrics
 
     def sample_epoch(self, epoch: int) -> EpochBatch:
+        cfg = self.config
+        B = cfg.images_per_prompt
+        groups = self.dist.shard(cfg.prompts_per_epoch)     # this rank's prompt groups (all of them alone)
+        total, most_rows = len(groups) * B, max(self.dist.shard_sizes(cfg.prompts_per_epoch)) * B
+        inputs = self._faults.attempt(self._sampling_inputs, epoch, groups)
+        chunks = []
+        for start in range(0, most_rows, cfg.sample_batch_size):
+            self._sync_stop()       # every rank passes here as often as the one with the most rows
+            if start < total:
+                chunks.append(self._faults.attempt(self._sample_rows, epoch, inputs, start))
+        return self._faults.attempt(self._epoch_batch, inputs, chunks, groups.start)
+
+    def _sampling_inputs(self, epoch: int, groups: range) -> tuple:
+        """(the epoch's prompts, this rank's prompts, cond, uncond, one generator per trajectory)."""
         cfg = self.config
         generator = epoch_generator(cfg.seed, epoch)
         if cfg.prompts_per_epoch <= len(self.prompts):
@@ -263,30 +300,32 @@ class Trainer:
         else:
             order = torch.randint(len(self.prompts), (cfg.prompts_per_epoch,), generator=generator)
         epoch_prompts = [self.prompts[i] for i in order.tolist()]
-        groups = self.dist.shard(len(epoch_prompts))        # this rank's prompt groups (all of them alone)
         prompts = epoch_prompts[groups.start:groups.stop]
         B = cfg.images_per_prompt
         noise = trajectory_generators(cfg.seed, epoch, range(groups.start * B, groups.stop * B))
         self.backend.prepare_for_sampling()
         cond = repeat_cond(self.backend.encode_prompts(prompts), B)
         uncond = broadcast_row(self._negative_cond(), len(prompts) * B)
-        total = len(prompts) * B
-        most_rows = max(self.dist.shard_sizes(len(epoch_prompts))) * B
-        chunks = []
-        for start in range(0, most_rows, cfg.sample_batch_size):
-            self._sync_stop()       # every rank passes here as often as the one with the most rows
-            if start >= total:
-                continue
-            rows = torch.arange(start, min(total, start + cfg.sample_batch_size))
-            chunks.append(sample_trajectories(
-                self.backend, index_cond(cond, rows), index_cond(uncond, rows), steps=cfg.steps,
-                cfg=cfg.cfg, policy=policy_for(cfg, self.backend), latent_shape=self.latent_shape,
-                generator=noise[rows[0]:rows[-1] + 1],
-                reduce=cfg.logprob_reduce, on_step=lambda i, n: self._step(epoch, "sampling"),
-                with_reference=True))
+        return epoch_prompts, prompts, cond, uncond, noise
+
+    def _sample_rows(self, epoch: int, inputs: tuple, start: int) -> Trajectories:
+        """Trajectories of this rank's rows start ... start + sample_batch_size."""
+        cfg = self.config
+        _, prompts, cond, uncond, noise = inputs
+        rows = torch.arange(start, min(len(prompts) * cfg.images_per_prompt, start + cfg.sample_batch_size))
+        return sample_trajectories(
+            self.backend, index_cond(cond, rows), index_cond(uncond, rows), steps=cfg.steps,
+            cfg=cfg.cfg, policy=policy_for(cfg, self.backend), latent_shape=self.latent_shape,
+            generator=noise[rows[0]:rows[-1] + 1],
+            reduce=cfg.logprob_reduce, on_step=lambda i, n: self._step(epoch, "sampling"),
+            with_reference=True)
+
+    @staticmethod
+    def _epoch_batch(inputs: tuple, chunks: List[Trajectories], first_group: int) -> EpochBatch:
+        epoch_prompts, prompts, cond, uncond, _ = inputs
         traj = join_trajectories(chunks)
         return EpochBatch(prompts, cond, uncond, traj, logp_ref=traj.logp_ref,
-                          rewards=torch.empty(0), images=torch.empty(0), first_group=groups.start,
+                          rewards=torch.empty(0), images=torch.empty(0), first_group=first_group,
                           epoch_prompts=epoch_prompts)
 
     def score(self, batch: EpochBatch):
@@ -342,7 +381,7 @@ class Trainer:
         losses, clip_fracs, grad_norms = [], [], []
         onpolicy_diff = float("nan")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.backend.prepare_for_training()
+        self._faults.attempt(self.backend.prepare_for_training)
         for _ in range(cfg.updates_per_epoch):
             prompt_order = torch.randperm(N, generator=generator)
             for start in range(0, N, minibatch):
@@ -352,8 +391,9 @@ class Trainer:
                 local = groups[(groups >= mine.start) & (groups < mine.stop)] - mine.start
                 share = len(local) / len(groups)     # the loss is a mean over the minibatch's groups
                 stats = {"loss": 0.0, "clip_frac": 0.0, "onpolicy_max_diff": float("nan")}
-                if len(local):
-                    stats = self.minibatch_gradient(batch, local, train_steps, on_policy, epoch, share)
+                if len(local):      # (a rank that failed keeps the zero stats: this step's all-reduce ends the run)
+                    stats = self._faults.attempt(self.minibatch_gradient, batch, local, train_steps, on_policy,
+                                                 epoch, share) or stats
                 if on_policy:
                     onpolicy_diff = stats["onpolicy_max_diff"]
                 for p in params:
@@ -362,23 +402,28 @@ class Trainer:
                 loss, clip_frac = self._sum_over_ranks(params, stats["loss"] * share, stats["clip_frac"] * share)
                 losses.append(loss)
                 clip_fracs.append(clip_frac)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-                if not math.isfinite(grad_norm):
-                    raise FloatingPointError(
-                        f"epoch {epoch + 1}: the LoRA gradient is not finite (norm {grad_norm}); the step was "
-                        "dropped and nothing was written. Lower the learning rate, raise beta, or train "
-                        "in float32 (mixed_precision 'no'); resume from the last checkpoint")
-                grad_norms.append(grad_norm)
-                self.optimizer.step()
-                if not all(torch.isfinite(p).all() for p in params):
-                    raise FloatingPointError(
-                        f"epoch {epoch + 1}: an optimizer step made the LoRA weights non-finite; nothing was "
-                        "written. Lower the learning rate; resume from the last checkpoint")
+                grad_norms.append(self._faults.attempt(self._optimizer_step, params, epoch))
                 on_policy = False
-        onpolicy_diff = self.dist.max(onpolicy_diff)
+        onpolicy_diff, failed = self.dist.maxima(onpolicy_diff, float(self._faults.failed))
+        self._faults.check(failed > 0)
         return {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
                 "onpolicy_max_diff": onpolicy_diff, "grad_norm": sum(grad_norms) / len(grad_norms),
                 "optimizer_steps": len(losses)}
+
+    def _optimizer_step(self, params: List[torch.Tensor], epoch: int) -> float:
+        """Clip the (summed) gradient and step; returns the gradient norm before clipping."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip).item()
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"epoch {epoch + 1}: the LoRA gradient is not finite (norm {grad_norm}); the step was "
+                "dropped and nothing was written. Lower the learning rate, raise beta, or train "
+                "in float32 (mixed_precision 'no'); resume from the last checkpoint")
+        self.optimizer.step()
+        if not all(torch.isfinite(p).all() for p in params):
+            raise FloatingPointError(
+                f"epoch {epoch + 1}: an optimizer step made the LoRA weights non-finite; nothing was "
+                "written. Lower the learning rate; resume from the last checkpoint")
+        return grad_norm
 
     def minibatch_gradient(self, batch: EpochBatch, groups: torch.Tensor, train_steps: torch.Tensor,
                            on_policy: bool, epoch: int, share: float = 1.0) -> dict:
@@ -424,22 +469,23 @@ class Trainer:
 
     def _sum_over_ranks(self, params: List[torch.Tensor], *numbers: float) -> List[float]:
         """Sum the LoRA gradients and `numbers` over ranks in one all-reduce per optimizer step,
-        which also carries the stop flag: a stop on any rank stops every rank at this step.
-        A single process returns `numbers` unchanged."""
+        which also carries the stop and failure flags: a stop, or an error, on any rank ends
+        every rank at this step. A single process returns `numbers` unchanged."""
         if not self.dist.enabled:
             return list(numbers)
         grads = [p.grad.reshape(-1).double() for p in params]
-        extra = torch.tensor([*numbers, float(self.stop_event.is_set())], dtype=torch.float64,
-                             device=grads[0].device)
+        extra = torch.tensor([*numbers, float(self.stop_event.is_set()), float(self._faults.failed)],
+                             dtype=torch.float64, device=grads[0].device)
         packet = self.dist.sum_(torch.cat(grads + [extra]))
+        self._faults.check(packet[-1].item() > 0)
         offset = 0
         for p in params:
             p.grad.copy_(packet[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
-        if packet[-1].item() > 0:
+        if packet[-2].item() > 0:
             self.stop_event.set()
             raise StopRequested()
-        return packet[offset:-1].tolist()
+        return packet[offset:-2].tolist()
 
     def _train_steps(self, generator: torch.Generator, T: int) -> torch.Tensor:
         """T: the trajectories' log-prob columns (the policy's stochastic steps)."""
@@ -563,8 +609,11 @@ class Trainer:
             raise StopRequested()
 
     def _sync_stop(self) -> None:
-        """Raise StopRequested on every rank when a stop was asked for on any rank."""
-        if self.dist.any(self.stop_event.is_set()):
+        """Raise StopRequested on every rank when a stop was asked for on any rank, and
+        RankFailed when the work of any rank raised since the last collective."""
+        stop, failed = self.dist.flags(self.stop_event.is_set(), self._faults.failed)
+        self._faults.check(failed)
+        if stop:
             self.stop_event.set()
             raise StopRequested()
 
@@ -591,7 +640,8 @@ class Trainer:
                        "total": per_epoch, "progress": (epoch + within) / self.config.epochs})
 
     def _event_phase(self, epoch: int, phase: str) -> None:
-        self.callback({"type": "phase", "epoch": epoch + 1, "phase": phase})
+        self._faults.phase = f"epoch {epoch + 1} {phase}"
+        self._faults.attempt(self.callback, {"type": "phase", "epoch": epoch + 1, "phase": phase})
 
 
 def latest_checkpoint(out_dir: Path) -> Path:

@@ -26,20 +26,42 @@ def toy_config(**overrides) -> TrainConfig:
     return TrainConfig().replace(**base).validate()
 
 
+class FailingReward(BrightnessReward):
+    """BrightnessReward that raises `message` once armed (as a reward server that went away does)."""
+
+    def __init__(self, message: str):
+        super().__init__()
+        self.message, self.armed = message, False
+
+    def score_with_components(self, images, prompts):
+        if self.armed:
+            raise RuntimeError(self.message)
+        return super().score_with_components(images, prompts)
+
+
 def run_job(job: dict, dist: Distributed) -> dict:
     """Train as `job` says: config overrides, out folder, optional resume folder, optional
-    stop (on which rank, at which event), optional last epoch of this process."""
+    stop (on which rank, at which event), optional error (on which rank, in which phase of
+    which epoch), optional last epoch of this process."""
     config = toy_config(**job.get("config", {}))
     stop = threading.Event()
     stop_at = job.get("stop")   # {"rank", "epoch", "phase", "event"}: stop at the first such event
     stops_here = stop_at is not None and (not dist.enabled or dist.rank == stop_at["rank"])  # 1 process: it
+    fail = job.get("fail")      # {"rank", "epoch", "phase", "message"}: the reward, or the phase's first step, raises
+    fails_here = fail is not None and (not dist.enabled or dist.rank == fail["rank"])
+    reward = FailingReward(fail["message"]) if fails_here and fail["phase"] == "reward" else BrightnessReward()
 
     def callback(event):
         if (stops_here and event["type"] == stop_at["event"] and event["epoch"] == stop_at["epoch"]
                 and event["phase"] == stop_at["phase"]):
             stop.set()
+        if fails_here and event.get("epoch") == fail["epoch"] and event.get("phase") == fail["phase"]:
+            if fail["phase"] == "reward":
+                reward.armed = True
+            elif event["type"] == "step":        # e.g. out of memory in a model call of this rank
+                raise RuntimeError(fail["message"])
 
-    trainer = Trainer(ToyBackend(), BrightnessReward(), PROMPTS, config, out_dir=Path(job["out"]),
+    trainer = Trainer(ToyBackend(), reward, PROMPTS, config, out_dir=Path(job["out"]),
                       callback=callback, stop_event=stop, distributed=dist)
     if "until_epoch" in job:
         trainer.config = trainer.config.replace(epochs=job["until_epoch"])
@@ -57,13 +79,31 @@ def save_outcome(folder: Path, rank: int, trainer: Trainer, result) -> None:
         "lora": str(result.lora_path) if result.lora_path else None}))
 
 
+def save_error(folder: Path, rank: int, error: Exception) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = getattr(error, "checkpoint", None)
+    (folder / f"error_rank{rank}.json").write_text(json.dumps({
+        "type": type(error).__name__, "text": str(error), "checkpoint": str(checkpoint) if checkpoint else None,
+        "failed_ranks": sorted(getattr(error, "failures", {}))}))
+
+
 def main(rank: int, world: int, init_file: str, jobs_file: str) -> None:
+    """Run the jobs; a job that raises is recorded (error_rank{rank}.json) and the next one
+    runs; the process then exits non-zero."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    failed = []
     try:
         dist = Distributed(rank, world, rank, torch.device("cpu"))
         for job in json.loads(Path(jobs_file).read_text()):
-            done = run_job(job, dist)
+            try:
+                done = run_job(job, dist)
+            except Exception as error:      # noqa: BLE001 - recorded for the test to judge
+                save_error(Path(job["report"]), rank, error)
+                failed.append(job["name"])
+                continue
             save_outcome(Path(job["report"]), rank, done["trainer"], done["result"])
     finally:
         torch.distributed.destroy_process_group()
+    if failed:
+        raise SystemExit(f"rank {rank}: jobs {failed} failed")

@@ -149,6 +149,90 @@ def test_a_stop_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(two_
     assert resumed["result"].epochs_done == 2 and not resumed["result"].stopped
 
 
+REWARD_GONE = "the reward server at http://127.0.0.1:9 is gone (simulated)"
+OUT_OF_MEMORY = "CUDA out of memory on this GPU (simulated)"
+FAILURES = {   # job -> (failing rank, its message, the phase named in the error)
+    "fail_reward": (1, REWARD_GONE, "epoch 2 reward"),
+    "fail_update": (0, OUT_OF_MEMORY, "epoch 2 update"),
+    "fail_sampling": (1, OUT_OF_MEMORY, "epoch 2 sampling"),
+}
+FAILURE_TIMEOUT_S = 300
+
+
+def failure_jobs(root: Path) -> list:
+    listed = [dict(name=name, config=dict(checkpoint_every=0),
+                   fail=dict(rank=rank, epoch=2, phase=phase.split()[-1], message=message))
+              for name, (rank, message, phase) in FAILURES.items()]
+    # the fault removed: 2 ranks continue from the checkpoint that the reward failure left
+    listed.append(dict(name="resumed_after_failure", config={},
+                       resume=str(root / "fail_reward" / "out" / "checkpoints" / "epoch_00001_stopped")))
+    for job in listed:
+        job.update(out=str(root / job["name"] / "out"), report=str(root / job["name"]))
+    return listed
+
+
+@pytest.fixture(scope="module")
+def failing_ranks(tmp_path_factory):
+    """The failure jobs run by 2 gloo ranks; (report folder, exit codes). Each process must end
+    by itself within FAILURE_TIMEOUT_S: one that hangs in a collective is killed and reported."""
+    root = tmp_path_factory.mktemp("failing_ranks")
+    (root / "jobs.json").write_text(json.dumps(failure_jobs(root)))
+    context = mp.start_processes(dist_worker.main, args=(2, str(root / "process_group"), str(root / "jobs.json")),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + FAILURE_TIMEOUT_S
+    codes = []
+    for process in context.processes:
+        process.join(max(1.0, deadline - time.monotonic()))
+        hung = process.is_alive()
+        if hung:
+            process.kill()
+            process.join()
+        codes.append("hung" if hung else process.exitcode)
+    return root, codes
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_the_error_and_nonzero_exits(failing_ranks):
+    root, codes = failing_ranks
+    assert codes[0] != "hung" and codes[1] != "hung", codes          # nobody waits in a collective
+    assert codes[0] != 0 and codes[1] != 0, codes                    # and both report the failure
+    for name, (rank, message, phase) in FAILURES.items():
+        for reporter in (0, 1):
+            error = json.loads((root / name / f"error_rank{reporter}.json").read_text())
+            assert error["type"] == "RankFailed" and error["failed_ranks"] == [rank], (name, error)
+            assert f"rank {rank}: RuntimeError in {phase}: {message}" in error["text"], (name, error["text"])
+        assert not (root / name / "outcome_rank0.json").exists()     # no rank finished the run
+
+
+@pytest.mark.parametrize("name", list(FAILURES))
+def test_after_an_error_on_one_rank_rank_zero_keeps_the_state_before_the_failed_epoch(failing_ranks, tmp_path,
+                                                                                          name):
+    root, _ = failing_ranks
+    out = root / name / "out"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_00001_stopped"]
+    checkpoint = out / "checkpoints" / "epoch_00001_stopped"
+    errors = [json.loads((root / name / f"error_rank{r}.json").read_text()) for r in (0, 1)]
+    assert errors[0]["checkpoint"] == str(checkpoint) and errors[1]["checkpoint"] is None
+    assert f"checkpoint: {checkpoint}" in errors[0]["text"]
+    # the 1-epoch result of one process, computed here: epoch 2's partial updates are not in it
+    one_epoch = dist_worker.run_job(dict(config={}, until_epoch=1, out=str(tmp_path / "one")), SINGLE)
+    assert_same_lora(load_file(str(checkpoint / "lora.safetensors")), one_epoch["trainer"].backend.lora_state_dict(),
+                     moved_from=ToyBackend().lora_state_dict())
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_the_checkpoint_an_error_left_resumes_to_the_uninterrupted_result(failing_ranks, tmp_path):
+    root, _ = failing_ranks
+    resumed, outcome = rank_outcome(root, "resumed_after_failure", 0)      # 2 ranks, the fault removed
+    assert outcome["epochs_done"] == 2 and not outcome["stopped"]
+    uninterrupted = dist_worker.run_job(dict(config={}, out=str(tmp_path / "full")), SINGLE)
+    assert_same_lora(resumed, uninterrupted["trainer"].backend.lora_state_dict(), ToyBackend().lora_state_dict())
+
+
+def test_error_messages_cross_ranks_as_fixed_size_utf8():
+    assert SINGLE.gather_text("é" * 10, 5) == ["éé"]          # cut at a character boundary, not mid-byte
+    assert SINGLE.gather_text("short", 100) == ["short"]
+
+
 def test_groups_are_contiguous_blocks_that_cover_the_epoch():
     for world in (1, 2, 3, 4):
         for n in range(world, 11):
