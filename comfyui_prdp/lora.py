@@ -103,7 +103,9 @@ def lora_metadata(config, backend, reward_name: str, epochs: int, prompt_count: 
         "ss_resolution": f"({config.width}, {config.height})",
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.lora_rank),
-        "ss_network_alpha": str(config.effective_lora_alpha),
+        # the alpha the file's tensors are at (flow transformers' files fold alpha / rank into lora_up)
+        "ss_network_alpha": str(info.get("file_alpha", config.effective_lora_alpha)),
+        **({"lora_key_format": str(info["key_format"])} if "key_format" in info else {}),
         "epochs": str(epochs),
         "prompts_count": str(prompt_count),
         "lora_targets": json.dumps(list(info.get("targets", config.lora_targets))),

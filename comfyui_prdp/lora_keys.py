@@ -78,3 +78,48 @@ def group_by_module(state: Dict[str, object], module_names: Iterable[str],
     if incomplete:
         raise ValueError(f"LoRA modules missing lora_down or lora_up weights: {', '.join(incomplete[:5])}")
     return grouped
+
+
+# --- diffusers/peft naming (flow transformers: SD3, Flux) --------------------------------
+#     transformer.<module name>.lora_A.weight   (down)
+#     transformer.<module name>.lora_B.weight   (up; no alpha key, so the scale is 1)
+# the format diffusers' `load_lora_weights` reads for SD3 / Flux and ComfyUI maps for both
+# (its `transformer.` keys in comfy/lora.py's model_lora_keys_unet). Module names keep their dots,
+# so the mapping is lossless.
+TRANSFORMER_PREFIX = "transformer"
+PEFT_DOWN = "lora_A.weight"
+PEFT_UP = "lora_B.weight"
+
+
+def peft_key(module_name: str, suffix: str, prefix: str = TRANSFORMER_PREFIX) -> str:
+    """`transformer_blocks.0.attn.to_q`, `lora_A.weight` -> `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`."""
+    if not module_name:
+        raise ValueError("an empty module name has no LoRA key")
+    if suffix not in (PEFT_DOWN, PEFT_UP):
+        raise ValueError(f"unknown peft LoRA suffix {suffix!r}; use {PEFT_DOWN} or {PEFT_UP}")
+    return f"{prefix}.{module_name}.{suffix}"
+
+
+def group_peft_by_module(state: Dict[str, object], module_names: Iterable[str],
+                         prefix: str = TRANSFORMER_PREFIX) -> Dict[str, Dict[str, object]]:
+    """Split a diffusers/peft LoRA state dict into {module name: {lora_A.weight / lora_B.weight: tensor}}.
+    Raises ValueError listing keys that name no known module and modules lacking A or B."""
+    known = set(module_names)
+    grouped: Dict[str, Dict[str, object]] = {}
+    unknown = []
+    for key, value in state.items():
+        module_name, suffix = None, None
+        for candidate in (PEFT_DOWN, PEFT_UP):
+            if key.startswith(prefix + ".") and key.endswith("." + candidate):
+                module_name, suffix = key[len(prefix) + 1:-len(candidate) - 1], candidate
+        if module_name not in known:
+            unknown.append(key)
+            continue
+        grouped.setdefault(module_name, {})[suffix] = value
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ValueError(f"{len(unknown)} LoRA key(s) match no adapted module of this model: {shown}")
+    incomplete = sorted(m for m, parts in grouped.items() if PEFT_DOWN not in parts or PEFT_UP not in parts)
+    if incomplete:
+        raise ValueError(f"LoRA modules missing lora_A or lora_B weights: {', '.join(incomplete[:5])}")
+    return grouped

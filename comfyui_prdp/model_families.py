@@ -40,6 +40,11 @@ SD2 = ModelFamily("SD2.x", 512, "sd_v2")
 SD2_V = ModelFamily("SD2.x 768-v", 768, "sd_v2_768_v", v_prediction=True)
 SDXL = ModelFamily("SDXL", 1024, "sdxl_base_v1-0")
 SDXL_V = ModelFamily("SDXL v-prediction", 1024, "sdxl_base_v1-0", v_prediction=True)
+# rectified-flow transformers (kohya sd-scripts writes "sd3" / "flux1" for their LoRAs)
+SD3 = ModelFamily("SD3", 1024, "sd3")
+SD35 = ModelFamily("SD3.5", 1024, "sd3")
+FLUX_DEV = ModelFamily("Flux.1-dev", 1024, "flux1")
+FLUX_SCHNELL = ModelFamily("Flux.1-schnell", 1024, "flux1")
 
 #: ComfyUI model configs of the SDXL architecture family (same UNet layout or distilled from it)
 COMFY_SDXL_CONFIGS = ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
@@ -78,6 +83,16 @@ def diffusers_family(is_sdxl: bool, v_prediction: bool, cross_attention_dim: int
     if cross_attention_dim == 1024:
         return SD2_V if v_prediction else SD2
     return comfy_family("SD15", v_prediction)
+
+
+def diffusers_flow_family(architecture: str, sd35: bool = False, guidance_distilled: bool = True) -> ModelFamily:
+    """SD3 / SD3.5 (dual attention or qk-norm transformer) or Flux.1-dev (guidance embedding) /
+    Flux.1-schnell, from a diffusers flow transformer's config."""
+    if architecture == "sd3":
+        return SD35 if sd35 else SD3
+    if architecture == "flux":
+        return FLUX_DEV if guidance_distilled else FLUX_SCHNELL
+    raise ValueError(f"unknown flow architecture {architecture!r}: use 'sd3' or 'flux'")
 
 
 def training_size(width: int, height: int, family: ModelFamily) -> tuple:
