@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -284,6 +285,7 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     from .distributed import SINGLE
     from .evaluation import evaluate_reward
     from .plots import comparison_grid, reward_curve
+    from .rank_faults import RankFailed
     from .rewards.remote import RewardServerError
     from .trainer import Trainer
 
@@ -322,6 +324,13 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     try:
         with stop_requests(trainer.stop_event, interrupt=dist.enabled, stop_file=args.stop_file):
             result = trainer.run(resume_from=resume_from)
+    except RankFailed as failure:        # distributed: an error on some rank ended every rank (rank_faults.py)
+        printer.bar.close()
+        cause = failure.__cause__          # on the rank that failed: its own error
+        if cause is not None and not isinstance(cause, (RewardServerError, PromptTextError)):
+            traceback.print_exception(cause, file=sys.stderr)
+        print(f"error: {failure}", file=sys.stderr)
+        return 2
     except (RewardServerError, PromptTextError) as error:   # mid-run: the reward server went away, the prompt file changed
         printer.bar.close()
         path = trainer.save_checkpoint(partial=True)

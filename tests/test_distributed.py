@@ -364,3 +364,42 @@ def test_torchrun_a_stop_file_stops_both_ranks_with_one_checkpoint(tmp_path):
     epochs = len((out / "metrics.jsonl").read_text().splitlines())
     assert 1 <= epochs < 200 and stopped[0] == f"epoch_{epochs:05d}_stopped"
     assert (out / "lora.safetensors").is_file()
+
+
+class FailsOnSmallBatchesAfterTheFirst(BrightnessReward):
+    """Served over HTTP: answers 500 to every 2-image request after the first. In EMBEDDED_RUN
+    rank 0 scores 2 prompt groups (4 images) and rank 1 one group (2 images) per epoch, so
+    only rank 1's reward fails, in epoch 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.small_batches = 0
+
+    def score_with_components(self, images, prompts):
+        if len(images) == 2:
+            self.small_batches += 1
+            if self.small_batches > 1:
+                raise RuntimeError("the reward model crashed (simulated)")
+        return super().score_with_components(images, prompts)
+
+
+def test_torchrun_a_reward_error_on_one_rank_ends_both_ranks_with_a_checkpoint(tmp_path):
+    """The CLI as users start it, the reward served by `serve-reward`'s server: rank 1's reward
+    fails in epoch 2; both ranks end (no hang) with the error, rank 0 keeps epoch 1."""
+    from comfyui_prdp.reward_server import RewardServer
+    server = RewardServer(FailsOnSmallBatchesAfterTheFirst(), "127.0.0.1", 0)
+    url = server.start()
+    try:
+        out = tmp_path / "run"
+        run = torchrun_cli([*EMBEDDED_RUN, "--reward", url, "--out", str(out)], tmp_path)
+    finally:
+        server.stop()
+    assert run.returncode != 0, run.stderr[-3000:]
+    # each rank prints the error (rank 0 adds the checkpoint)
+    assert run.stderr.count("error: rank 1 failed, so every rank stopped at the same point:") == 2, run.stderr[-3000:]
+    assert "rank 1: RewardServerError in epoch 2 reward:" in run.stderr
+    assert "the reward model crashed (simulated)" in run.stderr
+    checkpoint = out / "checkpoints" / "epoch_00001_stopped"
+    assert f"checkpoint: {checkpoint}" in run.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [checkpoint.name]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
