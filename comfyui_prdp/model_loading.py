@@ -2,9 +2,12 @@
 
 - None (or "embedded-tiny-sd"): the embedded tiny model, built from configs.
 - a diffusers directory (has model_index.json): `StableDiffusionPipeline.from_pretrained`, or
-  `StableDiffusionXLPipeline` where it has text_encoder_2 (SDXL and finetunes).
+  `StableDiffusionXLPipeline` where it has text_encoder_2 (SDXL and finetunes), or the flow
+  pipelines `StableDiffusion3Pipeline` (SD3 / SD3.5) and `FluxPipeline` (Flux.1) by their class.
 - a single-file checkpoint (.safetensors/.ckpt/.pt/.pth): `from_single_file`, with the component
   configs from `base_config` (a local diffusers directory) or from the local Hugging Face cache.
+  SD3 / Flux single files are refused with what to pass instead (their text encoders and
+  configs are not in the file, so they would need a download).
 - a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5": the local Hugging Face cache.
 Anything else gets an error that says what to pass instead.
 """
@@ -23,6 +26,16 @@ from .embedded import MODEL_NAME as EMBEDDED_NAME, build_embedded_pipeline
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
+#: flow-matching pipelines (model_index.json's _class_name) -> the components their backend needs
+FLOW_COMPONENTS = {
+    "StableDiffusion3Pipeline": ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer",
+                                 "tokenizer_2"),
+    "FluxPipeline": ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+}
+#: optional components of a flow pipeline (SD3's T5 may be left out)
+FLOW_OPTIONAL = {"StableDiffusion3Pipeline": ("text_encoder_3", "tokenizer_3"), "FluxPipeline": ()}
+#: single-file model types (diffusers' names) of flow models, refused with what to pass instead
+FLOW_SINGLE_FILE_PREFIXES = ("sd3", "flux")
 # single-file model types (diffusers' names) whose layout the diffusers backend runs
 SUPPORTED_SINGLE_FILE_TYPES = ("v1", "v2", "xl_base")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -38,12 +51,27 @@ def load_backend(base: Optional[str], config: TrainConfig, device: Union[str, to
     """A `DiffusersBackend` for `base` (see the module docstring), LoRA set up from `config`."""
     check_device(device)
     components, name = load_components(base, base_config=base_config)
+    if components.get("transformer") is not None:
+        return flow_backend(components, config, device=device, model_name=name)
     if components.get("text_encoder_2") is not None:
         from .backends.diffusers_sdxl import DiffusersSDXLBackend
 
         return DiffusersSDXLBackend(**components, config=config, device=device, model_name=name)
     components = {key: components[key] for key in COMPONENTS}
     return DiffusersBackend.from_components(**components, config=config, device=device, model_name=name)
+
+
+def flow_backend(components: Dict[str, object], config: TrainConfig, device=None, model_name: str = "unknown"):
+    """The SD3 or Flux backend for a flow pipeline's components (by the transformer's class)."""
+    from .backends.diffusers_flow import DiffusersFluxBackend, DiffusersSD3Backend
+
+    kind = type(components["transformer"]).__name__
+    if kind == "SD3Transformer2DModel":
+        return DiffusersSD3Backend(**components, config=config, device=device, model_name=model_name)
+    if kind == "FluxTransformer2DModel":
+        return DiffusersFluxBackend(**components, config=config, device=device, model_name=model_name)
+    raise ModelLoadError(f"the transformer is a {kind}; the diffusers flow backend runs SD3 (SD3Transformer2DModel) "
+                         "and Flux.1 (FluxTransformer2DModel)")
 
 
 def check_device(device: Union[str, torch.device, None]) -> Optional[torch.device]:
@@ -88,6 +116,8 @@ def check_model_folders(base: Optional[str], base_config: Optional[str] = None) 
     diffusers models with a sound model_index.json (ModelLoadError / FileNotFoundError otherwise)."""
     if base is not None and Path(str(base)).expanduser().is_dir():
         check_diffusers_dir(Path(str(base)).expanduser())
+    if base is not None:
+        refuse_flow_single_file(Path(str(base)).expanduser())
     if base_config is not None:
         checked_config_dir(base_config)
 
@@ -116,6 +146,9 @@ def load_components(base: Optional[str], base_config: Optional[str] = None) -> T
 
 
 def _pipeline_components(pipe) -> Dict[str, object]:
+    flow = type(pipe).__name__
+    if flow in FLOW_COMPONENTS:
+        return {name: getattr(pipe, name, None) for name in FLOW_COMPONENTS[flow] + FLOW_OPTIONAL[flow]}
     names = SDXL_COMPONENTS if getattr(pipe, "text_encoder_2", None) is not None else COMPONENTS
     return {name: getattr(pipe, name) for name in names}
 
@@ -150,13 +183,18 @@ def check_diffusers_dir(path: Path) -> None:
         raise ModelLoadError(f"{index_file} holds {type(index).__name__} {str(index)[:40]}, not the JSON object "
                              "a diffusers model_index.json is: the model folder is damaged; save the pipeline "
                              "again with save_pretrained")
-    if "transformer" in index or "unet" not in index and "prior" in index:
+    flow = index.get("_class_name") if index.get("_class_name") in FLOW_COMPONENTS else None
+    if flow is None and ("transformer" in index or "unet" not in index and "prior" in index):
         raise ModelLoadError(f"{path} is a {index.get('_class_name', 'non-UNet')} model; the diffusers backend "
-                             "runs UNet models: Stable Diffusion 1.x/2.x and SDXL")
-    required = SDXL_COMPONENTS if "text_encoder_2" in index else COMPONENTS
+                             "runs UNet models (Stable Diffusion 1.x/2.x, SDXL) and the flow pipelines "
+                             f"{' and '.join(FLOW_COMPONENTS)} (SD3 / SD3.5, Flux.1)")
+    if flow is not None:
+        required = FLOW_COMPONENTS[flow]
+    else:
+        required = SDXL_COMPONENTS if "text_encoder_2" in index else COMPONENTS
     missing = [name for name in required if name not in index or index[name] == [None, None]]   # how diffusers saves an absent component
     if missing:
-        kind = "an SDXL" if "text_encoder_2" in index else "a Stable Diffusion"
+        kind = f"a {flow}" if flow else "an SDXL" if "text_encoder_2" in index else "a Stable Diffusion"
         raise ModelLoadError(f"{path} lacks the component(s) {', '.join(missing)} {kind} pipeline needs")
     malformed = [name for name in required if not (isinstance(index[name], list) and len(index[name]) == 2
                                                       and all(isinstance(part, str) for part in index[name]))]
@@ -168,6 +206,9 @@ def check_diffusers_dir(path: Path) -> None:
 def _from_diffusers_dir(path: Path):
     check_diffusers_dir(path)
     try:
+        flow = _flow_pipeline_class(path)
+        if flow is not None:
+            return flow.from_pretrained(str(path), local_files_only=True)
         if _is_sdxl_dir(path):
             return _sd_pipeline_class(sdxl=True).from_pretrained(str(path), local_files_only=True)
         return _sd_pipeline_class().from_pretrained(str(path), local_files_only=True, **_NO_SAFETY_CHECKER)
@@ -175,7 +216,32 @@ def _from_diffusers_dir(path: Path):
         raise ModelLoadError(f"could not load the diffusers model in {path}: {error}") from error
 
 
+def _flow_pipeline_class(path: Path):
+    """diffusers' StableDiffusion3Pipeline / FluxPipeline where model_index.json names one, else None."""
+    import json
+
+    name = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    if name not in FLOW_COMPONENTS:
+        return None
+    import diffusers
+    return getattr(diffusers, name)
+
+
+def _cached_flow_dir(repo_id: str) -> Optional[Path]:
+    """The cached snapshot folder of a hub id whose model_index.json names a flow pipeline, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(repo_id, "model_index.json")
+    if not isinstance(index, str):
+        return None
+    folder = Path(index).parent
+    return folder if _flow_pipeline_class(folder) is not None else None
+
+
 def _from_hub_cache(repo_id: str):
+    flow_dir = _cached_flow_dir(repo_id)
+    if flow_dir is not None:
+        return _from_diffusers_dir(flow_dir)
     try:
         return _sd_pipeline_class().from_pretrained(repo_id, local_files_only=True, **_NO_SAFETY_CHECKER)
     except (OSError, ValueError) as error:
@@ -191,7 +257,9 @@ def _from_hub_cache(repo_id: str):
 def _from_single_file(path: Path, base_config: Optional[str]):
     if base_config is not None:
         config_dir = checked_config_dir(base_config)
+        refuse_flow_single_file(path)
     else:
+        refuse_flow_single_file(path)
         config_dir = _cached_default_config(path)
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
@@ -273,6 +341,23 @@ def single_file_model_type(path: Path) -> str:
         return infer_diffusers_model_type(_checkpoint_view(path))
     except Exception as error:  # a damaged or foreign file: say so instead of a deep traceback
         raise ModelLoadError(f"{path} could not be read as a Stable Diffusion checkpoint: {error}") from error
+
+
+def refuse_flow_single_file(path: Path) -> None:
+    """ModelLoadError for a single-file SD3 / Flux checkpoint (checked before anything loads)."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return
+    try:
+        model_type = single_file_model_type(path)
+    except ModelLoadError:
+        return                       # not readable: the loader says so where it reads it
+    if model_type.startswith(FLOW_SINGLE_FILE_PREFIXES):
+        raise ModelLoadError(
+            f"{path} is a single-file {model_type!r} checkpoint; building its pipeline needs configs and text "
+            "encoders (CLIP, T5) that are not in the file and would have to be downloaded, which does not happen "
+            "here: pass a local diffusers folder of the model (StableDiffusion3Pipeline / FluxPipeline saved with "
+            "save_pretrained, e.g. from `hf download` on a machine with network) as --base, or train it with the "
+            "ComfyUI nodes, which load single files")
 
 
 def _cached_default_config(path: Path) -> Path:

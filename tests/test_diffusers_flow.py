@@ -345,3 +345,63 @@ def test_exported_lora_loads_through_comfyuis_lora_loader_with_no_key_left(kind)
     _, control = lora_through_comfyui(model, dict(lora, **{"transformer.nowhere.to_q.lora_A.weight": torch.zeros(2, 64),
                                                            "transformer.nowhere.to_q.lora_B.weight": torch.zeros(64, 2)}))
     assert len(control) >= 1            # the check can fail: a key ComfyUI does not know is reported
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_saved_flow_pipeline_folder_loads_as_its_backend(kind, tmp_path):
+    from comfyui_prdp.model_loading import load_backend
+
+    if kind == "sd3":
+        pipe, backend_class = diffusers.StableDiffusion3Pipeline(**sd3_components(with_t5=True)), DiffusersSD3Backend
+    else:
+        pipe, backend_class = diffusers.FluxPipeline(**flux_components()), DiffusersFluxBackend
+    pipe.save_pretrained(tmp_path / kind)
+    loaded = load_backend(str(tmp_path / kind), CONFIG, device="cpu")
+    assert type(loaded) is backend_class and loaded.model_name == kind
+    reference = make_backend(kind, components=sd3_components(with_t5=True) if kind == "sd3" else None)
+    cond = reference.encode_prompts(["a cat"])
+    assert torch.allclose(loaded.encode_prompts(["a cat"])["context"], cond["context"])
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.allclose(loaded.predict(x, torch.tensor([0.5]), cond), reference.predict(x, torch.tensor([0.5]), cond),
+                              atol=1e-6)
+    assert torch.allclose(loaded.flow_sigmas(4), reference.flow_sigmas(4))
+
+
+@pytest.mark.parametrize("keys, model_type", [
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": (4,), "guidance_in.in_layer.bias": (4,),
+      "img_in.weight": (4, 64)}, "flux-dev"),
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "flux-schnell"),
+])
+def test_a_single_file_flow_checkpoint_is_refused_with_what_to_pass(keys, model_type, tmp_path):
+    from safetensors.torch import save_file
+
+    from comfyui_prdp.model_loading import ModelLoadError, check_model_folders, load_backend
+
+    path = tmp_path / "flux1.safetensors"
+    save_file({key: torch.zeros(shape) for key, shape in keys.items()}, str(path))
+    for attempt in (lambda: check_model_folders(str(path)), lambda: load_backend(str(path), CONFIG),
+                    lambda: load_backend(str(path), CONFIG, base_config=str(tmp_path / "missing"))):
+        with pytest.raises((ModelLoadError, FileNotFoundError)) as error:
+            attempt()
+        message = str(error.value)
+        assert "\n" not in message
+    with pytest.raises(ModelLoadError, match=f"single-file '{model_type}' checkpoint.*local diffusers folder"):
+        load_backend(str(path), CONFIG)
+
+
+def test_other_transformer_pipelines_are_refused(tmp_path):
+    import json
+
+    from comfyui_prdp.model_loading import ModelLoadError, load_backend
+
+    diffusers.FluxPipeline(**flux_components()).save_pretrained(tmp_path / "flux")
+    index_file = tmp_path / "flux" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps(dict(index, _class_name="QwenImagePipeline")))
+    with pytest.raises(ModelLoadError, match="runs UNet models .* StableDiffusion3Pipeline and FluxPipeline"):
+        load_backend(str(tmp_path / "flux"), CONFIG)
+    index.pop("text_encoder_2")
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="lacks the component.s. text_encoder_2 a FluxPipeline"):
+        load_backend(str(tmp_path / "flux"), CONFIG)
