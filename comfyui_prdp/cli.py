@@ -195,6 +195,8 @@ def plan_out_dir(args, config: TrainConfig, prompts: List[str]):
 
 
 def make_reward(args):
+    """The reward --reward, --reward-spec and --reward-path name (`train` and `serve-reward`);
+    one refused ends the command with one 'error: ...' line."""
     from .rewards import create_reward
     from .rewards.remote import RewardServerError
     kwargs = {}
@@ -206,8 +208,8 @@ def make_reward(args):
         kwargs["path"] = args.reward_path
     try:
         return create_reward(args.reward, **kwargs)
-    except (ValueError, FileNotFoundError, RewardServerError) as error:   # a URL: server down or refusing
-        raise SystemExit(f"error: {error}")
+    except (ValueError, FileNotFoundError, TypeError, RewardServerError) as error:   # a URL: server down or refusing
+        raise SystemExit(f"error: {error}") from None
 
 
 class ProgressPrinter:

@@ -313,7 +313,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 def serve(args) -> int:
     """Run the server until Ctrl-C; refused settings print one 'error: ...' line (exit 2)."""
-    from .rewards import create_reward
+    from .cli import make_reward
 
     if not 0 <= args.port <= 65535:
         raise SystemExit(f"error: --port {args.port}: use 0 to 65535")
@@ -321,17 +321,7 @@ def serve(args) -> int:
         raise SystemExit("error: --max-body-mb and --max-images must be at least 1")
     if args.reward.startswith(("http://", "https://")):
         raise SystemExit("error: --reward names the reward to serve (e.g. jpeg-compressibility), not a URL")
-    kwargs: Dict[str, Any] = {}
-    if args.reward == "weighted":
-        if not args.reward_spec:
-            raise SystemExit("error: --reward weighted needs --reward-spec, e.g. 'pickscore:10, hpsv2:2'")
-        kwargs["components"] = args.reward_spec
-    if args.reward_path:
-        kwargs["path"] = args.reward_path
-    try:
-        reward = create_reward(args.reward, **kwargs)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        raise SystemExit(f"error: {error}") from None
+    reward = make_reward(args)
     if args.host not in LOOPBACK:
         print(f"warning: listening on {args.host}: anyone who can reach it can use this reward (no "
               "authentication); use --host 127.0.0.1 to keep it on this machine", file=sys.stderr)
