@@ -223,7 +223,30 @@ class SwitchableAdapter(torch.nn.Module):
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
 
-class BlockCheckpointing:
+class ForwardPatches:
+    """Instance-level `forward` replacements on modules that may be shared with the user's
+    MODEL; `remove()` restores exactly what each module had before (its own `forward`
+    attribute, or none)."""
+
+    _MISSING = object()
+
+    def __init__(self):
+        self._patched: List[tuple] = []
+
+    def _replace_forward(self, module: torch.nn.Module, forward) -> None:
+        self._patched.append((module, module.__dict__.get("forward", self._MISSING)))
+        module.forward = forward
+
+    def remove(self) -> None:
+        for module, previous in reversed(self._patched):
+            if previous is self._MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._patched.clear()
+
+
+class BlockCheckpointing(ForwardPatches):
     """Activation checkpointing of the UNet's blocks (each layer of input_blocks, middle_block,
     output_blocks): activations are recomputed in backward instead of kept, for memory.
 
@@ -233,14 +256,13 @@ class BlockCheckpointing:
     the model's ops again, so it may meet ComfyUI's interrupt).
     """
 
-    _MISSING = object()
     #: block lists of transformer diffusion models (Flux/Chroma, SD3, Lumina2, Qwen-Image, ...)
     TRANSFORMER_BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks", "layers", "transformer_blocks")
 
     def __init__(self, unet: torch.nn.Module, guard=contextlib.nullcontext):
+        super().__init__()
         self.enabled = True
         self.guard = guard
-        self._patched: List[tuple] = []
         blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + \
             list(getattr(unet, "output_blocks", []))
         for block in blocks:
@@ -257,7 +279,6 @@ class BlockCheckpointing:
         inputs and a snapshot of dict options (transformer_options), because such blocks add
         residuals into their inputs in place (Flux: `txt += ...`) and ComfyUI updates the
         options dict between blocks; the recomputation in backward must see what forward saw."""
-        previous = layer.__dict__.get("forward", self._MISSING)
         original = layer.forward
         gate = self
         own = (lambda v: v.clone() if isinstance(v, torch.Tensor) else v)
@@ -275,16 +296,7 @@ class BlockCheckpointing:
                 return torch.utils.checkpoint.checkpoint(guarded, *args, use_reentrant=False, **kwargs)
             return original(*args, **kwargs)
 
-        layer.forward = forward
-        self._patched.append((layer, previous))
-
-    def remove(self) -> None:
-        for layer, previous in reversed(self._patched):
-            if previous is self._MISSING:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = previous
-        self._patched.clear()
+        self._replace_forward(layer, forward)
 
 
 @contextlib.contextmanager
@@ -317,17 +329,15 @@ def saved_tensor_copies():
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
 
 
-class InferenceParameterCopies:
+class InferenceParameterCopies(ForwardPatches):
     """Modules outside ComfyUI's ops (no weight_function, e.g. Flux's RMSNorm `scale`) read
     their parameters directly, and ComfyUI loads weights as inference tensors, which autograd
     cannot save for backward. While gradients are on, such a module's forward runs on normal
     copies of those parameters (detached: never trained); `remove()` restores what was there.
-    The patch is an instance-level `forward`, as in BlockCheckpointing."""
-
-    _MISSING = object()
+    The patch is an instance-level `forward` (ForwardPatches)."""
 
     def __init__(self, root: torch.nn.Module):
-        self._patched: List[tuple] = []
+        super().__init__()
         for module in root.modules():
             if hasattr(module, "weight_function"):
                 continue       # ComfyUI ops: the weight wrappers copy these
@@ -336,7 +346,6 @@ class InferenceParameterCopies:
                 self._patch(module, names)
 
     def _patch(self, module: torch.nn.Module, names: List[str]) -> None:
-        previous = module.__dict__.get("forward", self._MISSING)
         original = module.forward
 
         def forward(*args, **kwargs):
@@ -351,16 +360,7 @@ class InferenceParameterCopies:
             finally:
                 module._parameters.update(saved)
 
-        module.forward = forward
-        self._patched.append((module, previous))
-
-    def remove(self) -> None:
-        for module, previous in reversed(self._patched):
-            if previous is self._MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-        self._patched.clear()
+        self._replace_forward(module, forward)
 
 
 def training_compute_dtype(mixed_precision: Optional[str], device_type: str,
