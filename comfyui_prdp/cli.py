@@ -50,6 +50,8 @@ OVERRIDES = {
     "negative_prompt": str, "logprob_reduce": str, "step_reduce": str,
     "adv_clip": finite_float, "ddpo_advantages": str, "ddpo_buffer_size": int, "ddpo_min_count": int,
     "eval_every": int, "eval_prompts": int, "eval_seeds": int, "early_stop_patience": int,
+    # flow models (SD3 / Flux): the policy and its options, Flux.1-dev's distilled guidance
+    "policy": str, "flow_noise_level": finite_float, "flow_sde_variant": str, "flow_guidance": finite_float,
 }
 
 
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--out", required=True, type=Path, help="output folder (new, or an earlier run with --resume)")
     train.add_argument("--base", default=None,
-                       help="diffusers folder, single-file SD checkpoint or cached hub id; "
+                       help="diffusers folder (SD1.x/2.x, SDXL, SD3/SD3.5, Flux.1), single-file SD/SDXL "
+                            "checkpoint or cached hub id; "
                             "default: the embedded tiny model")
     train.add_argument("--base-config", default=None,
                        help="for a single-file --base: a local diffusers folder of the same architecture "
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in OVERRIDES.items():
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
     train.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. to_q,to_k,to_v,to_out.0")
+    train.add_argument("--sde-window", default=None,
+                       help="flow models: FIRST,STOP steps that are stochastic and trained (MixGRPO; approximate)")
     from .reward_server import add_parser as add_serve_reward_parser
     add_serve_reward_parser(commands)
     return parser
@@ -129,6 +134,12 @@ def flag_settings(args) -> dict:
         overrides["seed"] = args.seed
     if args.lora_targets:
         overrides["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if getattr(args, "sde_window", None):
+        try:
+            overrides["sde_window"] = [int(part) for part in args.sde_window.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --sde-window {args.sde_window!r}: give two step numbers FIRST,STOP, "
+                             "e.g. 0,4") from None
     return overrides
 
 
@@ -307,6 +318,8 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
         torch.manual_seed(config.seed)    # the LoRA's initial weights derive from the seed (every rank alike)
         try:
             backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
+            from .policies import policy_for
+            policy_for(config, backend)       # --policy against the model (ddpm on a flow model: one line)
         except (FileNotFoundError, ValueError, OSError) as error:
             raise SystemExit(f"error: {error}")
         if evaluate:

@@ -208,7 +208,7 @@ def _from_diffusers_dir(path: Path):
     try:
         flow = _flow_pipeline_class(path)
         if flow is not None:
-            return flow.from_pretrained(str(path), local_files_only=True)
+            return flow.from_pretrained(str(path), local_files_only=True, **_absent_optional(path, flow.__name__))
         if _is_sdxl_dir(path):
             return _sd_pipeline_class(sdxl=True).from_pretrained(str(path), local_files_only=True)
         return _sd_pipeline_class().from_pretrained(str(path), local_files_only=True, **_NO_SAFETY_CHECKER)
@@ -225,6 +225,15 @@ def _flow_pipeline_class(path: Path):
         return None
     import diffusers
     return getattr(diffusers, name)
+
+
+def _absent_optional(path: Path, pipeline: str) -> Dict[str, None]:
+    """{name: None} for the optional components (SD3's T5) a saved folder lacks: diffusers
+    refuses to build the pipeline unless they are passed as None."""
+    import json
+
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    return {name: None for name in FLOW_OPTIONAL[pipeline] if index.get(name) in (None, [None, None])}
 
 
 def _cached_flow_dir(repo_id: str) -> Optional[Path]:

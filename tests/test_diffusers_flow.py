@@ -405,3 +405,22 @@ def test_other_transformer_pipelines_are_refused(tmp_path):
     index_file.write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="lacks the component.s. text_encoder_2 a FluxPipeline"):
         load_backend(str(tmp_path / "flux"), CONFIG)
+
+
+def test_the_cli_trains_a_flux_folder_and_refuses_the_ddpm_policy_on_it(tmp_path, capsys):
+    from comfyui_prdp import cli
+    from comfyui_prdp.lora import load_lora
+
+    diffusers.FluxPipeline(**flux_components()).save_pretrained(tmp_path / "flux")
+    flags = ["--base", str(tmp_path / "flux"), "--preset", "consumer-gpu-flux", "--device", "cpu", "--width", "16",
+             "--height", "16", "--steps", "3", "--epochs", "1", "--images-per-prompt", "2", "--prompts-per-epoch", "1",
+             "--sample-batch-size", "2", "--lora-rank", "2", "--mixed-precision", "no", "--flow-guidance", "2.5",
+             "--no-eval"]
+    assert cli.main(["train", "--out", str(tmp_path / "ddpm"), *flags, "--policy", "ddpm"]) != 0
+    assert "error: policy 'ddpm' needs a variance-preserving" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *flags]) == 0
+    state, metadata = load_lora(tmp_path / "run" / "lora.safetensors")
+    assert metadata["base_family"] == "Flux.1-dev" and metadata["ss_base_model_version"] == "flux1"
+    assert all(key.startswith("transformer.") and ".lora_" in key for key in state)
+    assert any(value.abs().max() > 0 for key, value in state.items() if "lora_B" in key)
+    assert '"flow_guidance": 2.5' in metadata["hyperparameters"]
