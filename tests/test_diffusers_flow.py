@@ -347,18 +347,19 @@ def test_exported_lora_loads_through_comfyuis_lora_loader_with_no_key_left(kind)
     assert len(control) >= 1            # the check can fail: a key ComfyUI does not know is reported
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_a_saved_flow_pipeline_folder_loads_as_its_backend(kind, tmp_path):
+@pytest.mark.parametrize("kind, with_t5", [("sd3", True), ("sd3", False), ("flux", True)],
+                         ids=["sd3", "sd3-without-t5", "flux"])
+def test_a_saved_flow_pipeline_folder_loads_as_its_backend(kind, with_t5, tmp_path):
     from comfyui_prdp.model_loading import load_backend
 
     if kind == "sd3":
-        pipe, backend_class = diffusers.StableDiffusion3Pipeline(**sd3_components(with_t5=True)), DiffusersSD3Backend
+        pipe, backend_class = diffusers.StableDiffusion3Pipeline(**sd3_components(with_t5=with_t5)), DiffusersSD3Backend
     else:
         pipe, backend_class = diffusers.FluxPipeline(**flux_components()), DiffusersFluxBackend
     pipe.save_pretrained(tmp_path / kind)
     loaded = load_backend(str(tmp_path / kind), CONFIG, device="cpu")
     assert type(loaded) is backend_class and loaded.model_name == kind
-    reference = make_backend(kind, components=sd3_components(with_t5=True) if kind == "sd3" else None)
+    reference = make_backend(kind, components=sd3_components(with_t5=with_t5) if kind == "sd3" else None)
     cond = reference.encode_prompts(["a cat"])
     assert torch.allclose(loaded.encode_prompts(["a cat"])["context"], cond["context"])
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(6))
