@@ -251,6 +251,7 @@ class Trainer:
         self._event_phase(epoch, "update")
         update_stats = self.update(batch, epoch)
         timings["update"] = time.perf_counter() - start
+        self._faults.phase = f"epoch {epoch + 1} metrics"
 
         metrics = {
             "epoch": epoch + 1,

@@ -47,18 +47,19 @@ def run_job(job: dict, dist: Distributed) -> dict:
     stop = threading.Event()
     stop_at = job.get("stop")   # {"rank", "epoch", "phase", "event"}: stop at the first such event
     stops_here = stop_at is not None and (not dist.enabled or dist.rank == stop_at["rank"])  # 1 process: it
-    fail = job.get("fail")      # {"rank", "epoch", "phase", "message"}: the reward, or the phase's first step, raises
+    fail = job.get("fail")      # {"rank", "epoch", "phase", "message"[, "event"]}: the reward, or the callback
+    #                             at the phase's first event (default "step"; "epoch": the epoch's metrics), raises
     fails_here = fail is not None and (not dist.enabled or dist.rank == fail["rank"])
-    reward = FailingReward(fail["message"]) if fails_here and fail["phase"] == "reward" else BrightnessReward()
+    reward = FailingReward(fail["message"]) if fails_here and fail.get("phase") == "reward" else BrightnessReward()
 
     def callback(event):
         if (stops_here and event["type"] == stop_at["event"] and event["epoch"] == stop_at["epoch"]
                 and event["phase"] == stop_at["phase"]):
             stop.set()
-        if fails_here and event.get("epoch") == fail["epoch"] and event.get("phase") == fail["phase"]:
-            if fail["phase"] == "reward":
+        if fails_here and event.get("epoch") == fail["epoch"] and event.get("phase") == fail.get("phase"):
+            if fail.get("phase") == "reward":
                 reward.armed = True
-            elif event["type"] == "step":        # e.g. out of memory in a model call of this rank
+            elif event["type"] == fail.get("event", "step"):   # e.g. out of memory in a model call of this rank
                 raise RuntimeError(fail["message"])
 
     trainer = Trainer(ToyBackend(), reward, PROMPTS, config, out_dir=Path(job["out"]),

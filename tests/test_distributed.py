@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import dist_worker
+from comfyui_prdp.checkpoints import read_checkpoint
 from comfyui_prdp.distributed import SINGLE, Distributed, DistributedError, rank_device
 from comfyui_prdp.stop_signals import check_stop_file, stop_requests
 from comfyui_prdp.trainer import Trainer, trajectory_generators
@@ -151,18 +152,22 @@ def test_a_stop_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(two_
 
 REWARD_GONE = "the reward server at http://127.0.0.1:9 is gone (simulated)"
 OUT_OF_MEMORY = "CUDA out of memory on this GPU (simulated)"
-FAILURES = {   # job -> (failing rank, its message, the phase named in the error)
-    "fail_reward": (1, REWARD_GONE, "epoch 2 reward"),
-    "fail_update": (0, OUT_OF_MEMORY, "epoch 2 update"),
-    "fail_sampling": (1, OUT_OF_MEMORY, "epoch 2 sampling"),
+DISK_FULL = "No space left on device (simulated)"
+FAILURES = {   # job -> (failing rank, its message, where the error says it was, epochs in the checkpoint)
+    "fail_reward": (1, REWARD_GONE, "epoch 2 reward", 1),
+    "fail_update": (0, OUT_OF_MEMORY, "epoch 2 update", 1),
+    "fail_sampling": (1, OUT_OF_MEMORY, "epoch 2 sampling", 1),
+    # after the last collective of the run: epoch 2 finished on every rank, so it is kept
+    "fail_last_metrics": (0, DISK_FULL, "epoch 2 metrics", 2),
 }
 FAILURE_TIMEOUT_S = 300
 
 
 def failure_jobs(root: Path) -> list:
     listed = [dict(name=name, config=dict(checkpoint_every=0),
-                   fail=dict(rank=rank, epoch=2, phase=phase.split()[-1], message=message))
-              for name, (rank, message, phase) in FAILURES.items()]
+                   fail=dict(rank=rank, epoch=2, message=message, **(
+                       dict(event="epoch") if where.endswith("metrics") else dict(phase=where.split()[-1]))))
+              for name, (rank, message, where, _) in FAILURES.items()]
     # the fault removed: 2 ranks continue from the checkpoint that the reward failure left
     listed.append(dict(name="resumed_after_failure", config={},
                        resume=str(root / "fail_reward" / "out" / "checkpoints" / "epoch_00001_stopped")))
@@ -195,11 +200,11 @@ def test_an_error_on_one_rank_ends_every_rank_with_the_error_and_nonzero_exits(f
     root, codes = failing_ranks
     assert codes[0] != "hung" and codes[1] != "hung", codes          # nobody waits in a collective
     assert codes[0] != 0 and codes[1] != 0, codes                    # and both report the failure
-    for name, (rank, message, phase) in FAILURES.items():
+    for name, (rank, message, where, _) in FAILURES.items():
         for reporter in (0, 1):
             error = json.loads((root / name / f"error_rank{reporter}.json").read_text())
             assert error["type"] == "RankFailed" and error["failed_ranks"] == [rank], (name, error)
-            assert f"rank {rank}: RuntimeError in {phase}: {message}" in error["text"], (name, error["text"])
+            assert f"rank {rank}: RuntimeError in {where}: {message}" in error["text"], (name, error["text"])
         assert not (root / name / "outcome_rank0.json").exists()     # no rank finished the run
 
 
@@ -207,17 +212,19 @@ def test_an_error_on_one_rank_ends_every_rank_with_the_error_and_nonzero_exits(f
 def test_after_an_error_on_one_rank_rank_zero_keeps_the_state_before_the_failed_epoch(failing_ranks, tmp_path,
                                                                                           name):
     root, _ = failing_ranks
+    kept = FAILURES[name][-1]
     out = root / name / "out"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_00001_stopped"]
-    checkpoint = out / "checkpoints" / "epoch_00001_stopped"
+    checkpoint = out / "checkpoints" / f"epoch_{kept:05d}_stopped"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [checkpoint.name]
     errors = [json.loads((root / name / f"error_rank{r}.json").read_text()) for r in (0, 1)]
     assert errors[0]["checkpoint"] == str(checkpoint) and errors[1]["checkpoint"] is None
     assert f"checkpoint: {checkpoint}" in errors[0]["text"]
-    # the 1-epoch result of one process, computed here: epoch 2's partial updates are not in it
-    one_epoch = dist_worker.run_job(dict(config={}, until_epoch=1, out=str(tmp_path / "one")), SINGLE)
-    assert_same_lora(load_file(str(checkpoint / "lora.safetensors")), one_epoch["trainer"].backend.lora_state_dict(),
+    # the result of `kept` epochs in one process, computed here: no partial update of the failed epoch
+    reference = dist_worker.run_job(dict(config={}, until_epoch=kept, out=str(tmp_path / "ref")), SINGLE)
+    assert_same_lora(load_file(str(checkpoint / "lora.safetensors")), reference["trainer"].backend.lora_state_dict(),
                      moved_from=ToyBackend().lora_state_dict())
-    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    saved = read_checkpoint(checkpoint)
+    assert saved.epoch == kept and [m["epoch"] for m in saved.metrics] == list(range(1, kept + 1))
 
 
 def test_the_checkpoint_an_error_left_resumes_to_the_uninterrupted_result(failing_ranks, tmp_path):
