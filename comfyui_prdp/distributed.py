@@ -8,7 +8,8 @@ summed over ranks once per optimizer step. Every rank holds the same weights and
 state, so any rank could write a checkpoint; rank 0 alone writes files.
 
 Messages between ranks are tensors (JSON text as bytes where a value is not numeric): nothing
-is ever unpickled.
+is ever unpickled. An error on one rank reaches the others as a flag in these collectives
+(rank_faults.py), so no rank is left waiting in one.
 """
 from __future__ import annotations
 
