@@ -168,6 +168,10 @@ def test_flux_velocity_guidance_and_packing_reach_the_transformer():
     assert backend.lora_info()["family"].name == "Flux.1-dev"
     schnell = make_backend("flux", components=flux_components(guidance_embeds=False), flow_guidance=2.0)
     assert schnell.guidance is None and schnell.lora_info()["family"].name == "Flux.1-schnell"
+    with torch.no_grad():
+        schnell.text_encoders[1].shared.weight[:] = float("nan")          # a damaged (or overflowing) T5
+    with pytest.raises(ValueError, match="text encoders gave NaN / inf in context"):
+        schnell.encode_prompts(["a cat"])
 
 
 def test_sd3_context_pooled_and_timestep_reach_the_transformer():

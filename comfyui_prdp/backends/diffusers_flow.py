@@ -101,8 +101,9 @@ class DiffusersFlowBackend(DiffusersBackend):
             module.requires_grad_(False)
             module.eval()
         self._add_lora(config.replace(lora_targets=flow_targets(config.lora_targets)))
-        for module in (transformer, *encoders):
-            _move(module, self.device, self.dtype)
+        _move(transformer, self.device, self.dtype)
+        for encoder in encoders:
+            _move(encoder, self.device, self._encoder_dtype(encoder))
         _move(vae, self.device, torch.float32)
         for parameter in self.trainable_parameters():
             parameter.data = parameter.data.float()
@@ -153,7 +154,30 @@ class DiffusersFlowBackend(DiffusersBackend):
                              f"e.g. {max(factor, width // factor * factor)}x{max(factor, height // factor * factor)}")
         return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
+    def _encoder_dtype(self, encoder) -> torch.dtype:
+        """T5 stays float32 under fp16 (its activations overflow fp16's range; bf16 is fine)."""
+        if self.dtype == torch.float16 and type(encoder).__name__.startswith("T5"):
+            return torch.float32
+        return self.dtype
+
     # --- model verbs --------------------------------------------------------------------
+    def _t5_hidden(self, encoder, tokenizer, prompts: List[str]) -> torch.Tensor:
+        """T5's last hidden states, at most `max_sequence_length` tokens (no autocast where T5 is float32)."""
+        length = min(int(tokenizer.model_max_length), self.max_sequence_length)
+        context = self._autocast() if self._encoder_dtype(encoder) == self.dtype else torch.autocast(
+            self.device.type, enabled=False)
+        with context:
+            return encoder(self._tokens(tokenizer, prompts, length))[0]
+
+    @staticmethod
+    def checked_finite(cond: Cond) -> Cond:
+        """The conditioning, or a ValueError when a text encoder gave NaN / inf."""
+        bad = [key for key, value in cond.items() if not bool(torch.isfinite(value).all())]
+        if bad:
+            raise ValueError(f"the text encoders gave NaN / inf in {', '.join(bad)}: the encoder weights are damaged "
+                             "or overflow in this precision; use --mixed-precision bf16 or no")
+        return cond
+
     def _tokens(self, tokenizer, prompts: List[str], max_length: int) -> torch.Tensor:
         return tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                          return_tensors="pt").input_ids.to(self.device)
@@ -265,11 +289,11 @@ class DiffusersSD3Backend(DiffusersFlowBackend):
             clip_context = torch.nn.functional.pad(clip_context, (0, width - clip_context.shape[-1]))
             if t5 is None:
                 t5_context = clip_context.new_zeros(len(prompts), int(tok_l.model_max_length), width)
-            else:
-                length = min(int(tok_t5.model_max_length), self.max_sequence_length)
-                t5_context = t5(self._tokens(tok_t5, prompts, length))[0]
+        if t5 is not None:
+            t5_context = self._t5_hidden(t5, tok_t5, prompts)
         context = torch.cat([clip_context, t5_context.to(clip_context.dtype)], dim=-2)
-        return {"context": context.to(self.dtype), "pooled_output": torch.cat(pooled, dim=-1).to(self.dtype)}
+        return self.checked_finite({"context": context.to(self.dtype),
+                                    "pooled_output": torch.cat(pooled, dim=-1).to(self.dtype)})
 
     def _velocity(self, x, sigma, cond):
         return self.transformer(hidden_states=x, encoder_hidden_states=cond["context"].to(self.device),
@@ -323,9 +347,8 @@ class DiffusersFluxBackend(DiffusersFlowBackend):
         with self._autocast():
             pooled = clip(self._tokens(tok_clip, prompts, int(tok_clip.model_max_length)),
                           output_hidden_states=False).pooler_output
-            length = min(int(tok_t5.model_max_length), self.max_sequence_length)
-            context = t5(self._tokens(tok_t5, prompts, length))[0]
-        return {"context": context.to(self.dtype), "pooled_output": pooled.to(self.dtype)}
+        context = self._t5_hidden(t5, tok_t5, prompts)
+        return self.checked_finite({"context": context.to(self.dtype), "pooled_output": pooled.to(self.dtype)})
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:
