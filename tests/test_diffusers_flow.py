@@ -446,3 +446,20 @@ def test_the_cli_trains_a_flux_folder_and_refuses_the_ddpm_policy_on_it(tmp_path
     assert all(key.startswith("transformer.") and ".lora_" in key for key in state)
     assert any(value.abs().max() > 0 for key, value in state.items() if "lora_B" in key)
     assert '"flow_guidance": 2.5' in metadata["hyperparameters"]
+
+
+def test_a_cached_hub_id_of_a_flux_pipeline_loads_and_an_uncached_one_is_refused(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from comfyui_prdp.model_loading import ModelLoadError, load_backend
+    from test_model_loading import put_in_hf_cache
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_backend("someone/tiny-flux", CONFIG, device="cpu")
+    diffusers.FluxPipeline(**flux_components()).save_pretrained(tmp_path / "flux")
+    put_in_hf_cache(cache, "someone/tiny-flux", tmp_path / "flux")
+    backend = load_backend("someone/tiny-flux", CONFIG, device="cpu")
+    assert type(backend) is DiffusersFluxBackend and backend.model_name == "someone/tiny-flux"
