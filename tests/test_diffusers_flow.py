@@ -233,7 +233,7 @@ def test_the_two_pass_gradient_equals_autograd_of_the_literal_loss():
     from comfyui_prdp.trainer import Trainer
 
     cfg = CONFIG.replace(cfg=2.0, beta=0.5, train_batch_size=3, steps=3)
-    backend = make_backend("sd3", **dict(cfg=2.0))
+    backend = make_backend("sd3", cfg=2.0)
     randomize_lora(backend, scale=0.1)
     trainer = Trainer(backend, BrightnessReward(), ["a cat", "a dog"], cfg)
     params = backend.trainable_parameters()
