@@ -151,10 +151,26 @@ class Trainer:
         if self.held_out is not None:       # best/ may be ahead of this checkpoint (heldout.py)
             self.held_out.adopt_saved_best(self.out_dir)
 
+    def _resume(self, path: Path) -> None:
+        """Load the checkpoint. Distributed, a load error on any rank ends every rank with
+        RankFailed (no checkpoint: nothing was trained), rank 0's held-out state (it alone sees
+        best/) becomes every rank's, and rank 0 rewrites metrics.jsonl only once all have loaded."""
+        if not self.dist.enabled:
+            self.load_checkpoint(path)
+            return
+        self._faults.phase = "resume"
+        self._faults.attempt(self.load_checkpoint, path, rewrite_metrics=False)
+        self._faults.check(self.dist.any(self._faults.failed))
+        if self.held_out is not None:
+            self.held_out.load_state_dict(self.dist.broadcast_json(self.held_out.state_dict()))
+        if self.out_dir is not None:
+            self._faults.attempt(self._rewrite_metrics)
+        self._faults.check(self.dist.any(self._faults.failed))
+
     # ------------------------------------------------------------------ public entry
     def run(self, resume_from: Optional[Path] = None) -> TrainResult:
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            self._resume(resume_from)
         stopped = False
         checkpoint_path = None
         try:
@@ -195,7 +211,8 @@ class Trainer:
             return False
         self._event_phase(self.epoch - 1, "held-out evaluation")
         self._faults.attempt(self._score_held_out, monitor, metrics)
-        stopped, failed = self.dist.flags(monitor.stopped_early, self._faults.failed)   # every rank alike
+        # rank 0's stop decision on every rank (its monitor alone adopts best/ on resume)
+        stopped, failed = self.dist.flags(monitor.stopped_early and self.dist.is_main, self._faults.failed)
         self._faults.check(failed)
         monitor.stopped_early = stopped
         return stopped
@@ -559,9 +576,10 @@ class Trainer:
         self.callback({"type": "checkpoint", "epoch": self.epoch, "path": str(target)})
         return target
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path, rewrite_metrics: bool = True) -> None:
         """Restore a checkpoint folder (or a run folder's latest); everything is validated and
-        checked against this model's LoRA before anything is changed."""
+        checked against this model's LoRA before anything is changed. `rewrite_metrics`:
+        metrics.jsonl is cut back to the checkpoint's epochs (where there is an output folder)."""
         data = checkpoints.read_checkpoint(Path(path))
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         checkpoints.check_fits(data, self.backend.lora_state_dict(), params)
@@ -572,7 +590,7 @@ class Trainer:
         self.epoch = data.epoch
         self.metrics = list(data.metrics)[: self.epoch]
         self._load_extra_state(data.extra)
-        if self.out_dir is not None:
+        if rewrite_metrics and self.out_dir is not None:
             self._rewrite_metrics()
 
     def save_final_lora(self) -> Optional[Path]:

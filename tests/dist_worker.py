@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from comfyui_prdp.config import TrainConfig
 from comfyui_prdp.distributed import Distributed
+from comfyui_prdp.heldout import HeldOutMonitor, held_out_split
 from comfyui_prdp.trainer import Trainer
 from toy_backend import BrightnessReward, ToyBackend
 
@@ -62,11 +63,15 @@ def run_job(job: dict, dist: Distributed) -> dict:
             elif event["type"] == fail.get("event", "step"):   # e.g. out of memory in a model call of this rank
                 raise RuntimeError(fail["message"])
 
-    trainer = Trainer(ToyBackend(), reward, PROMPTS, config, out_dir=Path(job["out"]),
+    prompts, held_out = held_out_split(PROMPTS, config)      # (PROMPTS, None) without eval_every
+    trainer = Trainer(ToyBackend(), reward, prompts, config, out_dir=Path(job["out"]),
                       callback=callback, stop_event=stop, distributed=dist)
+    if held_out is not None:
+        trainer.held_out = HeldOutMonitor(held_out, config)
     if "until_epoch" in job:
         trainer.config = trainer.config.replace(epochs=job["until_epoch"])
-    result = trainer.run(resume_from=Path(job["resume"]) if job.get("resume") else None)
+    resume = job.get("resume_on", {}).get(str(dist.rank), job.get("resume"))   # "resume_on": {rank: folder}
+    result = trainer.run(resume_from=Path(resume) if resume else None)
     return {"trainer": trainer, "result": result}
 
 
@@ -76,6 +81,8 @@ def save_outcome(folder: Path, rank: int, trainer: Trainer, result) -> None:
               str(folder / f"lora_rank{rank}.safetensors"))
     (folder / f"outcome_rank{rank}.json").write_text(json.dumps({
         "stopped": result.stopped, "epochs_done": result.epochs_done, "metrics": result.metrics,
+        "early_stopped": result.early_stopped,
+        "held_out": trainer.held_out.state_dict() if trainer.held_out is not None else None,
         "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,
         "lora": str(result.lora_path) if result.lora_path else None}))
 

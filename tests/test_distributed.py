@@ -7,6 +7,7 @@ reference is the plain single-process Trainer in this process.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,13 +49,35 @@ def jobs(root: Path) -> list:
     ]
     for job in listed:
         job.update(out=str(root / job["name"] / "out"), report=str(root / job["name"]))
+    # a resume where best/ is ahead of the checkpoint (made by held_out_run_ahead_of_its_checkpoint)
+    listed.append(dict(name="held_out_resume", config=HELD_OUT, out=str(root / "held_out_resume" / "out"),
+                       report=str(root / "held_out_resume"),
+                       resume=str(root / "held_out_resume" / "out" / "checkpoints" / "epoch_00001")))
     return listed
+
+
+HELD_OUT = dict(eval_every=1, eval_prompts=1, eval_seeds=1, early_stop_patience=2, epochs=4)
+
+
+def held_out_run_ahead_of_its_checkpoint(out: Path) -> None:
+    """A run folder whose epoch-1 checkpoint holds 1 divergence strike against a best of 1e6,
+    while best/best.json records a later best (epoch 2, 2e6): on resume the rank that reads
+    best/ resets the strikes; any later evaluation diverges (below the best, training above)."""
+    made = dist_worker.run_job(dict(config=dict(HELD_OUT, epochs=1), out=str(out)), SINGLE)["trainer"]
+    record = {"epoch": 1, "eval": 1e6, "train": -1e6}
+    made.held_out.load_state_dict({"evaluations": [record], "best": record, "strikes": 1, "stopped_early": False})
+    made.save_checkpoint()
+    best = json.loads((out / "best" / "best.json").read_text())
+    best.update({"epoch": 2, "eval/reward_mean": 2e6, "train_reward_mean": -1e6})
+    (out / "best" / "best.json").write_text(json.dumps(best))
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Every job run once by 2 gloo ranks; returns the folder of their reports."""
     root = tmp_path_factory.mktemp("two_ranks")
+    held_out_run_ahead_of_its_checkpoint(root / "held_out_resume" / "out")
+    shutil.copytree(root / "held_out_resume" / "out", root / "held_out_resume_single")   # for one process
     (root / "jobs.json").write_text(json.dumps(jobs(root)))
     mp.spawn(dist_worker.main, args=(2, str(root / "process_group"), str(root / "jobs.json")), nprocs=2,
              join=True)
@@ -127,6 +150,22 @@ def test_resume_from_a_two_rank_checkpoint_in_one_and_in_two_processes(two_ranks
     assert_same_lora(resumed_two_ranks, expected)
 
 
+def test_after_a_resume_every_rank_holds_rank_zeros_held_out_state_and_stops_as_one_process(two_ranks):
+    """Rank 0 alone sees best/ (ahead of the checkpoint): its held-out state and early-stop
+    decision are every rank's, so 2 ranks stop where one process does (not where rank 1's
+    stale strikes would, one epoch earlier)."""
+    single_out = two_ranks / "held_out_resume_single"
+    single = dist_worker.run_job(dict(config=HELD_OUT, out=str(single_out),
+                                      resume=str(single_out / "checkpoints" / "epoch_00001")), SINGLE)["result"]
+    assert single.early_stopped and single.epochs_done == 3      # strikes 0 -> 1 (epoch 2) -> 2 (epoch 3)
+    _, outcome0 = rank_outcome(two_ranks, "held_out_resume", 0)
+    _, outcome1 = rank_outcome(two_ranks, "held_out_resume", 1)
+    for outcome in (outcome0, outcome1):
+        assert outcome["early_stopped"] and outcome["epochs_done"] == single.epochs_done, outcome["epochs_done"]
+    assert outcome0["held_out"]["best"] == outcome1["held_out"]["best"] == {"epoch": 2, "eval": 2e6, "train": -1e6}
+    assert outcome0["held_out"]["strikes"] == outcome1["held_out"]["strikes"] == 2
+
+
 @pytest.mark.parametrize("name", ["stop_update", "stop_sampling"])
 def test_a_stop_on_one_rank_stops_both_at_the_same_step_with_one_checkpoint(two_ranks, tmp_path, name):
     lora0, outcome0 = rank_outcome(two_ranks, name, 0)
@@ -171,6 +210,10 @@ def failure_jobs(root: Path) -> list:
     # the fault removed: 2 ranks continue from the checkpoint that the reward failure left
     listed.append(dict(name="resumed_after_failure", config={},
                        resume=str(root / "fail_reward" / "out" / "checkpoints" / "epoch_00001_stopped")))
+    # rank 1 is given a resume folder that does not exist (last: before the fix it raised alone)
+    listed.append(dict(name="fail_resume", config={},
+                       resume=str(root / "fail_reward" / "out" / "checkpoints" / "epoch_00001_stopped"),
+                       resume_on={"1": str(root / "no_such_checkpoint")}))
     for job in listed:
         job.update(out=str(root / job["name"] / "out"), report=str(root / job["name"]))
     return listed
@@ -233,6 +276,17 @@ def test_the_checkpoint_an_error_left_resumes_to_the_uninterrupted_result(failin
     assert outcome["epochs_done"] == 2 and not outcome["stopped"]
     uninterrupted = dist_worker.run_job(dict(config={}, out=str(tmp_path / "full")), SINGLE)
     assert_same_lora(resumed, uninterrupted["trainer"].backend.lora_state_dict(), ToyBackend().lora_state_dict())
+
+
+def test_a_resume_error_on_one_rank_ends_every_rank_with_the_error_and_no_checkpoint(failing_ranks):
+    root, _ = failing_ranks
+    for reporter in (0, 1):
+        error = json.loads((root / "fail_resume" / f"error_rank{reporter}.json").read_text())
+        assert error["type"] == "RankFailed" and error["failed_ranks"] == [1], error
+        assert "rank 1: CheckpointError in resume: " in error["text"] and "no_such_checkpoint" in error["text"], error
+        assert error["checkpoint"] is None                  # nothing trained: nothing to keep
+    out = root / "fail_resume" / "out"
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()   # rank 0 wrote nothing
 
 
 def test_error_messages_cross_ranks_as_fixed_size_utf8():
