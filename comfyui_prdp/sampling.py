@@ -60,9 +60,24 @@ def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.
 
 
 def concat_cond(a: Cond, b: Cond) -> Cond:
+    """The rows of `a` then those of `b` (CFG's uncond and cond in one batch). Token axes of
+    different lengths (a prompt over 75 CLIP tokens: 154 against 77) are repeated to their lcm
+    when the conds carry each row's true length ("context_tokens": the backend evaluates each
+    row at it, or on cross-attention where whole-block repetition is exact)."""
     if a.keys() != b.keys():
         raise ValueError(f"conditionings have different keys: {sorted(a)} vs {sorted(b)}")
-    return {key: torch.cat([a[key], b[key]]) for key in a}
+    out = {}
+    for key in a:
+        x, y = a[key], b[key]
+        if x.shape[1:] != y.shape[1:]:
+            if "context_tokens" not in a or x.dim() < 2 or x.shape[2:] != y.shape[2:]:
+                raise ValueError(f"conditionings' '{key}' have shapes {tuple(x.shape[1:])} and {tuple(y.shape[1:])} "
+                                 "per row; encode both with one text encoder (a cond without true token counts "
+                                 "'context_tokens' cannot be batched at different lengths)")
+            length = math.lcm(x.shape[1], y.shape[1])
+            x, y = (v.repeat(1, length // v.shape[1], *([1] * (v.dim() - 2))) for v in (x, y))
+        out[key] = torch.cat([x, y])
+    return out
 
 
 def index_cond(cond: Cond, index: torch.Tensor) -> Cond:

@@ -406,13 +406,30 @@ def resolve_targets(module_names: Sequence[str], targets: Sequence[str]) -> tupl
 
 
 def repeat_to_length(context: torch.Tensor, length: int) -> torch.Tensor:
-    """[1, L, D] -> [1, length, D] by repeating whole token blocks (ComfyUI batches
-    conditionings of different lengths this way; attention is unchanged by it)."""
+    """[n, L, ...] -> [n, length, ...] by repeating whole token blocks (ComfyUI batches
+    conditionings of different lengths this way; cross-attention is unchanged by it)."""
     if context.shape[1] == length:
         return context
     if length % context.shape[1]:
         raise ValueError(f"cannot repeat a conditioning of length {context.shape[1]} to {length}")
-    return context.repeat(1, length // context.shape[1], 1)
+    return context.repeat(1, length // context.shape[1], *([1] * (context.dim() - 2)))
+
+
+#: conditioning extras of ComfyUI's text encoders passed to the model per row, sliced with the
+#: context to each row's true token count ([1, tokens] masks: Qwen-Image, Lumina2/Z-Image, Chroma, ...)
+TOKEN_EXTRAS = ("attention_mask",)
+
+
+def row_groups(cond: Cond) -> List[List[int]]:
+    """Rows of `cond` that one model call may evaluate together, exactly as each alone: the
+    same true token count ("context_tokens") and the same token extras (an attention mask
+    is one per call: Lumina2 reads its sum as num_tokens)."""
+    tokens = cond["context_tokens"].tolist()
+    groups: "collections.OrderedDict[tuple, List[int]]" = collections.OrderedDict()
+    for row, count in enumerate(tokens):
+        key = (count,) + tuple(tuple(cond[k][row, :count].flatten().tolist()) for k in TOKEN_EXTRAS if k in cond)
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
 
 
 class ComfyBackend(Backend):
@@ -610,9 +627,18 @@ class ComfyBackend(Backend):
         with self.interrupts_as_stop():
             rows = [self._encode_one(p) for p in prompts]
         length = math.lcm(*[row["context"].shape[1] for row in rows])
-        cond = {"context": torch.cat([repeat_to_length(r["context"], length) for r in rows])}
+        cond = {"context": torch.cat([repeat_to_length(r["context"], length) for r in rows]),
+                # each row's true token count: joint-attention models are evaluated at it (denoise)
+                "context_tokens": torch.tensor([r["context"].shape[1] for r in rows], dtype=torch.int64)}
         if all("pooled_output" in r for r in rows):
             cond["pooled_output"] = torch.cat([r["pooled_output"] for r in rows])
+        for key in TOKEN_EXTRAS:
+            present = [key in r for r in rows]
+            if any(present) and not all(present):
+                raise ValueError(f"the text encoder gave a '{key}' for some prompts and not for others; "
+                                 "use one CLIP for all prompts")
+            if all(present):
+                cond[key] = torch.cat([repeat_to_length(r[key], length) for r in rows])
         return {key: value.to(self.device) for key, value in cond.items()}
 
     def _encode_one(self, prompt: str) -> Dict[str, torch.Tensor]:
@@ -629,28 +655,84 @@ class ComfyBackend(Backend):
                 raise ValueError("this model needs the text encoder's pooled output, which the CLIP did not give")
             if self._pass_pooled and pooled is not None:
                 row["pooled_output"] = pooled.detach().float().cpu().clone().reshape(1, -1)
+            row.update(self._token_extras(extras, context))
         self._prompt_cache[prompt] = row
         while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         return row
 
-    def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """ComfyUI's denoised x0 for x in sigma space, through calc_cond_batch."""
-        import comfy.samplers
+    def _token_extras(self, extras: dict, context: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The conditioning extras passed to the model per row (TOKEN_EXTRAS); any other extra
+        the encoder gives would be dropped, so the model would be trained on a conditioning
+        KSampler does not use: refused in one line, before any model work."""
+        row = {}
+        for key, value in extras.items():
+            if key == "pooled_output" or not isinstance(value, torch.Tensor):
+                continue      # scheduling entries (clip_start_percent, hooks): not model inputs
+            if key not in TOKEN_EXTRAS:
+                raise ValueError(f"the text encoder of this {self.model_name} model gives a '{key}' conditioning "
+                                 "extra, which PRDP does not pass to the model; train with a CLIP whose "
+                                 "conditioning has only pooled_output / attention_mask extras")
+            if value.dim() != 2 or value.shape[0] != 1 or value.shape[1] != context.shape[1]:
+                raise ValueError(f"the text encoder's '{key}' extra of shape {tuple(value.shape)} "
+                                 f"is not one mask over the {context.shape[1]} text tokens of {self.model_name}")
+            row[key] = value.detach().cpu().clone()
+        return row
 
+    def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """ComfyUI's denoised x0 for x in sigma space, through calc_cond_batch.
+
+        Flow transformers (and any model given token extras) attend jointly over text and
+        image tokens, so a context repeated to a common length changes their output: rows are
+        evaluated in groups of one true token count (row_groups), context and masks sliced
+        to it, each row as the model gives it alone. UNets attend to the text by
+        cross-attention, where repeating whole token blocks leaves softmax attention
+        unchanged (ComfyUI batches this way too): one call on the repeated context, faster."""
         if not self._is_loaded(x_sigma.shape[0]):
             self._load(tuple(x_sigma.shape))
-        base = self.patcher.model
-        entry = {"cross_attn": cond["context"].to(x_sigma.device), "model_conds": {}, "uuid": uuid.uuid4()}
-        if "pooled_output" in cond:
-            entry["pooled_output"] = cond["pooled_output"].to(x_sigma.device)
-        if self.guidance is not None:
-            entry["guidance"] = self.guidance              # as FluxGuidance writes it
+        joint = self.sampling_kind == "flow" or any(k in cond for k in TOKEN_EXTRAS)
         copies = saved_tensor_copies() if self.sampling_kind == "flow" and torch.is_grad_enabled() \
             else contextlib.nullcontext()
         with self._model_call(), copies:
-            conds = comfy.samplers.encode_model_conds(base.extra_conds, [entry], x_sigma, x_sigma.device, "positive")
-            return comfy.samplers.calc_cond_batch(base, [conds], x_sigma, sigma, self._model_options)[0]
+            if not joint or "context_tokens" not in cond:
+                return self._denoise_rows(x_sigma, sigma, cond, None)
+            groups = row_groups(cond)
+            if len(groups) == 1 and int(cond["context_tokens"][0]) == cond["context"].shape[1]:
+                return self._denoise_rows(x_sigma, sigma, cond, None)
+            outputs, order = [], []
+            for rows in groups:
+                outputs.append(self._denoise_rows(x_sigma, sigma, cond, rows))
+                order += rows
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            return torch.cat(outputs)[inverse.to(outputs[0].device)]
+
+    def _denoise_rows(self, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: Cond,
+                      rows: Optional[List[int]]) -> torch.Tensor:
+        """One calc_cond_batch call on `rows` (all rows when None), the context and token
+        extras sliced to the rows' common true token count (one mask row: ComfyUI repeats it)."""
+        import comfy.samplers
+
+        device = x_sigma.device
+        context = cond["context"].to(device)
+        if rows is not None:
+            index = torch.tensor(rows, device=device)
+            tokens = int(cond["context_tokens"][rows[0]])
+            x_sigma, sigma, context = x_sigma[index], sigma[index], context[index, :tokens]
+        entry = {"cross_attn": context, "model_conds": {}, "uuid": uuid.uuid4()}
+        if "pooled_output" in cond:
+            pooled = cond["pooled_output"].to(device)
+            entry["pooled_output"] = pooled if rows is None else pooled[index]
+        for key in TOKEN_EXTRAS:
+            if key in cond:
+                value = cond[key].to(device)
+                first = 0 if rows is None else rows[0]        # the rows share it (row_groups)
+                entry[key] = value[first:first + 1, :value.shape[1] if rows is None else tokens]
+        if self.guidance is not None:
+            entry["guidance"] = self.guidance              # as FluxGuidance writes it
+        base = self.patcher.model
+        conds = comfy.samplers.encode_model_conds(base.extra_conds, [entry], x_sigma, device, "positive")
+        return comfy.samplers.calc_cond_batch(base, [conds], x_sigma, sigma, self._model_options)[0]
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """VP: the noise prediction at integer timesteps t; flow: the denoised x0 at sigmas t
