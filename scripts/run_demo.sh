@@ -5,8 +5,9 @@
 # `bash scripts/run_demo.sh --world` runs the miniature-world demo instead: the embedded
 # world model (captioned 32 px scenes) on the world-alignment reward, evaluated on captions it
 # never saw. First use pretrains the world model and its scorer (cached in $PRDP_CACHE_DIR, else
-# ~/.cache/comfyui-prdp). PRDP does not yet raise unseen-prompt alignment clear of noise there
-# (see the README), so it is not the default.
+# ~/.cache/comfyui-prdp). Settings: the world-demo preset (config.py). PRDP does not yet raise
+# unseen-prompt alignment clear of noise there (it learns the training captions' shape-colour
+# pairs at the unseen pairs' expense; see the README), so it is not the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -14,7 +15,7 @@ OUT="runs/demo-$(date +%Y%m%d-%H%M%S)"
 if [ "${1:-}" = "--world" ]; then
     shift
     .venv/bin/python -m comfyui_prdp train --out "$OUT" --base embedded-world --reward world-alignment \
-        --preset cpu-smoke --width 32 --height 32 --prompts-per-epoch 8 --learning-rate 0.01 --beta 0.01 "$@"
+        --preset world-demo "$@"
     echo "see $OUT/before_after.png (unseen prompts), $OUT/reward_curve.png and $OUT/held_out.json"
     exit 0
 fi

@@ -88,3 +88,17 @@ def test_pretrained_samples_follow_the_prompt_often_but_not_always():
                + f"), all six right {every.all(0).float().mean():.0%}")
     assert every.float().mean() >= ATTRIBUTE_WINS_AT_LEAST, summary
     assert every.all(0).float().mean() <= ALL_RIGHT_AT_MOST, summary
+
+
+def test_world_demo_preset_puts_the_lora_on_self_attention_only():
+    """The world-demo preset (config.py) trains self-attention only: its targets must match
+    layers of the world UNet, and none of the cross-attention (the text side, which learned
+    the training shape-colour pairs at the unseen pairs' expense)."""
+    from comfyui_prdp.backends.diffusers_backend import DiffusersBackend
+    from comfyui_prdp.config import preset
+
+    config = preset("world-demo")
+    backend = DiffusersBackend.from_components(**build_world_pipeline(0, pretrained=False), config=config)
+    names = [name for name, p in backend.unet.named_parameters() if p.requires_grad]
+    assert names and all(".attn1." in name and "lora_" in name for name in names), names[:4]
+    assert len(names) == 2 * 4 * sum(1 for n, _ in backend.unet.named_modules() if n.endswith(".attn1"))
