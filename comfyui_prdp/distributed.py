@@ -14,15 +14,21 @@ is ever unpickled. An error on one rank reaches the others as a flag in these co
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, List, Optional, Sequence
 
 import torch
 
 #: torchrun's environment variables
 ENV_RANK, ENV_WORLD, ENV_LOCAL_RANK = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+#: minutes a rank waits in a collective for the others before the run aborts (NCCL's own
+#: default, 10, is shorter than rank 0's held-out evaluation of a large model)
+ENV_TIMEOUT = "PRDP_DIST_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 60.0
 
 
 class DistributedError(RuntimeError):
@@ -191,19 +197,37 @@ def rank_device(requested: Optional[str], local_rank: int) -> str:
     return f"cuda:{local_rank}" if requested == "cuda" else requested
 
 
+def collective_timeout(environ=os.environ) -> timedelta:
+    """How long a rank waits in a collective: $PRDP_DIST_TIMEOUT_MINUTES, default 60 minutes."""
+    text = environ.get(ENV_TIMEOUT, "").strip()
+    if not text:
+        return timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise DistributedError(f"{ENV_TIMEOUT}={text!r}: give the minutes a rank may wait for the others as a "
+                               f"positive number (default {DEFAULT_TIMEOUT_MINUTES:g})")
+    return timedelta(minutes=minutes)
+
+
 def init_from_env(device: str, environ=os.environ) -> Distributed:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT): NCCL when this rank computes on a GPU, gloo otherwise."""
+    MASTER_PORT): NCCL when this rank computes on a GPU, gloo otherwise; collectives wait up
+    to collective_timeout() for the slowest rank."""
     try:
         rank, world, local_rank = (int(environ[k]) for k in (ENV_RANK, ENV_WORLD, ENV_LOCAL_RANK))
     except (KeyError, ValueError):
         raise DistributedError("WORLD_SIZE > 1 but RANK/LOCAL_RANK are missing: start the ranks with "
                                "torchrun --nproc_per_node=G -m comfyui_prdp train ...") from None
+    timeout = collective_timeout(environ)
     use_nccl = device.startswith("cuda")
     if use_nccl:
         torch.cuda.set_device(torch.device(device))
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=world)
+        torch.distributed.init_process_group("nccl" if use_nccl else "gloo", rank=rank, world_size=world,
+                                             timeout=timeout)
     return Distributed(rank, world, local_rank, torch.device(device) if use_nccl else torch.device("cpu"))
 
 

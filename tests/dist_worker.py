@@ -4,14 +4,16 @@ job's LoRA, metrics and outcome under the job's folder, per rank."""
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from comfyui_prdp.config import TrainConfig
-from comfyui_prdp.distributed import Distributed
+from comfyui_prdp.distributed import Distributed, init_from_env
 from comfyui_prdp.heldout import HeldOutMonitor, held_out_split
 from comfyui_prdp.trainer import Trainer
 from toy_backend import BrightnessReward, ToyBackend
@@ -115,3 +117,25 @@ def main(rank: int, world: int, init_file: str, jobs_file: str) -> None:
         torch.distributed.destroy_process_group()
     if failed:
         raise SystemExit(f"rank {rank}: jobs {failed} failed")
+
+
+def timeout_main(rank: int, world: int, port: int, folder: str) -> None:
+    """Join as torchrun's ranks do (init_from_env, $PRDP_DIST_TIMEOUT_MINUTES from the parent);
+    rank 0 waits in an all-reduce rank 1 never joins and records how long until it raised;
+    rank 1 stays alive (so no closed connection ends the wait) until that record exists."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    init_from_env("cpu")
+    record = Path(folder) / "rank0_wait.json"
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            torch.distributed.all_reduce(torch.zeros(1))
+            outcome = "returned"
+        except Exception as error:      # noqa: BLE001 - recorded for the test to judge
+            outcome = f"{type(error).__name__}: {str(error)[:300]}"
+        record.write_text(json.dumps({"seconds": time.monotonic() - start, "outcome": outcome}))
+    else:
+        deadline = time.monotonic() + 120
+        while not record.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)

@@ -9,10 +9,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 
 import dist_worker
 from comfyui_prdp.checkpoints import read_checkpoint
-from comfyui_prdp.distributed import SINGLE, Distributed, DistributedError, rank_device
+from comfyui_prdp.distributed import SINGLE, Distributed, DistributedError, collective_timeout, rank_device
 from comfyui_prdp.stop_signals import check_stop_file, stop_requests
 from comfyui_prdp.trainer import Trainer, trajectory_generators
 from toy_backend import BrightnessReward, ToyBackend
@@ -319,6 +321,35 @@ def test_a_trajectory_noise_does_not_depend_on_its_batch():
     first = [g.initial_seed() for g in trajectory_generators(3, 1, range(4))]
     assert len(set(first)) == 4 and first == [g.initial_seed() for g in trajectory_generators(3, 1, range(4))]
     assert first != [g.initial_seed() for g in trajectory_generators(3, 2, range(4))]
+
+
+def test_the_collective_timeout_defaults_to_an_hour_and_is_set_by_an_environment_variable():
+    assert collective_timeout({}) == timedelta(minutes=60)
+    assert collective_timeout({"PRDP_DIST_TIMEOUT_MINUTES": "90"}) == timedelta(minutes=90)
+    assert collective_timeout({"PRDP_DIST_TIMEOUT_MINUTES": " 0.5 "}) == timedelta(seconds=30)
+    for bad in ("0", "-5", "nan", "inf", "an hour"):
+        with pytest.raises(DistributedError, match="PRDP_DIST_TIMEOUT_MINUTES=.*positive number"):
+            collective_timeout({"PRDP_DIST_TIMEOUT_MINUTES": bad})
+
+
+def test_a_rank_waits_in_a_collective_for_the_timeout_the_environment_gives(tmp_path, monkeypatch):
+    """The timeout reaches the process group: rank 0 waits ~3 s (0.05 min) for rank 1 (gloo's
+    own default: 30 min, NCCL's 10 min; a big model's rank-0 evaluation takes longer)."""
+    monkeypatch.setenv("PRDP_DIST_TIMEOUT_MINUTES", "0.05")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.start_processes(dist_worker.timeout_main, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    for process in context.processes:
+        process.join(90)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    record = tmp_path / "rank0_wait.json"
+    assert record.is_file(), "rank 0 was still waiting after 90 s: the timeout did not reach the process group"
+    wait = json.loads(record.read_text())
+    assert wait["outcome"] != "returned" and 2.5 <= wait["seconds"] < 30, wait
 
 
 def test_rank_device():
