@@ -298,12 +298,13 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     from .distributed import SINGLE
     from .evaluation import evaluate_reward
     from .plots import comparison_grid, reward_curve
-    from .rank_faults import RankFailed
+    from .rank_faults import RankFailed, RankFaults
     from .rewards.remote import RewardServerError
     from .trainer import Trainer
 
     dist = dist or SINGLE
     evaluate = not args.no_eval and dist.is_main
+    faults = RankFaults(dist)     # distributed: rank 0's evaluation error ends every rank (rank_faults.py)
     prompts, held_out = split_held_out(args, config, prompts)   # before any model loads
     if held_out is not None and args.eval_prompts_file:
         from .heldout import shared_prompts
@@ -324,11 +325,21 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
             raise SystemExit(f"error: {error}")
         if evaluate:
             eval_prompts, eval_seeds = held_out_set(args.base)
-            before, before_images = evaluate_reward(backend, reward, eval_prompts, eval_seeds, config, lora=False)
+            faults.phase = "the held-out evaluation before training"
+            before, before_images = faults.attempt(evaluate_reward, backend, reward, eval_prompts, eval_seeds, config,
+                                                   lora=False) or (None, None)
     except KeyboardInterrupt:
         print(f"interrupted before training started: nothing to keep; run the same command again to start "
               f"over in {args.out}", file=sys.stderr)
         return 130
+    if dist.enabled:      # rank 0's evaluation outcome reaches every rank before the Trainer's first collective
+        try:
+            faults.check(dist.any(faults.failed))
+        except RankFailed as failure:
+            if failure.__cause__ is not None and not isinstance(failure.__cause__, RewardServerError):
+                traceback.print_exception(failure.__cause__, file=sys.stderr)
+            print(f"error: {failure}", file=sys.stderr)
+            return 2
     printer = ProgressPrinter(config.epochs, enabled=dist.is_main)
     trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer, distributed=dist)
     if held_out is not None:

@@ -495,3 +495,30 @@ def test_torchrun_a_reward_error_on_one_rank_ends_both_ranks_with_a_checkpoint(t
     assert f"checkpoint: {checkpoint}" in run.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [checkpoint.name]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+class AlwaysFails(BrightnessReward):
+    """Served over HTTP: every request fails. Rank 0's held-out evaluation before training is
+    the first scoring of a run, so that is where the run fails."""
+
+    def score_with_components(self, images, prompts):
+        raise RuntimeError("the reward model crashed before training (simulated)")
+
+
+def test_torchrun_an_error_in_rank_zeros_evaluation_before_training_ends_both_ranks(tmp_path):
+    """Rank 0 alone evaluates before training; its error reaches rank 1 (waiting to start the
+    Trainer) as the protocol's RankFailed, instead of a closed connection or a hang."""
+    from comfyui_prdp.reward_server import RewardServer
+    server = RewardServer(AlwaysFails(), "127.0.0.1", 0)
+    url = server.start()
+    try:
+        out = tmp_path / "run"
+        args = [a for a in EMBEDDED_RUN if a != "--no-eval"]
+        run = torchrun_cli([*args, "--reward", url, "--out", str(out)], tmp_path)
+    finally:
+        server.stop()
+    assert run.returncode != 0, run.stderr[-3000:]
+    assert run.stderr.count("error: rank 0 failed, so every rank stopped at the same point:") == 2, run.stderr[-3000:]
+    assert "rank 0: RewardServerError in the held-out evaluation before training:" in run.stderr, run.stderr[-3000:]
+    assert "Connection closed" not in run.stderr
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()     # nothing trained
