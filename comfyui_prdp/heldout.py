@@ -154,6 +154,18 @@ class HeldOutMonitor:
                 "eval/best_reward_mean": self.best["eval"], "eval/best_epoch": self.best["epoch"],
                 "eval/is_best": is_best, "eval/divergence_strikes": self.strikes}
 
+    def record(self, trainer: "Trainer", eval_mean: float, train_mean: float) -> Tuple[Dict[str, Any], Optional[Path]]:
+        """observe() the trainer's epoch, then save_best() a new best: (its metrics, the best
+        folder written or None). Kept only once best/ holds a new best: a failed write restores
+        the state before, so it (and a checkpoint of it) never names a best best/ lacks."""
+        before = self.state_dict()
+        metrics = self.observe(trainer.epoch, eval_mean, train_mean)
+        try:
+            return metrics, self.save_best(trainer) if metrics["eval/is_best"] else None
+        except BaseException:
+            self.load_state_dict(before)
+            raise
+
     # --- state (in every checkpoint, so a resume keeps the best so far) ---------------
     def state_dict(self) -> Dict[str, Any]:
         return {"evaluations": [dict(e) for e in self.evaluations],

@@ -222,13 +222,12 @@ class Trainer:
         mean, std, _ = monitor.evaluate(self)
         previous = monitor.evaluations[-1]["epoch"] if monitor.evaluations else 0
         since = [m["reward_mean"] for m in self.metrics if m["epoch"] > previous]   # since the last one
-        metrics.update(monitor.observe(self.epoch, mean, sum(since) / len(since)))
+        found, best = monitor.record(self, mean, sum(since) / len(since))    # best/ written before it counts
+        metrics.update(found)
         metrics["eval/reward_std"] = std
         metrics["seconds_eval"] = round(time.perf_counter() - start, 4)
-        if metrics["eval/is_best"]:
-            best = monitor.save_best(self)
-            if best is not None:
-                self.callback({"type": "best", "epoch": self.epoch, "path": str(best)})
+        if best is not None:
+            self.callback({"type": "best", "epoch": self.epoch, "path": str(best)})
         self.callback({"type": "eval", "epoch": self.epoch,
                        "metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")}})
 
