@@ -11,7 +11,7 @@
 import pytest
 import torch
 
-from comfy_inprocess import comfy_dirs, import_comfy, in_thread, load_tiny_sd15, make_backend, randomize_lora  # noqa: F401
+from comfy_inprocess import import_comfy, in_thread, load_tiny_sd15, make_backend, randomize_lora
 
 import_comfy()
 
@@ -81,8 +81,9 @@ def alone_x0(backend, clip, prompt, x, sigma):
         comfy.model_management.load_models_gpu([backend.patcher])
         model = backend.patcher.model
         kwargs = {}
-        if "attention_mask" in extras and "attention_mask" in model.extra_conds(attention_mask=extras["attention_mask"]):
-            kwargs["attention_mask"] = extras["attention_mask"]       # this ComfyUI's Qwen-Image reads it
+        mask = extras.get("attention_mask")
+        if mask is not None and "attention_mask" in model.extra_conds(attention_mask=mask):
+            kwargs["attention_mask"] = mask       # this ComfyUI's Qwen-Image reads it (not 0.3.64's)
         v = model.diffusion_model(x, sigma.float(), context=context.float(), **kwargs)
     return x - sigma.view(-1, *[1] * (x.dim() - 1)).float() * v.float()
 
@@ -163,5 +164,35 @@ def test_an_unknown_conditioning_extra_is_refused_before_training():
     try:
         with pytest.raises(ValueError, match="'conditioning_llama3' conditioning extra"):
             in_thread(lambda: backend.encode_prompts(["a cat"]))
+    finally:
+        backend.release()
+
+
+def test_lora_gradients_of_grouped_rows_are_those_of_each_row_alone():
+    """Training goes through the row groups too: d(sum of batched x0)/d(LoRA) is the sum of the
+    per-prompt gradients (rows put back in their order, none lost or doubled)."""
+    family = qwen_with(VariableLengthClip)
+    backend = make_backend(family)
+    try:
+        randomize_lora(backend)
+        params = backend.trainable_parameters()
+        x = torch.randn(3, *backend.latent_shape(32, 32), generator=torch.Generator().manual_seed(7))
+        sigma = torch.tensor([0.8, 0.5, 0.2], dtype=torch.float64)
+        weights = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(8))
+
+        def gradients(prompts, rows):
+            def body():
+                backend.prepare_for_training()
+                cond = backend.encode_prompts(prompts)
+                loss = (backend.predict(x[rows], sigma[rows], cond) * weights[rows]).sum()
+                return [g.detach().clone() for g in torch.autograd.grad(loss, params)]
+            return in_thread(body)
+
+        batched = gradients(PROMPTS, [0, 1, 2])
+        alone = [gradients([p], [i]) for i, p in enumerate(PROMPTS)]
+        for i, total in enumerate(batched):
+            expected = sum(a[i] for a in alone)
+            assert torch.allclose(total, expected, atol=1e-5, rtol=1e-4), (total - expected).abs().max()
+        assert max(g.abs().max() for g in batched) > 0
     finally:
         backend.release()
