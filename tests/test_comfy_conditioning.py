@@ -8,6 +8,8 @@
   row's text tokens to a common length changes a joint-attention model's output).
 - An encoder giving an attention_mask extra: passed to the model per row, as KSampler does.
 """
+import math
+
 import pytest
 import torch
 
@@ -21,6 +23,9 @@ import comfy.sd1_clip  # noqa: E402
 from comfy_tiny_families import Family  # noqa: E402
 from comfy_tiny_flow import TinyQwenStandInClip, _clip, tiny_flow_family  # noqa: E402
 from comfyui_prdp.backends.comfy_backend import ComfyBackend  # noqa: E402
+from comfyui_prdp.config import TrainConfig  # noqa: E402
+from comfyui_prdp.trainer import Trainer  # noqa: E402
+from toy_backend import BrightnessReward  # noqa: E402
 from comfyui_prdp.sampling import concat_cond, guided_prediction  # noqa: E402
 
 END_TOKEN = 49407       # CLIP's end token; SD1Tokenizer pads with it
@@ -194,5 +199,28 @@ def test_lora_gradients_of_grouped_rows_are_those_of_each_row_alone():
             expected = sum(a[i] for a in alone)
             assert torch.allclose(total, expected, atol=1e-5, rtol=1e-4), (total - expected).abs().max()
         assert max(g.abs().max() for g in batched) > 0
+    finally:
+        backend.release()
+
+
+@pytest.mark.parametrize("kind", ["sd15 long prompt", "qwen-image variable length"])
+def test_training_at_cfg_runs_on_policy_with_prompts_of_different_lengths(kind, sd15, tmp_path):
+    """An epoch at cfg 3 with the (shorter) negative prompt: sampling, re-evaluation and the
+    update all batch rows of different lengths; the re-evaluated log-probs are the recorded ones."""
+    if kind.startswith("sd15"):
+        model, clip, vae = sd15
+        family, prompts, size = Family(model, clip, vae, "sd15"), ["a cat", LONG_PROMPT], 64
+    else:
+        family, prompts, size = qwen_with(VariableLengthClip), PROMPTS[:2], 32
+    config = TrainConfig(epochs=1, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1, steps=3, cfg=3.0,
+                         beta=0.05, clip_range=0.05, learning_rate=0.05, lora_rank=2, width=size, height=size,
+                         sample_batch_size=4, train_batch_size=4, seed=5).validate()
+    backend = make_backend(family)
+    try:
+        result = in_thread(Trainer(backend, BrightnessReward(), prompts, config, out_dir=tmp_path / "run").run)
+        assert result.epochs_done == 1 and not result.stopped
+        metrics = result.metrics[0]
+        assert metrics["onpolicy_max_diff"] < 1e-5, metrics["onpolicy_max_diff"]
+        assert all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm"))
     finally:
         backend.release()
