@@ -338,6 +338,7 @@ def results_record(args, chosen: dict, sets: Dict[str, List[str]], unseen: Unsee
         "settings": {**chosen, "preset": args.preset, "quick": args.quick, "seeds": args.seeds,
                      "clip_range_by_algorithm": {a: train_config(chosen, args, a, 0).clip_range
                                                  for a in args.algorithms}},
+        "train_config": {a: train_config(chosen, args, a, args.seeds[0]).to_dict() for a in args.algorithms},
         "prompt_sets": {size: {"size": len(sets[size]), "first": sets[size][:SMALL_SET_SIZE]} for size in sets},
         "unseen": {"prompts": unseen.prompts, "seeds": unseen.seeds},
         "base": {"unseen_reward": base["reward"].mean().item(), **base["measures"]},

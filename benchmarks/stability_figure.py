@@ -33,7 +33,7 @@ def curve_panel(rows: Sequence[dict], title: str, low: float, high: float) -> Im
         _, y = xy(0, value)
         draw.line([(left, y), (right, y)], fill=GRID)
         draw.text((4, y - 7), f"{value:.3f}", fill=INK, font=font)
-    draw.text(((left + right) // 2 - 40, bottom + 20), f"epoch (0..{last_epoch})", fill=INK, font=font)
+    draw.text((right - 90, bottom + 20), f"epoch (0..{last_epoch})", fill=INK, font=font)
     for row in rows:
         colour = COLOURS.get(row["algorithm"], INK)
         points = [xy(p["epoch"], p["unseen_reward"]) for p in row["curve"]]
@@ -41,10 +41,10 @@ def curve_panel(rows: Sequence[dict], title: str, low: float, high: float) -> Im
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-    for k, (name, colour) in enumerate(COLOURS.items()):
-        y = top + 8 + 14 * k
-        draw.line([(left + 8, y + 6), (left + 26, y + 6)], fill=colour, width=2)
-        draw.text((left + 30, y), name, fill=INK, font=font)
+    for k, (name, colour) in enumerate(COLOURS.items()):     # the legend, under the plot
+        x = left + 100 * k
+        draw.line([(x, bottom + 27), (x + 18, bottom + 27)], fill=colour, width=2)
+        draw.text((x + 22, bottom + 20), name, fill=INK, font=font)
     return image
 
 
