@@ -71,13 +71,7 @@ def group_by_module(state: Dict[str, object], module_names: Iterable[str],
             unknown.append(key)
             continue
         grouped.setdefault(module_name, {})[suffix] = value
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise ValueError(f"{len(unknown)} LoRA key(s) match no adapted module of this model: {shown}")
-    incomplete = sorted(m for m, parts in grouped.items() if DOWN not in parts or UP not in parts)
-    if incomplete:
-        raise ValueError(f"LoRA modules missing lora_down or lora_up weights: {', '.join(incomplete[:5])}")
-    return grouped
+    return _checked_groups(grouped, unknown, DOWN, UP)
 
 
 # --- diffusers/peft naming (flow transformers: SD3, Flux) --------------------------------
@@ -116,10 +110,17 @@ def group_peft_by_module(state: Dict[str, object], module_names: Iterable[str],
             unknown.append(key)
             continue
         grouped.setdefault(module_name, {})[suffix] = value
+    return _checked_groups(grouped, unknown, PEFT_DOWN, PEFT_UP)
+
+
+def _checked_groups(grouped: Dict[str, Dict[str, object]], unknown: list, down: str, up: str,
+                    ) -> Dict[str, Dict[str, object]]:
+    """`grouped` once no key was left unknown and every module has both its `down` and `up`."""
     if unknown:
         shown = ", ".join(sorted(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ValueError(f"{len(unknown)} LoRA key(s) match no adapted module of this model: {shown}")
-    incomplete = sorted(m for m, parts in grouped.items() if PEFT_DOWN not in parts or PEFT_UP not in parts)
+    incomplete = sorted(m for m, parts in grouped.items() if down not in parts or up not in parts)
     if incomplete:
-        raise ValueError(f"LoRA modules missing lora_A or lora_B weights: {', '.join(incomplete[:5])}")
+        raise ValueError(f"LoRA modules missing {down.split('.')[0]} or {up.split('.')[0]} weights: "
+                         f"{', '.join(incomplete[:5])}")
     return grouped
