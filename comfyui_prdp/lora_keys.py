@@ -124,3 +124,13 @@ def _checked_groups(grouped: Dict[str, Dict[str, object]], unknown: list, down: 
         raise ValueError(f"LoRA modules missing {down.split('.')[0]} or {up.split('.')[0]} weights: "
                          f"{', '.join(incomplete[:5])}")
     return grouped
+
+
+def require_every_module(grouped: Dict[str, Dict[str, object]], module_names: Iterable[str],
+                         ) -> Dict[str, Dict[str, object]]:
+    """`grouped` once it has every one of `module_names` (a LoRA made with other lora_targets lacks some)."""
+    missing = sorted(set(module_names) - set(grouped))
+    if missing:
+        raise ValueError(f"the LoRA lacks {len(missing)} of this model's adapted modules "
+                         f"(e.g. {missing[0]}): it was made with other lora_targets")
+    return grouped

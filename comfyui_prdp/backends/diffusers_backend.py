@@ -253,11 +253,7 @@ class DiffusersBackend(Backend):
         An `.alpha` different from this backend's is folded into lora_up, so the loaded
         LoRA has exactly the effect it had where it was saved.
         """
-        grouped = lora_keys.group_by_module(state, self._lora_layers)
-        missing = sorted(set(self._lora_layers) - set(grouped))
-        if missing:
-            raise ValueError(f"the LoRA lacks {len(missing)} of this model's adapted modules "
-                             f"(e.g. {missing[0]}): it was made with other lora_targets")
+        grouped = lora_keys.require_every_module(lora_keys.group_by_module(state, self._lora_layers), self._lora_layers)
         for module_name, parts in grouped.items():
             layer = self._lora_layers[module_name]
             down_param = layer.lora_A[ADAPTER_NAME].weight

@@ -210,11 +210,7 @@ class DiffusersFlowBackend(DiffusersBackend):
     @torch.no_grad()
     def load_lora_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         """Inverse of `lora_state_dict` (same modules and rank); the file's lora_B holds the scale."""
-        grouped = lora_keys.group_peft_by_module(state, self._lora_layers)
-        missing = sorted(set(self._lora_layers) - set(grouped))
-        if missing:
-            raise ValueError(f"the LoRA lacks {len(missing)} of this model's adapted modules "
-                             f"(e.g. {missing[0]}): it was made with other lora_targets")
+        grouped = lora_keys.require_every_module(lora_keys.group_peft_by_module(state, self._lora_layers), self._lora_layers)
         for module_name, parts in grouped.items():
             layer = self._lora_layers[module_name]
             down_param, up_param = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
