@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -607,24 +608,36 @@ SD35_WORKFLOW = harness.REPO_ROOT / "example_workflows" / "train_and_compare_sd3
 
 def _tiny_checkpoint_in_server(kind: str, server, tmp_path_factory) -> str:
     """The tiny `kind` checkpoint (tests/comfy_tiny_checkpoints.py) in the server's
-    checkpoints folder; its name."""
+    checkpoints folder; its path."""
     from comfy_tiny_checkpoints import cached_tiny_checkpoint
 
     path = cached_tiny_checkpoint(kind, tmp_path_factory.getbasetemp() / "comfy_harness_cache", server.comfyui_root)
     link = server.checkpoints_dir / path.name
     if not link.exists():
         link.symlink_to(path)
-    return path.name
+    return path
+
+
+def _discard_unless_kept(path: Path, server) -> None:
+    """Delete a tiny checkpoint and its link once its tests are done (about 2 GB each, one per
+    ComfyUI version), unless COMFY_HARNESS_CACHE_DIR asks to keep them across sessions."""
+    if not os.environ.get("COMFY_HARNESS_CACHE_DIR"):
+        (server.checkpoints_dir / path.name).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
 def sdxl_checkpoint(server, tmp_path_factory):
-    return _tiny_checkpoint_in_server("sdxl", server, tmp_path_factory)
+    path = _tiny_checkpoint_in_server("sdxl", server, tmp_path_factory)
+    yield path.name
+    _discard_unless_kept(path, server)
 
 
 @pytest.fixture(scope="module")
 def sd3_checkpoint(server, tmp_path_factory):
-    return _tiny_checkpoint_in_server("sd3", server, tmp_path_factory)
+    path = _tiny_checkpoint_in_server("sd3", server, tmp_path_factory)
+    yield path.name
+    _discard_unless_kept(path, server)
 
 
 def _run_shipped_checkpoint_workflow(server, path: Path, checkpoint: str, label: str) -> dict:
