@@ -10,6 +10,7 @@ and similar rewards can push either way. ~45 s on two CPU cores, once; then load
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,23 @@ DATA_VERSION = 1   # bump when synthetic_latents changes
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PRDP_CACHE_DIR", Path.home() / ".cache" / "comfyui-prdp"))
+
+
+#: CPU threads every cached pretraining runs with: the reduction order of torch's CPU kernels
+#: depends on the thread count, so without this a cache built under another OMP_NUM_THREADS
+#: (a test run, a 16-core machine) held different weights (up to 0.04) than a fresh build
+PRETRAIN_THREADS = 2
+
+
+@contextlib.contextmanager
+def fixed_threads(count: int = PRETRAIN_THREADS):
+    """Run the body with torch's intra-op thread count set to `count`, then restore it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def synthetic_latents(n: int, shape, generator: torch.Generator) -> torch.Tensor:

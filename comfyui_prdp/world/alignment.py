@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..embedded_pretrain import cache_dir
+from ..embedded_pretrain import cache_dir, fixed_threads
 from .grammar import ATTRIBUTES, Scene, all_scenes
 from .render import IMAGE_SIZE, render_batch
 
@@ -178,7 +178,8 @@ def load_or_train_alignment(seed: int = 0) -> AlignmentModel:
             except Exception:   # a broken cache file is rebuilt, never trusted
                 pass
         print(f"training the world-alignment scorer once (cached in {path.parent})", flush=True)
-        train_alignment(model, seed)
+        with fixed_threads():
+            train_alignment(model, seed)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values()):
         raise RuntimeError("world-alignment training produced non-finite weights; nothing was cached")

@@ -3,9 +3,15 @@
     "two small red circles on the left, black background"
 
 3 x 2 x 6 x 4 x 5 x 3 = 2,160 distinct captions. The held-out split is every caption whose
-(shape, colour) pair is one of HELD_OUT_PAIRS: those pairs never occur in a training caption,
-while each of their words does (in other pairs), so held-out prompts share words with the
-training prompts but not combinations.
+attribute indices sum to a multiple of HELD_OUT_MODULUS (299 of them, spread over every value of
+every attribute): no held-out caption is a training caption, while every word and every pair of
+words of a held-out caption (red + circle, circle + left, ...) occurs in training captions. So
+held-out prompts are new combinations of known parts.
+
+An earlier split held out four whole (shape, colour) pairs, which no training caption showed:
+finetuning on the training captions then taught their pairs at the expense of the unseen ones
+(unseen alignment fell while training alignment rose), which measured a conflict rather than
+generalisation.
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ BACKGROUNDS = ("black", "white", "gray")
 _COUNT_WORDS = {"one": "a", "two": "two", "three": "three"}
 _POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
                      "bottom": "at the bottom", "center": "in the center"}
-#: (shape, colour) pairs seen only in held-out captions; each shape and colour also occurs elsewhere
-HELD_OUT_PAIRS = (("circle", "green"), ("square", "yellow"), ("triangle", "cyan"), ("diamond", "purple"))
+#: a caption is held out when the sum of its attribute indices is a multiple of this
+HELD_OUT_MODULUS = 8
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class Scene:
 
     @property
     def held_out(self) -> bool:
-        return (self.shape, self.colour) in HELD_OUT_PAIRS
+        return sum(values.index(getattr(self, name)) for name, values in ATTRIBUTES.items()) % HELD_OUT_MODULUS == 0
 
 
 ATTRIBUTES = {"count": COUNTS, "size": SIZES, "colour": COLOURS, "shape": SHAPES,

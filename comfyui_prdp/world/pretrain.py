@@ -4,7 +4,7 @@ The UNet and the text encoder are trained together on renders of the TRAINING ca
 (held-out captions stay unseen) to predict the clean latents (x0, the scheduler's "sample"
 prediction type) from noised ones; the latents are the lossless pixel-unshuffled renders of a
 fixed pool, with 10 % empty captions so classifier-free guidance works.
-Deterministic for a seed on a given torch build. Cached in `$PRDP_CACHE_DIR` (else
+Deterministic for a seed on a given torch build and CPU (run on PRETRAIN_THREADS threads). Cached in `$PRDP_CACHE_DIR` (else
 `~/.cache/comfyui-prdp`) under a key of the configs, the seed and the schedule.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embedded_pretrain import cache_dir
+from ..embedded_pretrain import cache_dir, fixed_threads
 from .grammar import Scene, split_scenes
 from .render import render_batch
 
@@ -29,7 +29,7 @@ UNET_BATCH = 32
 UNET_LR = 1.5e-3
 POOL_SIZE = 6000           # renders whose latents the UNet phase samples from
 EMPTY_CAPTION_RATE = 0.1
-DATA_VERSION = 2           # bump when the grammar, the renderer or this recipe changes
+DATA_VERSION = 3           # bump when the grammar, the renderer or this recipe changes
 
 
 def _schedule() -> dict:
@@ -102,7 +102,7 @@ def pretrain(components: dict, seed: int) -> None:
     """Both phases, in place, from the seed (the global torch RNG is left untouched)."""
     scenes = split_scenes()[0]
     rng = random.Random(seed + 4321)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), fixed_threads():
         torch.manual_seed(seed)
         start = time.perf_counter()
         pretrain_unet(components["unet"], components["text_encoder"], components["tokenizer"], components["vae"],
