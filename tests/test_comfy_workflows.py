@@ -606,7 +606,7 @@ SDXL_WORKFLOW = harness.REPO_ROOT / "example_workflows" / "train_and_compare_sdx
 SD35_WORKFLOW = harness.REPO_ROOT / "example_workflows" / "train_and_compare_sd35.json"
 
 
-def _tiny_checkpoint_in_server(kind: str, server, tmp_path_factory) -> str:
+def _tiny_checkpoint_in_server(kind: str, server, tmp_path_factory) -> Path:
     """The tiny `kind` checkpoint (tests/comfy_tiny_checkpoints.py) in the server's
     checkpoints folder; its path."""
     from comfy_tiny_checkpoints import cached_tiny_checkpoint

@@ -47,10 +47,11 @@ def test_pretraining_is_deterministic_cached_and_rebuilt_when_the_cache_is_broke
 
     files[0].write_bytes(b"not a safetensors file")
     ambient = torch.get_num_threads()
-    torch.set_num_threads(1 if ambient != 1 else 3)     # another OMP_NUM_THREADS: the same weights
+    other = 1 if ambient != 1 else 3
+    torch.set_num_threads(other)     # another OMP_NUM_THREADS: the same weights
     try:
         rebuilt = _weights(build_world_pipeline(0))
-        assert torch.get_num_threads() == (1 if ambient != 1 else 3)    # restored after pretraining
+        assert torch.get_num_threads() == other    # restored after pretraining
     finally:
         torch.set_num_threads(ambient)
     assert len(calls) == 1 and all(torch.equal(first[k], rebuilt[k]) for k in first)   # same seed, same weights

@@ -4,8 +4,9 @@ The UNet and the text encoder are trained together on renders of the TRAINING ca
 (held-out captions stay unseen) to predict the clean latents (x0, the scheduler's "sample"
 prediction type) from noised ones; the latents are the lossless pixel-unshuffled renders of a
 fixed pool, with 10 % empty captions so classifier-free guidance works.
-Deterministic for a seed on a given torch build and CPU (run on PRETRAIN_THREADS threads). Cached in `$PRDP_CACHE_DIR` (else
-`~/.cache/comfyui-prdp`) under a key of the configs, the seed and the schedule.
+Deterministic for a seed on a given torch build and CPU (it runs on PRETRAIN_THREADS threads).
+Cached in `$PRDP_CACHE_DIR` (else `~/.cache/comfyui-prdp`) under a key of the configs, the seed
+and the schedule.
 """
 from __future__ import annotations
 
