@@ -88,6 +88,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--updates-per-epoch", type=int, default=None)
+    parser.add_argument("--clip-range", type=float, default=None,
+                        help="PRDP's log-ratio and DDPO's ratio clip (default 0.05; the paper's PRDP: 1e-6 small, "
+                             "1e-4 large); prdp-noclip keeps its never-binding 1e6")
+    parser.add_argument("--beta", type=float, default=None, help="PRDP's KL weight (default 0.01)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS),
                         help=f"comma-separated subset of {', '.join(ALGORITHMS)}")
     parser.add_argument("--device", default="cpu")
@@ -114,7 +118,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def settings(args) -> dict:
     chosen = dict(QUICK if args.quick else FULL)
-    for name in ("epochs", "learning_rate", "updates_per_epoch"):
+    for name in ("epochs", "learning_rate", "updates_per_epoch", "clip_range", "beta"):
         if getattr(args, name) is not None:
             chosen[name] = getattr(args, name)
     return chosen

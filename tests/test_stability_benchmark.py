@@ -91,3 +91,15 @@ def test_the_figure_is_written(quick_results):
     with Image.open(out / "stability.png") as image:
         width, height = image.size
     assert width >= 600 and height >= 300 + 40 * (len(results["rows"]) + 1)
+
+
+def test_clip_range_and_beta_reach_prdp_and_ddpo_but_not_the_no_clip_ablation():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stability
+
+    args = stability.parse_args(["--clip-range", "1e-4", "--beta", "0.003"])
+    chosen = stability.settings(args)
+    configs = {a: stability.train_config(chosen, args, a, 0) for a in ("prdp", "ddpo", "prdp-noclip")}
+    assert configs["prdp"].clip_range == configs["ddpo"].clip_range == 1e-4
+    assert configs["prdp"].beta == 0.003
+    assert configs["prdp-noclip"].clip_range == 1e6 and configs["prdp-noclip"].beta == 0.003
