@@ -59,6 +59,8 @@ def main(argv=None) -> None:
     def score(prompts, generators, with_grad: bool) -> torch.Tensor:
         cond = backend.encode_prompts(prompts)
         uncond = sampling.broadcast_row(backend.encode_prompts([""]), len(prompts))
+        # sampling.sample_trajectories and backend.decode run under no_grad (sampling never needs
+        # gradients), so the same steps are written out here with gradients on
         with torch.set_grad_enabled(with_grad):
             x = sampling.cpu_noise(len(prompts), shape, generators)
             for i in range(schedule.steps):
