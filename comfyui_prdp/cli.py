@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
     train.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. to_q,to_k,to_v,to_out.0")
     train.add_argument("--sde-window", default=None,
-                       help="flow models: FIRST,STOP steps that are stochastic and trained (MixGRPO; approximate)")
+                       help="FIRST,STOP: only these steps are stochastic and trained, the rest deterministic (MixGRPO; approximate)")
     from .reward_server import add_parser as add_serve_reward_parser
     add_serve_reward_parser(commands)
     return parser

@@ -34,8 +34,9 @@ class TrainConfig:
     policy: str = "auto"
     flow_noise_level: float = 0.7       # flow_sde: Flow-GRPO's a (noise level of the SDE)
     flow_sde_variant: str = "sde"       # flow_sde: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
-    # flow_sde: [first, stop) steps that are stochastic and trained (MixGRPO), the rest ODE
-    # steps; None = every step but the last. A window is an APPROXIMATION of the objective
+    # [first, stop) steps that are stochastic and trained (MixGRPO's SDE window), the rest
+    # deterministic (flow: ODE, ddpm: DDIM eta 0); None = every step (flow: all but the last).
+    # A window is an APPROXIMATION of the trajectory objective
     sde_window: Optional[List[int]] = None
     # guidance-distilled models (Flux.1-dev): the guidance value given as conditioning, as the
     # FluxGuidance node writes it (train them with cfg 1); None = ComfyUI's default (3.5 for Flux)
@@ -109,11 +110,11 @@ class TrainConfig:
         }
 
     def stochastic_steps(self) -> int:
-        """Steps with a log-prob: every step for ddpm; flow_sde: all but the last, or the window."""
-        if self.policy != "flow_sde":
-            return self.steps
+        """Steps with a log-prob: the window's; else every step for ddpm, all but the last for flow_sde."""
         if self.sde_window is not None:
             return int(self.sde_window[1]) - int(self.sde_window[0])
+        if self.policy != "flow_sde":
+            return self.steps
         return max(0, self.steps - 1)
 
     def validate(self) -> "TrainConfig":
@@ -198,11 +199,13 @@ def _policy_problems(config: "TrainConfig") -> List[str]:
         problems.append(f"flow_guidance={config.flow_guidance}: must be >= 0 (Flux.1-dev: 3.5, as FluxGuidance)")
     window = config.sde_window
     if window is not None:
-        if config.policy == "ddpm":
-            problems.append("sde_window is a flow_sde option; unset it for policy 'ddpm'")
-        elif len(window) != 2 or not 0 <= window[0] < window[1] <= config.steps - 1:
-            problems.append(f"sde_window={list(window)}: need [first, stop] with 0 <= first < stop <= steps - 1 = "
-                            f"{config.steps - 1} (the last flow step is deterministic)")
+        # ddpm may make every step stochastic; flow's last step is always a deterministic ODE step
+        # ('auto' is checked here against steps, and again by the policy the model selects)
+        last = config.steps - 1 if config.policy == "flow_sde" else config.steps
+        if len(window) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in window) \
+                or not 0 <= window[0] < window[1] <= last:
+            why = " (the last flow step is deterministic)" if config.policy == "flow_sde" else ""
+            problems.append(f"sde_window={list(window)}: need [first, stop] with 0 <= first < stop <= {last}{why}")
     return problems
 
 

@@ -179,7 +179,8 @@ def test_onpolicy_reevaluation_matches_recorded(variant, micro_batch):
     with backend.adapters_disabled():
         ref = recorded_logprob(backend, traj, rows, cols, {"context": cond["context"][rows]},
                                {"context": uncond["context"][rows]}, cfg=2.0)
-    assert (ref.view(3, columns) - traj.logp_ref).abs().max() < 1e-9
+    # float32 model outputs in another batch layout: ~1e-8 apart on some CPUs
+    assert (ref.view(3, columns) - traj.logp_ref).abs().max() < 1e-6
     assert (traj.logp - traj.logp_ref).abs().max() > 1e-4          # the LoRA has an effect
     assert (traj.kl >= 0).all() and traj.kl.shape == traj.logp.shape
 
@@ -229,7 +230,7 @@ def test_auto_policy_follows_the_model_and_config_options_reach_it():
 
 @pytest.mark.parametrize("bad, match", [(dict(policy="euler"), "policy="), (dict(flow_noise_level=1.5), "flow_noise_level"),
                                         (dict(flow_sde_variant="x"), "flow_sde_variant"),
-                                        (dict(sde_window=[0, 20]), "sde_window"),
+                                        (dict(sde_window=[0, 21]), "sde_window"),
                                         (dict(sde_window=[0.5, 2]), "sde_window"),
                                         (dict(flow_guidance=-1.0), "flow_guidance"),
                                         (dict(flow_guidance=float("nan")), "flow_guidance")])

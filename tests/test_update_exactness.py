@@ -104,6 +104,9 @@ CASES = {
     "prdp-sum-reductions": dict(step_reduce="sum", logprob_reduce="sum", beta=0.5, clip_range=0.05),
     "ddpo-tracker": dict(algorithm="ddpo", clip_range=0.02, adv_clip=1.0),
     "ddpo-group": dict(algorithm="ddpo", ddpo_advantages="group", clip_range=0.02, adv_clip=1.0),
+    # steps 1-3 stochastic and trained, 0 and 4 deterministic DDIM: the recorded columns are
+    # schedule steps 1, 2, 3 (the window written out below, not read from the trainer)
+    "prdp-sde-window": dict(sde_window=[1, 4]),
 }
 
 
@@ -144,22 +147,28 @@ def test_every_optimizer_step_equals_the_literal_replay(case):
         for p, value in zip(replica.trainable_parameters(), start):
             p.copy_(value)
     r_params = replica.trainable_parameters()
-    N, B, T = cfg.prompts_per_epoch, cfg.images_per_prompt, cfg.steps
+    window = cfg.sde_window or [0, cfg.steps]
+    schedule_steps = list(range(*window))          # the schedule step of each trained column
+    N, B, T = cfg.prompts_per_epoch, cfg.images_per_prompt, len(schedule_steps)
+    assert batch.traj.steps.tolist() == schedule_steps and batch.traj.logp.shape[1] == T
     lat = batch.traj.latents
     context, uncontext = batch.cond["context"], batch.uncond["context"]
     steps = torch.arange(T)
     t_all, tp_all = batch.traj.timesteps, batch.traj.prev_timesteps
+    ddim = [(cfg.steps - 1 - i) * (1000 // cfg.steps) + 1 for i in range(cfg.steps)]   # leading spacing, offset 1
+    assert t_all.tolist() == [ddim[i] for i in schedule_steps]
 
     def logp_rows(rows, step_index, *, grad, disabled=False):
         """[len(rows), len(step_index)] literal log-probs."""
         out = []
-        for s in step_index.tolist():
+        for c in step_index.tolist():
+            s = schedule_steps[c]
             with torch.set_grad_enabled(grad):
                 if disabled:
                     replica.lora.enabled = False
                 try:
-                    out.append(literal_logprob(replica, lat[rows, s], lat[rows, s + 1], t_all[s].repeat(len(rows)),
-                                               tp_all[s].repeat(len(rows)), context[rows], uncontext[rows],
+                    out.append(literal_logprob(replica, lat[rows, s], lat[rows, s + 1], t_all[c].repeat(len(rows)),
+                                               tp_all[c].repeat(len(rows)), context[rows], uncontext[rows],
                                                cfg.cfg, cfg.eta, cfg.logprob_reduce))
                 finally:
                     replica.lora.enabled = True

@@ -17,7 +17,7 @@ def policy_for(config, backend) -> Policy:
     if name == "auto":
         name = "flow_sde" if getattr(backend, "sampling_kind", "vp") == "flow" else "ddpm"
     if name == "ddpm":
-        policy: Policy = DDPMPolicy(config.eta)
+        policy: Policy = DDPMPolicy(config.eta, getattr(config, "sde_window", None))
     else:
         policy = FlowSDEPolicy(getattr(config, "flow_noise_level", 0.7), getattr(config, "flow_sde_variant", "sde"),
                                getattr(config, "sde_window", None))

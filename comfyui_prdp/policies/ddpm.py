@@ -4,12 +4,16 @@ x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with a_t = alphas_cumprod[t] and t an int
 timestep. The transition from t to t_prev is Gaussian with
     std  = eta * sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
     mean = sqrt(a_p) * x0_hat + sqrt(1 - a_p - std^2) * eps,  x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
-Every step is stochastic (eta > 0), so every step has a log-probability.
+Every step is stochastic (eta > 0) and has a log-probability, unless a window [first, stop) is
+given: then only those steps are stochastic and trained, the others deterministic DDIM (eta 0)
+steps, as MixGRPO's SDE window for flow models. The trajectory log-ratio then covers the window
+only: an APPROXIMATION of the PRDP trajectory objective, but its gradient leaves out the late,
+low-noise steps whose 1/std-scaled score terms carry little of a layout reward's signal.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -47,8 +51,9 @@ def check_eta(eta: float) -> None:
 def step_distribution(eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_p: torch.Tensor,
                       eta: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean (float32) and std (float64, broadcastable) of p(x_prev | x_t) for the DDIM-eta step.
-    a_t, a_p: float64 [n]."""
-    check_eta(eta)
+    a_t, a_p: float64 [n]. eta 0 is the deterministic DDIM step (std 0)."""
+    if eta != 0:
+        check_eta(eta)
     shape = (-1,) + (1,) * (x_t.dim() - 1)
     f64_device = x_t.device if x_t.device.type != "mps" else torch.device("cpu")
     a_t = a_t.to(f64_device, torch.float64).view(shape)
@@ -73,9 +78,10 @@ class DDPMPolicy(Policy):
 
     name = "ddpm"
 
-    def __init__(self, eta: float = 1.0):
+    def __init__(self, eta: float = 1.0, window: Optional[Sequence[int]] = None):
         check_eta(eta)
         self.eta = float(eta)
+        self.window = None if window is None else (int(window[0]), int(window[1]))
 
     def check_backend(self, backend) -> None:
         kind = getattr(backend, "sampling_kind", "vp")
@@ -85,14 +91,23 @@ class DDPMPolicy(Policy):
 
     def schedule(self, backend, steps: int) -> Schedule:
         timesteps, previous = ddim_timesteps(len(backend.alphas_cumprod), steps)
-        return Schedule(timesteps, previous, torch.arange(steps))
+        first, stop = self.window if self.window is not None else (0, steps)
+        if not 0 <= first < stop <= steps:
+            raise ValueError(f"sde_window={[first, stop]}: need 0 <= first < stop <= steps = {steps}")
+        return Schedule(timesteps, previous, torch.arange(first, stop))
 
     def transition(self, prediction: torch.Tensor, kind: str, x: torch.Tensor, schedule: Schedule,
                    step: torch.Tensor, backend) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         index = step.cpu().long()
+        trained = torch.isin(index, schedule.trained)
+        if trained.any() and not trained.all():
+            raise ValueError("a batch mixes stochastic and deterministic DDPM steps; evaluate them separately")
         a_t, a_p = alpha_pair(backend.alphas_cumprod, schedule.times[index], schedule.next_times[index])
         if kind == "x0":
             prediction = eps_from_x0(prediction, x, a_t)
         elif kind != "eps":
             raise ValueError(f"the DDPM policy takes eps or x0 predictions, not {kind!r}")
+        if not trained.any():                                  # deterministic DDIM step
+            mean, _ = step_distribution(prediction, x, a_t, a_p, 0.0)
+            return mean, None
         return step_distribution(prediction, x, a_t, a_p, self.eta)
