@@ -380,7 +380,8 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     print(f"trained {result.epochs_done} epochs in {elapsed:.0f} s; LoRA: {result.lora_path}")
     if evaluate:
         after, after_images = evaluate_reward(backend, reward, eval_prompts, eval_seeds, config)
-        from .world.demo_eval import captioned_grid, held_out_record, summary_lines, write_json
+        from .world.demo_eval import (GUARD_REWARD, alignment_guard, captioned_grid, guard_line, held_out_record,
+                                      summary_lines, write_json)
         if is_world_base(args.base):
             grid = captioned_grid(eval_prompts, eval_seeds, before_images, after_images, before, after)
             (args.out / "train_prompts.txt").write_text("\n".join(prompts) + "\n")
@@ -389,10 +390,14 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
         grid.save(args.out / "before_after.png")
         record = held_out_record(eval_prompts, eval_seeds, before, after)
         record.update(held_out_reward_before=before.mean().item(), held_out_reward_after=after.mean().item())
+        if is_world_base(args.base) and reward.name != GUARD_REWARD:
+            record["alignment_guard"] = alignment_guard(eval_prompts, eval_seeds, before_images, after_images)
         write_json(args.out / "held_out.json", record)
     print(f"wrote {args.out}/metrics.jsonl, reward_curve.png" + (", before_after.png, held_out.json" if evaluate else ""))
     if evaluate:    # the last lines: the paired change on the held-out (for the world: unseen) prompts
         label = "unseen prompts" if is_world_base(args.base) else "held-out prompts"
+        if "alignment_guard" in record:
+            print(guard_line(record["alignment_guard"]))
         print("\n".join(summary_lines(record["summary"], label)))
     return 0
 

@@ -53,6 +53,28 @@ def held_out_record(prompts: Sequence[str], seeds: Sequence[int], before: torch.
             "summary": paired_statistics(before, after)}
 
 
+GUARD_REWARD = "world-alignment"
+
+
+def alignment_guard(prompts: Sequence[str], seeds: Sequence[int], before_images: torch.Tensor,
+                    after_images: torch.Tensor) -> Dict[str, float]:
+    """The world-alignment of the same before/after images (paired statistics): when a run trains
+    another reward, this shows whether the images still follow their captions (reward hacking)."""
+    from .rewards import WorldAlignmentReward
+
+    scorer = WorldAlignmentReward()
+    rows = [p for p in prompts for _ in seeds]
+    before, after = scorer.score(before_images, rows), scorer.score(after_images, rows)
+    if not torch.isfinite(torch.cat([before, after])).all():
+        raise ValueError("the world-alignment guard gave non-finite scores; the scorer is broken")
+    return paired_statistics(before, after)
+
+
+def guard_line(stats: Dict[str, float]) -> str:
+    return (f"{GUARD_REWARD} of the same images (does the caption still hold?): {stats['mean_before']:+.4f} -> "
+            f"{stats['mean_after']:+.4f}, paired t = {stats['paired_t']:.2f}, gain = {stats['gain_in_std']:.2f} std")
+
+
 def write_json(path: Path, record: dict) -> None:
     from ..lora import atomic_write
 
