@@ -292,6 +292,41 @@ def train(args) -> int:
         lock.release()
 
 
+class LoadRefused(Exception):
+    """A refusal (one 'error: ...' line) while loading, kept by a distributed rank (RankFaults)."""
+
+
+def _refusal_kept(work):
+    """`work` with its SystemExit refusals raised as LoadRefused, an exception RankFaults keeps
+    (a single process keeps its plain SystemExit: one 'error: ...' line)."""
+    def run(*args, **kwargs):
+        try:
+            return work(*args, **kwargs)
+        except SystemExit as refusal:
+            if not isinstance(refusal.code, str):
+                raise
+            raise LoadRefused(refusal.code[len("error: "):] if refusal.code.startswith("error: ") else refusal.code) \
+                from None
+    return run
+
+
+def _load_reward_and_model(args, config: TrainConfig):
+    """(reward, backend) of this run; a refused one ends the command with one 'error: ...' line."""
+    import torch
+
+    from .model_loading import load_backend
+    from .policies import policy_for
+
+    reward = make_reward(args)
+    torch.manual_seed(config.seed)    # the LoRA's initial weights derive from the seed (every rank alike)
+    try:
+        backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
+        policy_for(config, backend)       # --policy against the model (ddpm on a flow model: one line)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}")
+    return reward, backend
+
+
 def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist=None) -> int:
     """Load, evaluate, train (from `checkpoint`, a CheckpointData or path, when given) and
     report, in a claimed --out. `dist`: this rank of a distributed run (rank 0 reports)."""
@@ -313,33 +348,29 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
             print(f"note: {shared} training prompt(s) are also in {args.eval_prompts_file}: the held-out reward is "
                   "not only on unseen prompts", file=sys.stderr)
     try:
-        reward = make_reward(args)
-        from .model_loading import load_backend
-        import torch
-        torch.manual_seed(config.seed)    # the LoRA's initial weights derive from the seed (every rank alike)
-        try:
-            backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
-            from .policies import policy_for
-            policy_for(config, backend)       # --policy against the model (ddpm on a flow model: one line)
-        except (FileNotFoundError, ValueError, OSError) as error:
-            raise SystemExit(f"error: {error}")
+        # distributed: a rank that cannot load (a file missing on its node, out of memory on its
+        # GPU, its reward server refusing) ends every rank here, instead of leaving them waiting
+        faults.phase = "loading the model and the reward"
+        load = _refusal_kept(_load_reward_and_model) if dist.enabled else _load_reward_and_model
+        reward, backend = faults.attempt(load, args, config) or (None, None)
+        if dist.enabled:
+            faults.check(dist.any(faults.failed))
         if evaluate:
             eval_prompts, eval_seeds = held_out_set(args.base)
             faults.phase = "the held-out evaluation before training"
             before, before_images = faults.attempt(evaluate_reward, backend, reward, eval_prompts, eval_seeds, config,
                                                    lora=False) or (None, None)
+        if dist.enabled:      # rank 0's evaluation outcome reaches every rank before the Trainer's first collective
+            faults.check(dist.any(faults.failed))
     except KeyboardInterrupt:
         print(f"interrupted before training started: nothing to keep; run the same command again to start "
               f"over in {args.out}", file=sys.stderr)
         return 130
-    if dist.enabled:      # rank 0's evaluation outcome reaches every rank before the Trainer's first collective
-        try:
-            faults.check(dist.any(faults.failed))
-        except RankFailed as failure:
-            if failure.__cause__ is not None and not isinstance(failure.__cause__, RewardServerError):
-                traceback.print_exception(failure.__cause__, file=sys.stderr)
-            print(f"error: {failure}", file=sys.stderr)
-            return 2
+    except RankFailed as failure:
+        if failure.__cause__ is not None and not isinstance(failure.__cause__, (RewardServerError, LoadRefused)):
+            traceback.print_exception(failure.__cause__, file=sys.stderr)
+        print(f"error: {failure}", file=sys.stderr)
+        return 2
     printer = ProgressPrinter(config.epochs, enabled=dist.is_main)
     trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer, distributed=dist)
     if held_out is not None:

@@ -522,3 +522,53 @@ def test_torchrun_an_error_in_rank_zeros_evaluation_before_training_ends_both_ra
     assert "rank 0: RewardServerError in the held-out evaluation before training:" in run.stderr, run.stderr[-3000:]
     assert "Connection closed" not in run.stderr
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()     # nothing trained
+
+
+def info_once_server():
+    """An HTTP server that answers the reward protocol's GET /info once, then 403: the rank that
+    asks second cannot make its reward."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answered = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/info" and not answered:
+                answered.append(self.path)
+                status, body = 200, {"protocol": 1, "reward": "brightness", "max_images": 64,
+                                     "max_body_bytes": 2 ** 24}
+            else:
+                status, body = 403, {"error": "this reward server lets one client in (simulated)"}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_torchrun_a_loading_error_on_one_rank_ends_both_ranks_before_any_work(tmp_path):
+    """One rank cannot make its reward (its server refuses it): every rank ends at the loading
+    collective with that rank's error, instead of the others loading on and waiting for it."""
+    server, url = info_once_server()
+    try:
+        out = tmp_path / "run"
+        args = [a for a in EMBEDDED_RUN if a != "--no-eval"]     # rank 0 would evaluate before training
+        run = torchrun_cli([*args, "--reward", url, "--out", str(out)], tmp_path)
+    finally:
+        server.shutdown()
+    assert run.returncode != 0, run.stderr[-3000:]
+    failed = [rank for rank in (0, 1) if f"error: rank {rank} failed, so every rank stopped" in run.stderr]
+    assert len(failed) == 1 and run.stderr.count("so every rank stopped at the same point:") == 2, run.stderr[-3000:]
+    assert (f"rank {failed[0]}: LoadRefused in loading the model and the reward: reward server {url} refused "
+            "GET /info: HTTP 403: this reward server lets one client in (simulated)") in run.stderr, run.stderr[-3000:]
+    assert str(ROOT / "comfyui_prdp") not in run.stderr      # no traceback of ours (torchrun prints its own)
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert not (out / "before_after.png").exists()          # rank 0 did not evaluate
