@@ -516,6 +516,12 @@ class Trainer:
         """Flattened (row, step) index pairs, row-major."""
         return rows.repeat_interleave(len(steps)), steps.repeat(len(rows))
 
+    def current_logprobs(self, batch: EpochBatch) -> torch.Tensor:
+        """log-probs [rows, trained steps] of the batch's recorded transitions under the current
+        weights (no gradients): after an update, compare with batch.traj.logp."""
+        rows, steps = self._all_transitions(*batch.traj.logp.shape)
+        return self._logprobs(batch, rows, steps, None, 0, "re-evaluation").view_as(batch.traj.logp)
+
     def _all_transitions(self, n_rows: int, n_columns: int):
         return self._transitions(torch.arange(n_rows), torch.arange(n_columns))
 

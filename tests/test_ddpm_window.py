@@ -99,6 +99,15 @@ def test_ddpm_may_end_its_window_at_the_last_step_flow_may_not():
         DDPMPolicy(1.0, window=(4, 9)).schedule(ToyBackend(), 8)
 
 
+def test_auto_checks_the_window_against_the_policy_the_model_selects():
+    from toy_flow_backend import ToyFlowBackend
+
+    config = TrainConfig(steps=8, sde_window=[4, 8]).validate()      # 'auto': fine for a VP model
+    assert policy_for(config, ToyBackend()).window == (4, 8)
+    with pytest.raises(ValueError, match=r"sde_window=\[4, 8\].*'flow_sde'.*stop <= 7"):
+        policy_for(config, ToyFlowBackend())
+
+
 def test_a_batch_mixing_window_and_deterministic_steps_is_refused():
     backend = ToyBackend()
     policy = DDPMPolicy(1.0, window=(0, 2))

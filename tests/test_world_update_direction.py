@@ -43,8 +43,7 @@ def update_direction_correlation(reward_name: str, seed: int = 0) -> float:
     batch.rewards, _ = trainer.score(batch)
     before = batch.traj.logp.clone()
     trainer.update(batch, 0)
-    rows, steps = trainer._all_transitions(*before.shape)
-    after = trainer._logprobs(batch, rows, steps, None, 0, "check").view_as(before)
+    after = trainer.current_logprobs(batch)
     B = config.images_per_prompt
     change = (after - before).double().mean(1).view(-1, B)
     return within_group_correlation(change, batch.rewards.double().view(-1, B))

@@ -22,6 +22,14 @@ def policy_for(config, backend) -> Policy:
         policy = FlowSDEPolicy(getattr(config, "flow_noise_level", 0.7), getattr(config, "flow_sde_variant", "sde"),
                                getattr(config, "sde_window", None))
     policy.check_backend(backend)
+    window = getattr(config, "sde_window", None)
+    steps = getattr(config, "steps", None)
+    if window is not None and steps is not None:      # 'auto' is resolved only here: check the window again
+        last = steps - 1 if name == "flow_sde" else steps
+        if not 0 <= window[0] < window[1] <= last:
+            why = " (a flow model's last step is deterministic)" if name == "flow_sde" else ""
+            raise ValueError(f"sde_window={list(window)}: this model samples with policy {name!r}, which needs "
+                             f"0 <= first < stop <= {last} at steps={steps}{why}")
     return policy
 
 
