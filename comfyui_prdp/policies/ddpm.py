@@ -7,8 +7,8 @@ timestep. The transition from t to t_prev is Gaussian with
 Every step is stochastic (eta > 0) and has a log-probability, unless a window [first, stop) is
 given: then only those steps are stochastic and trained, the others deterministic DDIM (eta 0)
 steps, as MixGRPO's SDE window for flow models. The trajectory log-ratio then covers the window
-only: an APPROXIMATION of the PRDP trajectory objective, but its gradient leaves out the late,
-low-noise steps whose 1/std-scaled score terms carry little of a layout reward's signal.
+only: an APPROXIMATION of the PRDP trajectory objective, cheaper by the steps it leaves out
+(no base-model evaluation and no update pass for them).
 """
 from __future__ import annotations
 
