@@ -51,9 +51,17 @@ def check_eta(eta: float) -> None:
 def step_distribution(eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_p: torch.Tensor,
                       eta: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean (float32) and std (float64, broadcastable) of p(x_prev | x_t) for the DDIM-eta step.
-    a_t, a_p: float64 [n]. eta 0 is the deterministic DDIM step (std 0)."""
-    if eta != 0:
-        check_eta(eta)
+    a_t, a_p: float64 [n]."""
+    check_eta(eta)
+    return _ddim_step(eps, x_t, a_t, a_p, eta)
+
+
+def deterministic_step(eps: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_p: torch.Tensor) -> torch.Tensor:
+    """x_prev of the deterministic DDIM step (eta 0), float32."""
+    return _ddim_step(eps, x_t, a_t, a_p, 0.0)[0]
+
+
+def _ddim_step(eps, x_t, a_t, a_p, eta: float):
     shape = (-1,) + (1,) * (x_t.dim() - 1)
     f64_device = x_t.device if x_t.device.type != "mps" else torch.device("cpu")
     a_t = a_t.to(f64_device, torch.float64).view(shape)
@@ -108,6 +116,5 @@ class DDPMPolicy(Policy):
         elif kind != "eps":
             raise ValueError(f"the DDPM policy takes eps or x0 predictions, not {kind!r}")
         if not trained.any():                                  # deterministic DDIM step
-            mean, _ = step_distribution(prediction, x, a_t, a_p, 0.0)
-            return mean, None
+            return deterministic_step(prediction, x, a_t, a_p), None
         return step_distribution(prediction, x, a_t, a_p, self.eta)
