@@ -206,9 +206,11 @@ def plan_out_dir(args, config: TrainConfig, prompts: List[str]):
 
 
 def make_reward(args):
-    """The reward --reward, --reward-spec and --reward-path name (`train` and `serve-reward`);
-    one refused ends the command with one 'error: ...' line."""
+    """The reward --reward, --reward-spec and --reward-path name (`train` and `serve-reward`),
+    its models on the trainer's --device (cuda:1 too, not the first GPU); one refused ends the
+    command with one 'error: ...' line."""
     from .rewards import create_reward
+    from .rewards.loading import default_device
     from .rewards.remote import RewardServerError
     kwargs = {}
     if args.reward == "weighted":
@@ -218,7 +220,8 @@ def make_reward(args):
     if args.reward_path:
         kwargs["path"] = args.reward_path
     try:
-        return create_reward(args.reward, **kwargs)
+        with default_device(getattr(args, "device", None)):    # serve-reward has no --device
+            return create_reward(args.reward, **kwargs)
     except (ValueError, FileNotFoundError, TypeError, RewardServerError) as error:   # a URL: server down or refusing
         raise SystemExit(f"error: {error}") from None
 

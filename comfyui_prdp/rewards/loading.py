@@ -3,6 +3,7 @@ options every model reward's factory takes."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -31,15 +32,47 @@ class RewardModelFileError(RuntimeError):
 
 # --- device and dtype -------------------------------------------------------------------------
 
+#: the device rewards built inside `default_device(...)` resolve None / 'auto' to
+_DEFAULT_DEVICE: contextvars.ContextVar[Optional[torch.device]] = contextvars.ContextVar(
+    "prdp_reward_default_device", default=None)
+
+
+@contextlib.contextmanager
+def default_device(device: Union[None, str, torch.device]) -> Iterator[None]:
+    """Rewards built inside resolve device None / 'auto' to `device` (None: no change).
+
+    The command line builds its reward inside one with the trainer's device, so `--device cuda:1`
+    (or cpu) places every model reward there, the components of a weighted mix included; a
+    bare 'cuda' would mean the current GPU, cuda:0 unless torch.cuda.set_device chose another."""
+    token = _DEFAULT_DEVICE.set(None if device is None or device == "auto" else torch.device(device))
+    try:
+        yield
+    finally:
+        _DEFAULT_DEVICE.reset(token)
+
+
 def resolve_device(device: Union[None, str, torch.device] = None) -> torch.device:
-    """None: the GPU when there is one, else the CPU."""
+    """None / 'auto': the device of the enclosing `default_device(...)`, else the GPU when
+    there is one, else the CPU. A GPU that is not there is refused."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = _DEFAULT_DEVICE.get()
+        if device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but no CUDA GPU is available; use device='cpu' "
-                         "(or leave it unset to pick the GPU only when there is one)")
+    if resolved.type == "cuda":
+        check_cuda_device(resolved, device)
     return resolved
+
+
+def check_cuda_device(resolved: torch.device, named: Union[str, torch.device]) -> None:
+    """ValueError unless `resolved` (a cuda device) exists here."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={str(named)!r} but no CUDA GPU is available; use device='cpu' "
+                         "(or leave it unset to pick the GPU only when there is one)")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"device={str(named)!r} but this machine has {count} CUDA GPU(s), numbered from 0; "
+                         f"use cuda:0 .. cuda:{count - 1}")
 
 
 def resolve_dtype(dtype: DtypeLike, device: torch.device) -> torch.dtype:
