@@ -6,6 +6,8 @@ import inspect
 import math
 from typing import Any, Dict, List
 
+import torch
+
 from ..comfyui_prdp import rewards
 from ..comfyui_prdp.rewards.remote import check_reward_url
 from .common import CATEGORY, REWARD_TYPE, comfy_device_name, folder_paths_module, refuse, widget_problems
@@ -169,4 +171,7 @@ class PRDPLoadRewardModel:
             folder_paths = folder_paths_module()
             weights_path = folder_paths.get_full_path_or_raise(REWARD_FOLDER, weights)
         kwargs = reward_kwargs(reward, device, dtype, components, allow_download, weights_path)
-        return (rewards.create_reward(reward, **kwargs),)
+        # ComfyUI runs nodes under inference mode; the training job uses the reward outside it,
+        # so its modules are built as ordinary tensors (rewards also repair them when they move)
+        with torch.inference_mode(False):
+            return (rewards.create_reward(reward, **kwargs),)

@@ -134,13 +134,14 @@ def test_bad_components_are_rejected():
 
 def test_device_hooks_reach_every_component(images):
     a, b = CountingReward("a", [1, 2, 3, 4]), CountingReward("b", [10, 20, 30, 40])
-    together = WeightedReward([("a", 1.0, a), ("b", 0.5, b)])
+    together = WeightedReward([("a", 1.0, a), ("b", 0.5, b)], one_at_a_time=False)
     together.prepare()
     torch.testing.assert_close(together.score(images, F.PROMPTS[:4]), torch.tensor([6.0, 12, 18, 24]))
     together.offload()
     assert a.events == ["prepare", "score", "offload"] and b.events == a.events
     a.events.clear(), b.events.clear()
-    one_by_one = WeightedReward([("a", 1.0, a), ("b", 0.5, b)], one_at_a_time=True)
+    one_by_one = WeightedReward([("a", 1.0, a), ("b", 0.5, b)])     # the default
+    assert one_by_one.one_at_a_time
     one_by_one.prepare()
     one_by_one.score(images, F.PROMPTS[:4])
     one_by_one.offload()

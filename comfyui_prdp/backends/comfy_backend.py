@@ -21,6 +21,14 @@ Model calls go through `comfy.samplers.calc_cond_batch` with the patcher's model
 path ComfyUI's samplers take, so model patches (attention patches, model function wrappers,
 patcher wrappers) apply.
 
+Inference mode: the user's CLIP and VAE hold inference tensors (ComfyUI loads
+checkpoints under inference mode), and ComfyUI moves them to the GPU inside encode/decode with
+`Module.to`. Outside inference mode such a move (a real copy on a GPU) leaves Parameters that
+fail at the next forward ("Inference tensors do not track version counter"), so the job thread
+encodes prompts and decodes latents under `torch.inference_mode()`, as ComfyUI's own nodes do,
+and copies the results out as ordinary tensors. The LoRA factors, which ComfyUI may move from
+inside those calls, move outside inference mode (SwitchableAdapter.move_to).
+
 Cancel: since ComfyUI 2025-10-13 (after 0.3.64) every op raises InterruptProcessingException when the interrupt
 flag is set, in whatever thread runs the model, and clears the flag. Model calls turn it into
 `ModelInterrupted` (a `StopRequested`: the trainer drops the partial step, saves a checkpoint and
@@ -55,6 +63,7 @@ import torch
 import torch.utils.checkpoint
 
 from .. import comfy_lora, model_families
+from ..inference_tensors import ordinary
 from ..trainer import StopRequested
 from .base import Backend, Cond
 
@@ -215,8 +224,12 @@ class SwitchableAdapter(torch.nn.Module):
         return fresh(self.adapter(weight) if self.switch.enabled else weight, weight)
 
     def move_to(self, device=None) -> int:
+        """ComfyUI moves the factors with the model, sometimes from code running under
+        inference mode (encoding, decoding): the move runs outside it, so the trained factors
+        never become inference tensors (which the optimizer could not update)."""
         if device is not None:
-            self.to(device)
+            with torch.inference_mode(False):
+                self.to(device)
         return self.passive_memory_usage()
 
     def passive_memory_usage(self) -> int:
@@ -646,16 +659,16 @@ class ComfyBackend(Backend):
         if cached is not None:
             self._prompt_cache.move_to_end(prompt)
             return cached
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode():    # as CLIPTextEncode does (module docstring: Inference mode)
             schedule = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
-            context, extras = schedule[0]
-            row = {"context": context.detach().float().cpu().clone()}
-            pooled = extras.get("pooled_output")
-            if self._needs_pooled and pooled is None:
-                raise ValueError("this model needs the text encoder's pooled output, which the CLIP did not give")
-            if self._pass_pooled and pooled is not None:
-                row["pooled_output"] = pooled.detach().float().cpu().clone().reshape(1, -1)
-            row.update(self._token_extras(extras, context))
+        context, extras = schedule[0]
+        row = {"context": ordinary(context.float().cpu())}
+        pooled = extras.get("pooled_output")
+        if self._needs_pooled and pooled is None:
+            raise ValueError("this model needs the text encoder's pooled output, which the CLIP did not give")
+        if self._pass_pooled and pooled is not None:
+            row["pooled_output"] = ordinary(pooled.float().cpu()).reshape(1, -1)
+        row.update(self._token_extras(extras, context))
         self._prompt_cache[prompt] = row
         while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
@@ -676,7 +689,7 @@ class ComfyBackend(Backend):
             if value.dim() != 2 or value.shape[0] != 1 or value.shape[1] != context.shape[1]:
                 raise ValueError(f"the text encoder's '{key}' extra of shape {tuple(value.shape)} "
                                  f"is not one mask over the {context.shape[1]} text tokens of {self.model_name}")
-            row[key] = value.detach().cpu().clone()
+            row[key] = ordinary(value.cpu())
         return row
 
     def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -751,12 +764,13 @@ class ComfyBackend(Backend):
         return (x_sigma - x0) / sigma.view_as(scale)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with self.interrupts_as_stop(), torch.inference_mode(False), torch.no_grad():
+        with self.interrupts_as_stop(), torch.inference_mode():   # as VAEDecode does (module docstring: Inference mode)
             raw = self.patcher.model.process_latent_out(latents.detach().float())
             images = self.vae.decode(raw)
             if images.dim() == 5:          # video VAEs: [n, frames, H, W, C]
                 images = images[:, 0]
-            return images[..., :3].float().cpu().clamp(0, 1).clone()
+            images = images[..., :3].float().cpu().clamp(0, 1)
+        return ordinary(images)
 
     # --- the LoRA ----------------------------------------------------------------------
     def trainable_parameters(self) -> List[torch.nn.Parameter]:

@@ -5,6 +5,12 @@ Device policy: a model is loaded on the CPU (once per process, see loading.cache
 back while the diffusion model trains. `score` always runs on the scoring device (moving the
 model there if `prepare()` was not called; it stays there until `offload()`).
 
+Inference mode: ComfyUI builds rewards in a node, under `torch.inference_mode()`, and the
+training job scores outside it. Every move first makes inference tensors ordinary
+(inference_tensors.move_ordinary) and runs outside inference mode, so the moved model works in
+either mode (on a GPU a move copies; an inference-mode Parameter given copied data outside
+inference mode fails at the next forward).
+
 Gradients: under torch.enable_grad() with images that require grad, `score` is differentiable
 with respect to the pixels (preprocessing included); otherwise it runs without autograd.
 """
@@ -14,6 +20,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from ..inference_tensors import move_ordinary
 from .base import Reward
 from .clip_preprocess import check_images
 from .loading import DEFAULT_BATCH_SIZE, DtypeLike, resolve_device, resolve_dtype
@@ -68,10 +75,9 @@ class ModelReward(Reward):
             self._move(torch.device("cpu"))
 
     def _move(self, device: torch.device) -> None:
+        """Every module onto `device` as ordinary tensors (a no-op where they already are)."""
         for module in self.modules():
-            current = next(module.parameters(), None)
-            if current is not None and current.device != device:
-                module.to(device)
+            move_ordinary(module, device)
 
     # --- scoring ---------------------------------------------------------------------------------
     def score(self, images: torch.Tensor, prompts: Optional[List[str]] = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import torch
 
+from ..inference_tensors import move_ordinary
 from ..rewards.base import Reward, register_reward
 from .preference import preference_score
 
@@ -24,10 +25,10 @@ class WorldAlignmentReward(Reward):
         self.device = torch.device(device or "cpu")
 
     def prepare(self) -> None:
-        self.model.to(self.device)
+        move_ordinary(self.model, self.device)
 
     def offload(self) -> None:
-        self.model.to("cpu")
+        move_ordinary(self.model, "cpu")
 
     def score(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
         if len(prompts) != len(images):

@@ -1,0 +1,81 @@
+"""The ComfyUI nodes on a simulated GPU: every move copies (tests/simulated_gpu.py), as ComfyUI's
+model loading does on a GPU. On a CPU these moves are no-ops, which hid that the job thread's
+text encoding and VAE decoding (ComfyUI moves the CLIP and VAE it loaded under inference mode)
+and a reward built by Load Reward Model crashed at epoch 1 with "Inference tensors ...".
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_inprocess import comfy_dirs, import_comfy, load_tiny_sd15  # noqa: F401  (comfy_dirs: a fixture)
+
+import_comfy()
+
+import folder_paths  # noqa: E402
+
+import reward_fixtures as F  # noqa: E402
+from comfyui_prdp.inference_tensors import inference_like_tensors, is_inference_like  # noqa: E402
+from comfyui_prdp.rewards.loading import clear_model_cache  # noqa: E402
+from simulated_gpu import copying_moves  # noqa: E402
+
+TINY = dict(prompts="a cat\na dog", negative_prompt="", preset="cpu-smoke", epochs=2, prompts_per_epoch=2,
+            images_per_prompt=2, steps=2, cfg=3.0, beta=0.1, clip_range=0.01, updates_per_epoch=1,
+            learning_rate=3e-3, lora_rank=2, width=64, height=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    from comfy_inprocess import load_plugin_package
+
+    return load_plugin_package()
+
+
+@pytest.fixture(scope="module")
+def reward_folder():
+    folder = str(F.reward_model_dir())
+    folder_paths.add_model_folder_path("reward_models", folder)
+    yield folder
+    paths = folder_paths.folder_names_and_paths["reward_models"][0]
+    if folder in paths:
+        paths.remove(folder)
+
+
+def load_reward(plugin, name):
+    """Load Reward Model (PRDP) as ComfyUI runs it: under inference mode, fresh (no cache)."""
+    clear_model_cache()
+    with torch.inference_mode():
+        return plugin.NODE_CLASS_MAPPINGS["PRDPLoadRewardModel"]().load(name, "(auto)", "auto", "auto",
+                                                                       allow_download=False)[0]
+
+
+def test_load_reward_model_builds_ordinary_tensors_under_inference_mode(plugin, reward_folder):
+    for name in ("aesthetic", "imagereward"):     # (HPS needs the tiny open_clip arch the node does not take)
+        reward = load_reward(plugin, name)
+        bad = [n for module in reward.modules() for n in inference_like_tensors(module)]
+        assert not bad, f"{name}: {len(bad)} inference tensors, e.g. {bad[0]}"
+
+
+def damaged(module):
+    """Parameters that lost their version counter (inference data in a Parameter moved outside
+    inference mode): they fail at the next forward outside inference mode."""
+    return [name for name, tensor in module.named_parameters() if not tensor.is_inference() and is_inference_like(tensor)]
+
+
+@pytest.mark.parametrize("prompt_count", [2, 70], ids=["prompts-encoded-in-the-node", "prompts-encoded-in-the-job"])
+def test_training_with_a_neural_reward_runs_two_epochs_when_moves_copy(plugin, reward_folder, comfy_dirs,
+                                                                        prompt_count):
+    with torch.inference_mode():
+        model, clip, vae = load_tiny_sd15(seed=5)
+    reward = load_reward(plugin, "aesthetic")
+    prompts = "\n".join(f"a cat number {i}" for i in range(prompt_count))   # > 64: encoded lazily in the job
+    with copying_moves(), torch.inference_mode():         # ComfyUI's worker thread runs nodes so
+        out = plugin.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]().train(model, clip, vae, reward, lora_name="gpu_path",
+                                                                 unique_id="11", **{**TINY, "prompts": prompts})
+    for name, module in (("CLIP", clip.cond_stage_model), ("VAE", vae.first_stage_model)):
+        assert not damaged(module), f"the user's {name} was left with {len(damaged(module))} damaged parameters"
+    text = out["ui"]["text"][0]
+    assert "finished: 2 of 2 epochs" in text, text
+    assert (comfy_dirs / "loras" / "prdp" / "gpu_path.safetensors").is_file()
+    lines = (comfy_dirs / "output" / "prdp_runs" / "gpu_path" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
