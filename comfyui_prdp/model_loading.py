@@ -10,6 +10,9 @@
   configs are not in the file, so they would need a download).
 - a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5": the local Hugging Face cache.
 Anything else gets an error that says what to pass instead.
+
+Weights load in the dtype the backend trains them in (`frozen_weight_dtype`: fp16 / bf16 on CUDA
+with mixed precision), never in float32 first: the VAE stays float32, and so does T5 under fp16.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .backends.diffusers_backend import DiffusersBackend
+from .backends.diffusers_backend import DiffusersBackend, frozen_weight_dtype, resolve_device
 from .config import TrainConfig
 from .embedded import MODEL_NAME as EMBEDDED_NAME, build_embedded_pipeline
 
@@ -34,6 +37,10 @@ FLOW_COMPONENTS = {
 }
 #: optional components of a flow pipeline (SD3's T5 may be left out)
 FLOW_OPTIONAL = {"StableDiffusion3Pipeline": ("text_encoder_3", "tokenizer_3"), "FluxPipeline": ()}
+#: the T5 encoder of each flow pipeline: float32 under fp16, whose range its activations overflow
+FLOW_T5 = {"StableDiffusion3Pipeline": "text_encoder_3", "FluxPipeline": "text_encoder_2"}
+#: the first diffusers that takes `dtype` (before: `torch_dtype`, deprecated since)
+_DTYPE_KEYWORD_SINCE = "0.40"
 #: single-file model types (diffusers' names) of flow models, refused with what to pass instead
 FLOW_SINGLE_FILE_PREFIXES = ("sd3", "flux")
 # single-file model types (diffusers' names) whose layout the diffusers backend runs
@@ -50,7 +57,8 @@ def load_backend(base: Optional[str], config: TrainConfig, device: Union[str, to
                  base_config: Optional[str] = None) -> DiffusersBackend:
     """A `DiffusersBackend` for `base` (see the module docstring), LoRA set up from `config`."""
     check_device(device)
-    components, name = load_components(base, base_config=base_config)
+    dtype = frozen_weight_dtype(resolve_device(device), config.mixed_precision)
+    components, name = load_components(base, base_config=base_config, dtype=dtype)
     if components.get("transformer") is not None:
         return flow_backend(components, config, device=device, model_name=name)
     if components.get("text_encoder_2") is not None:
@@ -122,8 +130,10 @@ def check_model_folders(base: Optional[str], base_config: Optional[str] = None) 
         checked_config_dir(base_config)
 
 
-def load_components(base: Optional[str], base_config: Optional[str] = None) -> Tuple[Dict[str, object], str]:
-    """({unet, text_encoder, tokenizer, vae, scheduler}, model name) for `base`, on the CPU."""
+def load_components(base: Optional[str], base_config: Optional[str] = None,
+                    dtype: torch.dtype = torch.float32) -> Tuple[Dict[str, object], str]:
+    """({unet, text_encoder, tokenizer, vae, scheduler}, model name) for `base`, on the CPU, the
+    weights of a loaded model in `dtype` (see `component_dtypes`; the embedded models are built in float32)."""
     if base is None or str(base).strip() in ("", EMBEDDED_NAME):
         return build_embedded_pipeline(0), EMBEDDED_NAME
     if str(base).strip() == "embedded-world":    # the miniature world's model (comfyui_prdp/world)
@@ -132,14 +142,14 @@ def load_components(base: Optional[str], base_config: Optional[str] = None) -> T
     base = str(base)
     path = Path(base).expanduser()
     if path.is_dir():
-        return _pipeline_components(_from_diffusers_dir(path)), path.resolve().name
+        return _pipeline_components(_from_diffusers_dir(path, dtype)), path.resolve().name
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path} is not a model checkpoint: pass a diffusers directory or a single-file "
                                  f"checkpoint ending in {', '.join(SINGLE_FILE_SUFFIXES)}")
-        return _pipeline_components(_from_single_file(path, base_config)), path.stem
+        return _pipeline_components(_from_single_file(path, base_config, dtype)), path.stem
     if _HUB_ID.match(base) and not base.startswith((".", "~")):
-        return _pipeline_components(_from_hub_cache(base)), base
+        return _pipeline_components(_from_hub_cache(base, dtype)), base
     raise FileNotFoundError(f"base model {base!r} not found: pass an existing diffusers directory, a single-file "
                             "checkpoint (.safetensors/.ckpt), a hub id already in the local Hugging Face cache, "
                             "or nothing for the embedded tiny model")
@@ -203,15 +213,35 @@ def check_diffusers_dir(path: Path) -> None:
                              'e.g. "unet": ["diffusers", "UNet2DConditionModel"]; the model folder is damaged')
 
 
-def _from_diffusers_dir(path: Path):
+def component_dtypes(dtype: torch.dtype, pipeline: Optional[str] = None) -> Dict[str, torch.dtype]:
+    """diffusers' per-component dtype for a pipeline class: `dtype`, except the VAE (float32) and,
+    under fp16, a flow pipeline's T5 (float32)."""
+    dtypes = {"default": dtype, "vae": torch.float32}
+    if dtype == torch.float16 and pipeline in FLOW_T5:
+        dtypes[FLOW_T5[pipeline]] = torch.float32
+    return dtypes
+
+
+def dtype_keyword(value) -> Dict[str, object]:
+    """{"dtype": value} for the diffusers installed here, or {"torch_dtype": value} before 0.40."""
+    import diffusers
+    from packaging.version import Version
+
+    new = Version(diffusers.__version__).release >= Version(_DTYPE_KEYWORD_SINCE).release
+    return {"dtype" if new else "torch_dtype": value}
+
+
+def _from_diffusers_dir(path: Path, dtype: torch.dtype = torch.float32):
     check_diffusers_dir(path)
     try:
         flow = _flow_pipeline_class(path)
         if flow is not None:
-            return flow.from_pretrained(str(path), local_files_only=True, **_absent_optional(path, flow.__name__))
-        if _is_sdxl_dir(path):
-            return _sd_pipeline_class(sdxl=True).from_pretrained(str(path), local_files_only=True)
-        return _sd_pipeline_class().from_pretrained(str(path), local_files_only=True, **_NO_SAFETY_CHECKER)
+            return flow.from_pretrained(str(path), local_files_only=True, **_absent_optional(path, flow.__name__),
+                                        **dtype_keyword(component_dtypes(dtype, flow.__name__)))
+        pipeline = _sd_pipeline_class(sdxl=_is_sdxl_dir(path))
+        extra = {} if _is_sdxl_dir(path) else _NO_SAFETY_CHECKER
+        return pipeline.from_pretrained(str(path), local_files_only=True, **extra,
+                                        **dtype_keyword(component_dtypes(dtype)))
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load the diffusers model in {path}: {error}") from error
 
@@ -247,12 +277,13 @@ def _cached_flow_dir(repo_id: str) -> Optional[Path]:
     return folder if _flow_pipeline_class(folder) is not None else None
 
 
-def _from_hub_cache(repo_id: str):
+def _from_hub_cache(repo_id: str, dtype: torch.dtype = torch.float32):
     flow_dir = _cached_flow_dir(repo_id)
     if flow_dir is not None:
-        return _from_diffusers_dir(flow_dir)
+        return _from_diffusers_dir(flow_dir, dtype)
     try:
-        return _sd_pipeline_class().from_pretrained(repo_id, local_files_only=True, **_NO_SAFETY_CHECKER)
+        return _sd_pipeline_class().from_pretrained(repo_id, local_files_only=True, **_NO_SAFETY_CHECKER,
+                                                    **dtype_keyword(component_dtypes(dtype)))
     except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"{repo_id!r} is not in the local Hugging Face cache and nothing is downloaded here. On a machine "
@@ -263,7 +294,7 @@ def _from_hub_cache(repo_id: str):
         ) from error
 
 
-def _from_single_file(path: Path, base_config: Optional[str]):
+def _from_single_file(path: Path, base_config: Optional[str], dtype: torch.dtype = torch.float32):
     if base_config is not None:
         config_dir = checked_config_dir(base_config)
         refuse_flow_single_file(path)
@@ -273,17 +304,26 @@ def _from_single_file(path: Path, base_config: Optional[str]):
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     try:
-        if _is_sdxl_dir(config_dir):
-            pipe = _sd_pipeline_class(sdxl=True).from_single_file(str(path), config=str(config_dir),
-                                                                  local_files_only=True)
-        else:
-            pipe = _sd_pipeline_class().from_single_file(str(path), config=str(config_dir), local_files_only=True,
-                                                         **_NO_SAFETY_CHECKER)
+        sdxl = _is_sdxl_dir(config_dir)
+        extra = {} if sdxl else dict(_NO_SAFETY_CHECKER)
+        if dtype != torch.float32:      # the pipeline takes one dtype: the VAE loads on its own, in float32
+            extra["vae"] = _single_file_vae(path, config_dir)
+        pipe = _sd_pipeline_class(sdxl=sdxl).from_single_file(str(path), config=str(config_dir),
+                                                              local_files_only=True, **extra,
+                                                              **dtype_keyword(dtype))
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as error:
         raise ModelLoadError(f"could not load {path} with the configs in {config_dir}: {error}. Check that the "
                              "config directory describes the same architecture as the checkpoint") from error
     pipe.scheduler = scheduler_for_markers(pipe.scheduler, set(_checkpoint_view(path).keys()))
     return pipe
+
+
+def _single_file_vae(path: Path, config_dir: Path):
+    """The VAE of a single-file checkpoint, in float32 (the backend decodes in float32)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_single_file(str(path), config=str(config_dir), subfolder="vae", local_files_only=True,
+                                          **dtype_keyword(torch.float32))
 
 
 def scheduler_for_markers(scheduler, keys):

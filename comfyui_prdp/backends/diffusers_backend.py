@@ -10,7 +10,7 @@ agree exactly.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -21,6 +21,9 @@ from .base import Backend, Cond
 ADAPTER_NAME = "prdp"
 _HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: pixels the VAE decodes per call: the float32 decoder's activations grow with them (a 1024 x
+#: 1024 SDXL image at a time; four 512 x 512 SD1.5 images)
+DECODE_PIXELS = 1024 * 1024
 
 
 def check_scheduler(scheduler) -> None:
@@ -48,17 +51,25 @@ def frozen_weight_dtype(device: torch.device, mixed_precision: str) -> torch.dty
     return torch.float32
 
 
+def decode_batch_size(config: TrainConfig) -> int:
+    """Images per VAE decode call: as many as DECODE_PIXELS allows, at most the sampling batch, at least one."""
+    per_image = max(1, int(config.height) * int(config.width))
+    return max(1, min(int(config.sample_batch_size), DECODE_PIXELS // per_image))
+
+
 class DiffusersBackend(Backend):
     """UNet2DConditionModel + CLIP text encoder + AutoencoderKL + a scheduler's schedule."""
 
     def __init__(self, unet, text_encoder, tokenizer, vae, scheduler, config: TrainConfig,
-                 device: Union[str, torch.device, None] = None, model_name: str = "unknown"):
+                 device: Union[str, torch.device, None] = None, model_name: str = "unknown",
+                 offload_text_encoders: bool = True):
         self.device = resolve_device(device)
+        self.offload_text_encoders = bool(offload_text_encoders)
         self.mixed_precision = config.mixed_precision
         self.dtype = frozen_weight_dtype(self.device, config.mixed_precision)
         self.model_name = model_name
         self.unet, self.text_encoder, self.tokenizer, self.vae = unet, text_encoder, tokenizer, vae
-        self.decode_batch_size = max(1, config.sample_batch_size)
+        self.decode_batch_size = decode_batch_size(config)
 
         check_scheduler(scheduler)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
@@ -73,15 +84,13 @@ class DiffusersBackend(Backend):
             raise ValueError(f"UNet takes {unet.config.in_channels} channels but the VAE makes "
                              f"{self.latent_channels}: these components do not belong together")
 
-        for module in (unet, text_encoder, vae):
+        for module in (unet, vae, *self.text_encoder_modules()):
             module.requires_grad_(False)
             module.eval()
         self._add_lora(config)
-        for module, dtype in ((text_encoder, self.dtype), (unet, self.dtype),
-                              (vae, torch.float32)):  # the VAE is small; float32 avoids fp16 overflow
-            _move(module, self.device, dtype)
-        for parameter in self.trainable_parameters():
-            parameter.data = parameter.data.float()  # LoRA weights stay float32
+        _move(unet, self.device, self.dtype, keep=self.trainable_parameters())   # LoRA weights stay float32
+        _move(vae, self.device, torch.float32)   # the VAE is small; float32 avoids fp16 overflow
+        self._place_text_encoders(self.text_encoder_home)
         self.set_gradient_checkpointing(config.gradient_checkpointing)
         self._adapters_off = False
 
@@ -136,6 +145,46 @@ class DiffusersBackend(Backend):
             self.unet.disable_gradient_checkpointing()
         self.gradient_checkpointing = bool(enabled)
 
+    # --- text encoders: on the device only while they encode ------------------------------
+    def text_encoder_modules(self) -> List[torch.nn.Module]:
+        """The text encoders this backend holds (None entries left out)."""
+        return [self.text_encoder]
+
+    def _encoder_dtype(self, encoder) -> torch.dtype:
+        """The dtype a text encoder computes in (the frozen-weight dtype)."""
+        return self.dtype
+
+    @property
+    def text_encoder_home(self) -> torch.device:
+        """Where the text encoders wait between encode calls: the CPU when offloaded, else the device."""
+        return torch.device("cpu") if self.offload_text_encoders else self.device
+
+    def _place_text_encoders(self, device: torch.device) -> None:
+        for encoder in self.text_encoder_modules():
+            _move(encoder, device, self._encoder_dtype(encoder))
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the compute device for one block, back home after it (one round trip
+        per encode call, so a prompt file encoded lazily never leaves them on the GPU)."""
+        if not self.offload_text_encoders:
+            yield
+            return
+        self._place_text_encoders(self.device)
+        try:
+            yield
+        finally:
+            self._place_text_encoders(self.text_encoder_home)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: List[str]) -> Cond:
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+        with self.text_encoders_on_device():
+            return self._encode(list(prompts))
+
     # --- schedule -----------------------------------------------------------------------
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -155,10 +204,8 @@ class DiffusersBackend(Backend):
             return torch.autocast("cuda", dtype=_HALF_DTYPES[self.mixed_precision])
         return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: List[str]) -> Cond:
-        if isinstance(prompts, str):
-            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+    def _encode(self, prompts: List[str]) -> Cond:
+        """The conditioning of `prompts`, the text encoders being on the device."""
         max_length = min(int(self.tokenizer.model_max_length),
                          int(self.text_encoder.config.max_position_embeddings))
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=max_length,
@@ -302,10 +349,24 @@ def _active_user_adapters(unet) -> List[str]:
     return []
 
 
-def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def _move(module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype],
+          keep: Sequence[torch.nn.Parameter] = ()) -> None:
+    """Cast `module`'s floating-point weights to `dtype` where they are, then move it to `device`:
+    cast first, so a half-precision model never exists on the GPU in float32. Parameters in `keep`
+    (the LoRA) keep their dtype; dtype None moves without casting."""
+    _cast(module, dtype, keep)
     module.to(device)
-    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-        module.to(dtype=dtype)
+
+
+def _cast(module: torch.nn.Module, dtype: Optional[torch.dtype], keep: Sequence[torch.nn.Parameter] = ()) -> None:
+    """`module`'s floating-point weights in `dtype`, in place and where they are, except `keep`'s."""
+    kept = {id(p): (p, p.data) for p in keep}
+    if dtype is None or all(p.dtype == dtype for p in module.parameters()
+                            if p.is_floating_point() and id(p) not in kept):
+        return
+    module.to(dtype=dtype)
+    for parameter, data in kept.values():
+        parameter.data = data
 
 
 def _export(tensor: torch.Tensor) -> torch.Tensor:

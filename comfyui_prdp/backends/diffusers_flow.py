@@ -31,13 +31,20 @@ import torch
 from .. import lora_keys, model_families
 from ..config import TrainConfig
 from .base import Cond
-from .diffusers_backend import ADAPTER_NAME, DiffusersBackend, _export, _move, frozen_weight_dtype, resolve_device
+from .diffusers_backend import (ADAPTER_NAME, DiffusersBackend, _cast, _export, _move, decode_batch_size,
+                                frozen_weight_dtype, resolve_device)
 
 #: the UNet default of TrainConfig.lora_targets; on a flow transformer it becomes FLOW_TARGETS
 UNET_DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 #: attention projections of the image stream and the text stream (joint / double blocks)
 FLOW_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 FLUX_DEFAULT_GUIDANCE = 3.5          # FluxPipeline's guidance_scale and ComfyUI's FluxGuidance default
+#: the storage dtype of an fp8 frozen base (compute stays in the frozen-weight dtype, bf16)
+FP8_STORAGE = torch.float8_e4m3fn
+#: GPU memory Flux training needs besides the transformer's weights: LoRA + AdamW, one
+#: checkpointed micro-batch's activations, the VAE decode, a reward model (issue 20: 2-3 GB
+#: for the update at 512 px, a few GB for the reward), with room for the allocator
+FLUX_WORKING_MEMORY = 8 * 1024 ** 3
 
 
 def flow_targets(targets: Sequence[str]) -> List[str]:
@@ -66,6 +73,24 @@ def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, bas
     return image_seq_len * slope + base_shift - slope * base_seq_len
 
 
+def gpu_memory_bytes(device: torch.device) -> int:
+    """Total memory of a CUDA device (0 for any other device)."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+def flux_needs_fp8(transformer, device: torch.device, config: TrainConfig) -> bool:
+    """Whether the Flux transformer must be stored in fp8 to train on `device` (fp8_base=None):
+    on CUDA, when its weights in the frozen-weight dtype and FLUX_WORKING_MEMORY do not fit
+    the card (Flux.1-dev in bf16 is 23.8 GB = 22.2 GiB: a 24 GB card stores it in fp8, a 32 GB one not)."""
+    if device.type != "cuda":
+        return False
+    size = frozen_weight_dtype(device, config.mixed_precision).itemsize
+    weights = sum(p.numel() for p in transformer.parameters()) * size
+    return weights + FLUX_WORKING_MEMORY > gpu_memory_bytes(device)
+
+
 class DiffusersFlowBackend(DiffusersBackend):
     """Common part of the SD3 and Flux backends: transformer + VAE + flow scheduler + LoRA.
 
@@ -81,14 +106,16 @@ class DiffusersFlowBackend(DiffusersBackend):
     max_sequence_length = 256
 
     def __init__(self, transformer, vae, scheduler, text_encoders: Sequence, tokenizers: Sequence,
-                 config: TrainConfig, device: Union[str, torch.device, None] = None, model_name: str = "unknown"):
+                 config: TrainConfig, device: Union[str, torch.device, None] = None, model_name: str = "unknown",
+                 offload_text_encoders: bool = True, fp8_base: bool = False):
         self.device = resolve_device(device)
+        self.offload_text_encoders = bool(offload_text_encoders)
         self.mixed_precision = config.mixed_precision
         self.dtype = frozen_weight_dtype(self.device, config.mixed_precision)
         self.model_name = model_name
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
-        self.decode_batch_size = max(1, config.sample_batch_size)
+        self.decode_batch_size = decode_batch_size(config)
         check_flow_scheduler(scheduler)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(vae.config.latent_channels)
@@ -96,19 +123,36 @@ class DiffusersFlowBackend(DiffusersBackend):
         self.image_size = (int(config.height), int(config.width))
         self._check_layout()
 
-        encoders = [e for e in self.text_encoders if e is not None]
-        for module in (transformer, vae, *encoders):
+        for module in (transformer, vae, *self.text_encoder_modules()):
             module.requires_grad_(False)
             module.eval()
         self._add_lora(config.replace(lora_targets=flow_targets(config.lora_targets)))
-        _move(transformer, self.device, self.dtype)
-        for encoder in encoders:
-            _move(encoder, self.device, self._encoder_dtype(encoder))
+        _cast(transformer, self.dtype, keep=self.trainable_parameters())    # LoRA weights stay float32
+        #: the frozen base's storage dtype (float8 stores the Linear weights in 1 byte, see store_base_in_fp8)
+        self.base_storage_dtype = self.dtype
+        if fp8_base:
+            self.store_base_in_fp8()
+        transformer.to(self.device)
         _move(vae, self.device, torch.float32)
-        for parameter in self.trainable_parameters():
-            parameter.data = parameter.data.float()
+        self._place_text_encoders(self.text_encoder_home)
         self.set_gradient_checkpointing(config.gradient_checkpointing)
         self._adapters_off = False
+
+    def text_encoder_modules(self) -> List[torch.nn.Module]:
+        return [encoder for encoder in self.text_encoders if encoder is not None]
+
+    def store_base_in_fp8(self) -> None:
+        """Store the frozen transformer's Linear / Conv weights in float8 (e4m3), each cast to the
+        compute dtype for its own forward (diffusers' layerwise casting): half the memory of bf16.
+        Norms, embeddings and the LoRA (peft layers) keep their dtype; the LoRA trains in float32."""
+        if not hasattr(self.transformer, "enable_layerwise_casting"):
+            raise ValueError("storing the base model in fp8 needs diffusers >= 0.33 (enable_layerwise_casting): "
+                             "upgrade diffusers, or train without fp8_base")
+        self.transformer.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=self.dtype)
+        self.base_storage_dtype = FP8_STORAGE
+        if any(p.dtype != torch.float32 for p in self.trainable_parameters()):
+            raise RuntimeError("layerwise casting reached the LoRA weights, which must stay float32: this "
+                               "diffusers does not skip peft layers; upgrade diffusers or train without fp8_base")
 
     @property
     def unet(self):
@@ -237,11 +281,13 @@ class DiffusersSD3Backend(DiffusersFlowBackend):
 
     def __init__(self, transformer, vae, scheduler, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
                  config: TrainConfig, text_encoder_3=None, tokenizer_3=None,
-                 device: Union[str, torch.device, None] = None, model_name: str = "unknown"):
+                 device: Union[str, torch.device, None] = None, model_name: str = "unknown",
+                 offload_text_encoders: bool = True, fp8_base: bool = False):
         if (text_encoder_3 is None) != (tokenizer_3 is None):
             raise ValueError("an SD3 T5 encoder needs both text_encoder_3 and tokenizer_3 (or neither: no T5)")
         super().__init__(transformer, vae, scheduler, (text_encoder, text_encoder_2, text_encoder_3),
-                         (tokenizer, tokenizer_2, tokenizer_3), config, device=device, model_name=model_name)
+                         (tokenizer, tokenizer_2, tokenizer_3), config, device=device, model_name=model_name,
+                         offload_text_encoders=offload_text_encoders, fp8_base=fp8_base)
 
     @classmethod
     def from_pipeline(cls, pipe, config: TrainConfig, device=None, model_name: str = "unknown"):
@@ -264,10 +310,7 @@ class DiffusersSD3Backend(DiffusersFlowBackend):
         return model_families.diffusers_flow_family(
             "sd3", sd35=bool(config.get("dual_attention_layers") or config.get("qk_norm")))
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: List[str]) -> Cond:
-        if isinstance(prompts, str):
-            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+    def _encode(self, prompts: List[str]) -> Cond:
         clip_l, clip_g, t5 = self.text_encoders
         tok_l, tok_g, tok_t5 = self.tokenizers
         hidden, pooled = [], []
@@ -294,7 +337,7 @@ class DiffusersSD3Backend(DiffusersFlowBackend):
     def _velocity(self, x, sigma, cond):
         return self.transformer(hidden_states=x, encoder_hidden_states=cond["context"].to(self.device),
                                 pooled_projections=cond["pooled_output"].to(self.device),
-                                timestep=(sigma * 1000).to(x.dtype), return_dict=False)[0]
+                                timestep=sigma.float() * 1000, return_dict=False)[0]   # float32, as the pipeline
 
 
 class DiffusersFluxBackend(DiffusersFlowBackend):
@@ -305,9 +348,13 @@ class DiffusersFluxBackend(DiffusersFlowBackend):
     max_sequence_length = 512
 
     def __init__(self, transformer, vae, scheduler, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
-                 config: TrainConfig, device: Union[str, torch.device, None] = None, model_name: str = "unknown"):
+                 config: TrainConfig, device: Union[str, torch.device, None] = None, model_name: str = "unknown",
+                 offload_text_encoders: bool = True, fp8_base: Optional[bool] = None):
+        if fp8_base is None:
+            fp8_base = flux_needs_fp8(transformer, resolve_device(device), config)
         super().__init__(transformer, vae, scheduler, (text_encoder, text_encoder_2), (tokenizer, tokenizer_2),
-                         config, device=device, model_name=model_name)
+                         config, device=device, model_name=model_name,
+                         offload_text_encoders=offload_text_encoders, fp8_base=fp8_base)
         guidance = config.flow_guidance
         if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"flow_guidance={guidance}: must be a finite number >= 0 (Flux.1-dev: 3.5)")
@@ -334,10 +381,7 @@ class DiffusersFluxBackend(DiffusersFlowBackend):
         return model_families.diffusers_flow_family("flux", guidance_distilled=bool(
             self.transformer.config.guidance_embeds))
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: List[str]) -> Cond:
-        if isinstance(prompts, str):
-            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+    def _encode(self, prompts: List[str]) -> Cond:
         clip, t5 = self.text_encoders
         tok_clip, tok_t5 = self.tokenizers
         with self._autocast():

@@ -7,6 +7,8 @@ What SDXL adds to the SD1.x/SD2.x backend:
   training size of the latent being denoised with no crop, as SDXL's pipeline passes them
   when it generates at that size.
 v-prediction and zero-terminal-SNR come from the scheduler, as for the other models.
+Memory (see diffusers_backend): both text encoders wait on the CPU between encode calls, and the
+float32 VAE decodes one 1024 x 1024 image at a time.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from .. import model_families
 from ..config import TrainConfig
 from .base import Cond
-from .diffusers_backend import DiffusersBackend, _move
+from .diffusers_backend import DiffusersBackend
 
 
 def is_sdxl_unet(unet) -> bool:
@@ -28,17 +30,16 @@ class DiffusersSDXLBackend(DiffusersBackend):
     """UNet (text_time additional embeddings) + two CLIP text encoders + VAE + scheduler."""
 
     def __init__(self, unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, scheduler,
-                 config: TrainConfig, device: Union[str, torch.device, None] = None, model_name: str = "unknown"):
+                 config: TrainConfig, device: Union[str, torch.device, None] = None, model_name: str = "unknown",
+                 offload_text_encoders: bool = True):
         if not is_sdxl_unet(unet):
             raise ValueError("this UNet has no SDXL size/pooled conditioning (addition_embed_type 'text_time'): "
                              "load it as an SD1.x/SD2.x model")
         if text_encoder_2 is None or tokenizer_2 is None:
             raise ValueError("an SDXL model needs text_encoder_2 and tokenizer_2 (CLIP-G); the folder lacks them")
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        text_encoder_2.requires_grad_(False)
-        text_encoder_2.eval()
-        super().__init__(unet, text_encoder, tokenizer, vae, scheduler, config, device=device, model_name=model_name)
-        _move(text_encoder_2, self.device, self.dtype)
+        super().__init__(unet, text_encoder, tokenizer, vae, scheduler, config, device=device, model_name=model_name,
+                         offload_text_encoders=offload_text_encoders)
 
     @classmethod
     def from_pipeline(cls, pipe, config: TrainConfig, device=None, model_name: str = "unknown"):
@@ -49,10 +50,10 @@ class DiffusersSDXLBackend(DiffusersBackend):
     def family(self) -> model_families.ModelFamily:
         return model_families.diffusers_family(True, self.prediction_type == "v_prediction")
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: List[str]) -> Cond:
-        if isinstance(prompts, str):
-            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+    def text_encoder_modules(self) -> List[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def _encode(self, prompts: List[str]) -> Cond:
         hidden_states = []
         pooled = None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
