@@ -79,3 +79,43 @@ def test_training_with_a_neural_reward_runs_two_epochs_when_moves_copy(plugin, r
     assert (comfy_dirs / "loras" / "prdp" / "gpu_path.safetensors").is_file()
     lines = (comfy_dirs / "output" / "prdp_runs" / "gpu_path" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
+
+
+def test_the_training_reserve_grows_to_the_measured_update_peak(monkeypatch):
+    """On CUDA the update phase's peak is measured and reserved (with headroom) for the next
+    training load; a simulated CUDA memory counter stands in for the GPU."""
+    import comfy.model_management
+    from comfyui_prdp.backends.comfy_backend import ComfyBackend
+
+    with torch.inference_mode():
+        model, clip, vae = load_tiny_sd15(seed=6)
+    with torch.inference_mode(False):
+        backend = ComfyBackend(model, clip, vae, rank=2, seed=0)
+    allocated = {"now": 1000, "peak": 1000}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocated.update(peak=allocated["now"]))
+    reserved = []
+    real_load = comfy.model_management.load_models_gpu
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu",
+                        lambda models, memory_required=0, **kw: (reserved.append(memory_required),
+                                                                 real_load(models, memory_required=0, **kw))[1])
+    backend.device = torch.device("cuda")          # the accounting only; the model stays on the CPU
+    estimate = backend.patcher.memory_required([2, 4, 8, 8])
+    try:
+        backend.prepare_for_training()
+        with torch.enable_grad():
+            backend._load((2, 4, 8, 8))
+        assert reserved[-1] == int(3 * estimate)   # nothing measured yet: the factor of the estimate
+        allocated["peak"] = 1000 + 40 * estimate   # the update phase peaked far above the estimate
+        backend.prepare_for_sampling()
+        backend.prepare_for_training()
+        with torch.enable_grad():
+            backend._load((2, 4, 8, 8))
+        assert reserved[-1] == int(1.25 * 40 * estimate)
+        with torch.no_grad():
+            backend._load((2, 4, 8, 8))
+        assert reserved[-1] == estimate            # sampling reserves the inference estimate only
+    finally:
+        backend.device = torch.device("cpu")
+        backend.release()

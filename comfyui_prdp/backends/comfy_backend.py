@@ -393,6 +393,21 @@ def training_compute_dtype(mixed_precision: Optional[str], device_type: str,
     raise ValueError(f"mixed_precision={mixed_precision!r}: use 'no', 'fp16' or 'bf16'")
 
 
+#: the training reserve for a first update phase, in units of ComfyUI's inference estimate
+#: (activations kept for backward, the LoRA-merged weights of a block, gradients)
+TRAINING_RESERVE_FACTOR = 3
+#: headroom over the measured peak of earlier update phases (allocator rounding, batch variation)
+MEASURED_RESERVE_HEADROOM = 1.25
+
+
+def training_reserve(inference_estimate: int, measured_peak: int) -> int:
+    """Bytes ComfyUI keeps free beside the model while it trains: a multiple of its inference
+    estimate until an update phase was measured, then at least that measured peak with headroom
+    (ComfyUI's estimate is of inference: for Flux at 512 px 3x of it is ~0.7 GB, while backward
+    is expected to need 2-3 GB; an estimate from reading the code, not measured on a GPU here)."""
+    return max(TRAINING_RESERVE_FACTOR * int(inference_estimate), int(MEASURED_RESERVE_HEADROOM * measured_peak))
+
+
 def is_target_module(name: str, targets: Sequence[str]) -> bool:
     """Whether module `name` (ComfyUI's, relative to diffusion_model) is a LoRA target: a glob
     target (with `*`, e.g. `double_blocks.*.img_attn.qkv`) matches the whole name; a plain one
@@ -507,6 +522,8 @@ class ComfyBackend(Backend):
         self.adapters: Dict[str, SwitchableAdapter] = {}
         self._wrappers: List[object] = []
         self._loaded_batch = 0
+        self._training_baseline: Optional[int] = None   # CUDA bytes allocated when the update phase began
+        self._training_peak = 0                          # the largest update-phase peak above it so far
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self._checkpointing: Optional[BlockCheckpointing] = None
 
@@ -574,8 +591,9 @@ class ComfyBackend(Backend):
             comfy.sampler_helpers.prepare_model_patcher(self.patcher, {}, options)
             self._model_options = options
         memory = 0
-        if batch_shape is not None:  # activations kept for backward need more than inference
-            memory = self.patcher.memory_required(list(batch_shape)) * (3 if torch.is_grad_enabled() else 1)
+        if batch_shape is not None:
+            estimate = self.patcher.memory_required(list(batch_shape))
+            memory = training_reserve(estimate, self._training_peak) if torch.is_grad_enabled() else estimate
         comfy.model_management.load_models_gpu([self.patcher], memory_required=memory)
         self.patcher.pre_run()
         self._loaded_batch = batch_shape[0] if batch_shape is not None else 0
@@ -588,10 +606,12 @@ class ComfyBackend(Backend):
                 and batch <= self._loaded_batch)
 
     def prepare_for_sampling(self) -> None:
+        self._end_training_measurement()
         self._load()
 
     def prepare_for_training(self) -> None:
         self._load()
+        self._start_training_measurement()
         if self.gradient_checkpointing and self._checkpointing is None:
             self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model, self._model_call)
 
@@ -617,6 +637,21 @@ class ComfyBackend(Backend):
                     setattr(module, attr, [f for f in functions if id(f) not in ours])
         if getattr(self.patcher.model, "current_patcher", None) is self.patcher:
             self.patcher.model.current_patcher = None
+
+    def _start_training_measurement(self) -> None:
+        """On CUDA: the update phase's peak memory above what is allocated now is measured."""
+        if self.device.type == "cuda":
+            self._training_baseline = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _end_training_measurement(self) -> None:
+        """The last update phase's measured peak above its start (activations, merged weights,
+        gradients, optimizer state) becomes the floor of the next training reserve."""
+        if self._training_baseline is None:
+            return
+        peak = torch.cuda.max_memory_allocated(self.device) - self._training_baseline
+        self._training_peak = max(self._training_peak, int(peak))
+        self._training_baseline = None
 
     # --- model verbs -------------------------------------------------------------------
     @contextlib.contextmanager
