@@ -645,6 +645,7 @@ def setup_case(case: Case, fake_mode, config) -> Setup:
                 "sdxl": lambda: build_sd(fake_mode, config, xl=True),
                 "sd35": lambda: build_sd35(fake_mode, config), "flux": lambda: build_flux(fake_mode, config)}
     backend, encoders = builders[family]()
+    backend.checked_finite = lambda cond: cond     # a data check (bool of a fake tensor); no memory
     denoiser = _denoiser(backend)
     lora = {id(p) for p in backend.trainable_parameters()}
     mimic = None
@@ -701,7 +702,7 @@ def format_table(rows: List[Row]) -> str:
         cells = " ".join(f"{row.phases[p]:8.2f}" for p in PHASES)
         total = row.overall + CUDA_CONTEXT_GB
         lines.append(f"{row.case.preset:<18} {row.case.host:<8} {row.case.family:<6} {cells} {row.overall:7.2f} "
-                     f"{total:7.2f} {row.case.budget_gb:7.1f}  {'OVER' if row.over else 'ok'}")
+                     f"{total:7.2f} {row.case.budget_gb:7.2f}  {'OVER' if row.over else 'ok'}")
     return "\n".join(lines)
 
 
@@ -755,15 +756,21 @@ def preset_config(case: Case, steps: Optional[int]) -> prdp_config.TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    rows = []
+    rows, failed = [], []
     for case in selected_cases(args):
-        rows.append(measure(case, preset_config(case, args.steps)))
+        try:
+            rows.append(measure(case, preset_config(case, args.steps)))
+        except Exception as error:      # noqa: BLE001 - one case's failure is reported, the others still run
+            failed.append(case)
+            print(f"# {case.preset} / {case.host}: FAILED to simulate: {type(error).__name__}: {error}", flush=True)
+            continue
         print(f"# {case.preset} / {case.host}: {rows[-1].seconds:.0f} s; modelled: " + "; ".join(rows[-1].design),
               flush=True)
+        print("# " + format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"# GB = 2^30 bytes; +ctx adds a CUDA context of {CUDA_CONTEXT_GB} GB; phases are peaks of live tensors")
     table = format_table(rows)
     print(table)
-    status = exit_code(parse_table(table))
+    status = max(exit_code(parse_table(table)), 1 if failed else 0)
     if args.flat_steps is not None:
         status = max(status, check_flat(rows[0], args.flat_steps))
     print(f"# wall time {time.perf_counter() - start:.0f} s; {'OVER BUDGET' if status else 'all within budget'}")

@@ -37,6 +37,12 @@ TINY = dict(
 )
 
 
+def small_epoch(steps):
+    """consumer-gpu with fewer trajectories (a faster test; the flatness in T is the same)."""
+    return mb.prdp_config.preset("consumer-gpu", steps=steps, prompts_per_epoch=2, images_per_prompt=2,
+                                 sample_batch_size=2, train_batch_size=2)
+
+
 @pytest.fixture
 def tiny(monkeypatch):
     """The script's real SD1.5 / reward configs replaced by tiny ones (same code path)."""
@@ -54,7 +60,8 @@ def test_counter_matches_bytes_counted_by_hand():
         weights = (256 * 512 + 512 * 128) * f32
         assert meter.live["gpu"] == weights
         meter.phase("forward")
-        x = torch.randn(64, 256, device=mb.GPU)
+        with fake_mode:
+            x = torch.randn(64, 256, device=mb.GPU)
         hidden = first(x)
         y = second(hidden.relu())
         # x, hidden, relu(hidden) (kept for the second layer's weight gradient), y
@@ -88,10 +95,11 @@ def test_fused_attention_keeps_no_score_matrix():
 
 def test_update_peak_is_flat_in_steps(tiny):
     case = mb.CASES[0]
-    at_2 = mb.measure(case, mb.preset_config(case, 2))
-    at_5 = mb.measure(case, mb.preset_config(case, 5))
+    at_2 = mb.measure(case, small_epoch(2))
+    at_5 = mb.measure(case, small_epoch(5))
     assert at_2.phases["update"] == at_5.phases["update"]
-    assert at_2.phases["sampling"] == at_5.phases["sampling"]
+    # sampling: the schedule's few values per step may sit on the GPU, nothing of trajectory size
+    assert abs(at_2.phases["sampling"] - at_5.phases["sampling"]) * mb.GB < 4096
     assert at_2.phases["update"] > 0
 
 
@@ -106,8 +114,8 @@ def test_trajectories_on_the_gpu_would_not_be_flat(tiny, monkeypatch):
         return joined
     monkeypatch.setattr(mb, "join_trajectories", join_on_gpu)
     case = mb.CASES[0]
-    assert mb.measure(case, mb.preset_config(case, 2)).phases["update"] < \
-        mb.measure(case, mb.preset_config(case, 5)).phases["update"]
+    assert mb.measure(case, small_epoch(2)).phases["update"] < \
+        mb.measure(case, small_epoch(5)).phases["update"]
 
 
 def test_table_round_trip_and_exit_code(tiny, capsys):
