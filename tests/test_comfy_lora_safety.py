@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from comfy_inprocess import import_comfy, load_tiny_sd15
+from comfy_inprocess import import_comfy, in_thread, load_tiny_sd15
 
 import_comfy()
 
@@ -164,3 +164,47 @@ def test_the_training_clone_owns_its_weights_where_comfyui_supports_a_deep_copy(
             assert all(not getattr(m, "weight_function", None) for m in model.model.diffusion_model.modules())
     finally:
         backend.release()
+
+
+def test_without_host_ram_for_a_deep_copy_the_clone_shares_the_weights_and_still_trains(sd15, tmp_path,
+                                                                                        monkeypatch):
+    """A second copy of a large model (Flux bf16: 24 GB) may not fit in host RAM: then the
+    backend trains on a clone sharing the user's weights, and leaves them as they were."""
+    from safetensors.torch import save_file
+
+    import comfy.model_management
+    from comfy_inprocess import tiny_sd15_state_dict
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_sd15_state_dict().items()}, str(path))
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    real_free_memory = comfy.model_management.get_free_memory
+
+    def free_memory(dev=None, torch_free_too=False):     # host RAM: room for one more copy only
+        if dev is not None and torch.device(dev).type == "cpu" and not torch_free_too:
+            return model.model_size()
+        return real_free_memory(dev, torch_free_too)
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", free_memory)
+    with torch.inference_mode():
+        backend = ComfyBackend(model, clip, vae, rank=2)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", real_free_memory)
+    try:
+        assert backend.patcher.model is model.model
+        def step():
+            cond = backend.encode_prompts(["a cat", "a dog"])
+            x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+            backend.predict_eps(x, torch.tensor([800, 200]), cond).pow(2).mean().backward()
+            return [p.grad for p in backend.trainable_parameters()]
+
+        gradients = in_thread(step)
+        assert all(g is not None and torch.isfinite(g).all() for g in gradients)
+        assert any(g.abs().sum() > 0 for g in gradients)
+        assert not [n for n, p in model.model.diffusion_model.named_parameters() if p.grad is not None]
+    finally:
+        backend.release()
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not getattr(m, "weight_function", None) for m in model.model.diffusion_model.modules())

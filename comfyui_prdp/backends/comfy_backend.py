@@ -187,16 +187,36 @@ def vp_sigmas(sampling) -> torch.Tensor:
         return sigmas.detach().to("cpu", torch.float32).clone()
 
 
+#: a deep copy is made only while host RAM keeps this multiple of the model's size free
+DEEP_COPY_RAM_FACTOR = 2.0
+
+
+def deep_copy_fits(model) -> bool:
+    """Whether host RAM has room for a second copy of the model's weights (with headroom): a
+    deep copy reloads the checkpoint beside the user's model (Flux bf16: +24 GB)."""
+    import comfy.model_management
+
+    free = comfy.model_management.get_free_memory(torch.device("cpu"))
+    return free >= DEEP_COPY_RAM_FACTOR * model.model_size()
+
+
 def training_clone(model):
     """A clone of the user's ModelPatcher to train on: a deep copy with its own (non-inference)
-    weights where this ComfyUI and the model's loader support it, as ComfyUI's own trainer
-    clones, else an ordinary clone sharing the modules (wrappers are removed on release)."""
+    weights where this ComfyUI and the model's loader support it and host RAM has room for it,
+    as ComfyUI's own trainer clones; else an ordinary clone sharing the weights (inference
+    tensors are never written: the wrappers copy them per forward, and every wrapper and
+    forward patch is removed from the shared modules on release)."""
     import inspect
+    import logging
 
     with torch.inference_mode(False):
         if "force_deepcopy" in inspect.signature(model.clone).parameters and \
                 getattr(model, "cached_patcher_init", None) is not None:
-            return model.clone(force_deepcopy=True)
+            if deep_copy_fits(model):
+                return model.clone(force_deepcopy=True)
+            logging.getLogger(__name__).info(
+                "PRDP: training on the loaded model's weights (no deep copy: host RAM has no room for a second "
+                "copy of %.1f GB)", model.model_size() / 2 ** 30)
         return model.clone()
 
 
