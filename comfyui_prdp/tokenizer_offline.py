@@ -67,12 +67,13 @@ def clip_tokenizer_from_files(tokenizer_class):
         return tokenizer_class.from_pretrained(folder, model_max_length=CONTEXT_LENGTH, local_files_only=True)
 
 
-def offline_clip_tokenizer():
-    """A `transformers.CLIPTokenizer` equal to SD's (openai/clip-vit-large-patch14) one."""
-    from transformers import CLIPTokenizer
-
-    build = clip_tokenizer_from_objects if takes_vocab_objects(CLIPTokenizer) else clip_tokenizer_from_files
-    return checked_special_ids(build(CLIPTokenizer))
+def offline_clip_tokenizer(tokenizer_class=None):
+    """A `transformers.CLIPTokenizer` (or `tokenizer_class`) equal to SD's
+    (openai/clip-vit-large-patch14) one, built the way the installed transformers takes it."""
+    if tokenizer_class is None:
+        from transformers import CLIPTokenizer as tokenizer_class
+    build = clip_tokenizer_from_objects if takes_vocab_objects(tokenizer_class) else clip_tokenizer_from_files
+    return checked_special_ids(build(tokenizer_class))
 
 
 def checked_special_ids(tokenizer):
