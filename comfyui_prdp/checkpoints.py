@@ -310,6 +310,28 @@ def optimizer_state_dict(data: CheckpointData, optimizer: torch.optim.Optimizer)
             "param_groups": optimizer.state_dict()["param_groups"]}
 
 
+def align_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
+    """Move each parameter's optimizer state to the parameter's device, and its floating state
+    to the parameter's dtype; returns how many tensors moved. `load_state_dict` places the state
+    where the parameters are at load time, but a resumed LoRA starts on the CPU and moves with
+    the model's first load, so call this before each step. Tensors already in place are not
+    copied and no value is read: no device sync. `step` stays where the optimizer keeps it (on
+    the CPU unless the group is capturable or fused, as torch's own loading does)."""
+    moved = 0
+    for group in optimizer.param_groups:
+        step_on_device = bool(group.get("capturable") or group.get("fused"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for name, value in state.items():
+                if not isinstance(value, torch.Tensor) or (name == "step" and not step_on_device):
+                    continue
+                dtype = param.dtype if value.is_floating_point() and name != "step" else value.dtype
+                if value.device != param.device or value.dtype != dtype:
+                    state[name] = value.to(device=param.device, dtype=dtype)
+                    moved += 1
+    return moved
+
+
 # ----------------------------------------------------------------------------- helpers
 def _check_file(path: Path, entry: dict, check_hash: bool) -> None:
     try:

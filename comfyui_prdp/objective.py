@@ -6,7 +6,8 @@ groups: pairs are only formed within a group. Every loss returns the mean over g
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import math
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -118,3 +119,53 @@ def clip_fraction(logp: torch.Tensor, logp_old: torch.Tensor, clip_range: float,
     else:
         outside = (logp - logp_old).abs() > clip_range   # rho - rho_old = logp - logp_old
     return outside.float().mean().item()
+
+
+class DynamicLossScale:
+    """Dynamic loss scaling for models that compute in float16 (torch.amp.GradScaler's rule).
+
+    The trainer multiplies the per-step weights w by `scale` before each backward pass, so
+    output gradients near 1e-4 / D (D latent elements) do not underflow float16's 6e-8, and
+    divides the LoRA gradients by it before clipping (a power of two: both exact). A step whose
+    unscaled gradient is not finite is skipped and the scale halved (`back_off`; False once the
+    scale is down to `min_scale`: the gradient is not finite even unscaled); `growth_interval`
+    steps taken in a row double it. Not torch.amp.GradScaler itself: its step reads found-inf
+    in a sync of its own, where the trainer's gradient-norm read already decides the skip.
+    """
+
+    def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 2000, min_scale: float = 1.0):
+        self.scale = float(scale)
+        self.growth_interval = int(growth_interval)
+        self.min_scale = float(min_scale)
+        self.good_steps = 0
+
+    def unscale_(self, params: List[torch.Tensor]) -> None:
+        """Divide the gradients of `params` by the scale, in place (their own float dtype)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def back_off(self) -> bool:
+        """After a non-finite gradient: halve the scale (True), or False when it is at its minimum."""
+        self.good_steps = 0
+        if self.scale / 2 < self.min_scale:
+            return False
+        self.scale /= 2
+        return True
+
+    def step_taken(self) -> None:
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= 2
+            self.good_steps = 0
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        scale, good = state.get("scale"), state.get("good_steps", 0)
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= self.min_scale
+                and isinstance(good, int) and good >= 0):
+            raise ValueError(f"checkpoint loss scale {state!r} is not a scale >= {self.min_scale} with a step "
+                             "count: resume from another checkpoint")
+        self.scale, self.good_steps = float(scale), good

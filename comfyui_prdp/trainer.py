@@ -28,7 +28,7 @@ from .advantages import PerPromptStatTracker
 from .config import TrainConfig
 from .distributed import SINGLE, Distributed
 from .lora import atomic_write, lora_metadata, save_lora, unique_path
-from .objective import LOSSES, clip_fraction, logp_gradient_weights
+from .objective import LOSSES, DynamicLossScale, clip_fraction, logp_gradient_weights
 from .heldout import HeldOutMonitor
 from .prompts import PromptSet
 from .policies import policy_for
@@ -39,6 +39,42 @@ from .sampling import (Trajectories, broadcast_row, index_cond, join_trajectorie
 Callback = Callable[[dict], None]
 CHECKPOINT_STATE = checkpoints.STATE_FILE
 CHECKPOINT_LORA = checkpoints.LORA_FILE
+
+
+def computes_in_float16(backend: Backend) -> bool:
+    """Whether the backend's model computes in float16 (its `compute_dtype` where it declares
+    one, e.g. a host that takes float32 inputs and casts them, else `dtype`): its gradients then
+    need loss scaling. bfloat16 and float32 have float32's range and are left alone."""
+    return getattr(backend, "compute_dtype", backend.dtype) == torch.float16
+
+
+def micro_batches(rows: torch.Tensor, steps: torch.Tensor, sample_batch_size: int,
+                  train_batch_size: int) -> List[torch.Tensor]:
+    """Positions k of the transitions (rows[k], steps[k]) grouped into model calls of at most
+    train_batch_size rows, laid out as sampling evaluated them where that fits.
+
+    Why: kernels round differently at other batch sizes (GPUs ~1e-6-1e-5 per log-prob; this
+    CPU 8.4e-7 on the embedded UNet with 2-row sampling batches re-evaluated 4 or 8 at a time),
+    which at a clip range of 1e-6 decides the clip mask. With train_batch_size >=
+    sample_batch_size each call is the rows of one sampling batch (row // sample_batch_size,
+    rows numbered as sampled) at one step, in row order: the model inputs each transition was
+    recorded with, so unchanged weights give the recorded log-prob (exactly on this CPU, where
+    the old packing was off by 8.4e-7). Exact when every sampling batch is whole in the
+    minibatch (always when sample_batch_size divides images_per_prompt, or minibatch_prompts
+    is unset). Trade-off: train_batch_size stays the memory bound, so with a larger
+    sample_batch_size no call can match sampling's, and transitions are packed row-major,
+    train_batch_size at a time, as before; with a smaller one the calls hold
+    sample_batch_size rows, more and smaller calls than packing would make.
+    """
+    if len(rows) == 0:
+        return []
+    if train_batch_size < sample_batch_size:
+        return list(torch.arange(len(rows)).split(train_batch_size))
+    rows, steps = rows.cpu().long(), steps.cpu().long()
+    group = (rows // sample_batch_size) * (int(steps.max()) + 1) + steps      # (sampling batch, step)
+    order = torch.argsort(group * (int(rows.max()) + 1) + rows)                # unique keys
+    _, sizes = torch.unique_consecutive(group[order], return_counts=True)
+    return list(order.split(sizes.tolist()))
 
 
 class StopRequested(Exception):
@@ -123,6 +159,8 @@ class Trainer:
             raise ValueError("the backend has no trainable LoRA parameters")
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
                                            eps=config.adam_eps, weight_decay=config.weight_decay)
+        #: float16 models: the loss scale of their backward passes (None otherwise)
+        self.loss_scale = DynamicLossScale() if computes_in_float16(backend) else None
         self.latent_shape = tuple(backend.latent_shape(config.height, config.width))
         self.metrics: List[dict] = []
         self.epoch = 0
@@ -139,6 +177,8 @@ class Trainer:
     def _extra_state(self) -> dict:
         """JSON-serialisable trainer state beyond weights and optimizer (saved in checkpoints)."""
         state = {"ddpo_tracker": self.ddpo_tracker.state_dict()}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
         if self.held_out is not None:
             state["held_out"] = self.held_out.state_dict()
         return state
@@ -146,6 +186,8 @@ class Trainer:
     def _load_extra_state(self, state: dict) -> None:
         if "ddpo_tracker" in state:
             self.ddpo_tracker.load_state_dict(state["ddpo_tracker"])
+        if self.loss_scale is not None and "loss_scale" in state:
+            self.loss_scale.load_state_dict(state["loss_scale"])
         if self.held_out is not None and "held_out" in state:
             self.held_out.load_state_dict(state["held_out"])
         if self.held_out is not None:       # best/ may be ahead of this checkpoint (heldout.py)
@@ -284,6 +326,9 @@ class Trainer:
             "grad_norm": update_stats["grad_norm"],
             "optimizer_steps": update_stats["optimizer_steps"],
         }
+        for name in ("skipped_steps", "loss_scale"):       # float16 models only
+            if name in update_stats:
+                metrics[name] = update_stats[name]
         for name, values in components.items():
             if len(components) > 1 or name != getattr(self.reward, "name", name):
                 metrics[f"reward/{name}"] = self._gather_rows(batch, values.float()).mean().item()
@@ -395,7 +440,7 @@ class Trainer:
         minibatch = cfg.minibatch_prompts or N
         generator = epoch_generator(cfg.seed, epoch, stream=1)
         on_policy = True            # theta == theta_old until the first optimizer step
-        losses, clip_fracs, grad_norms = [], [], []
+        losses, clip_fracs, grad_norms, skipped = [], [], [], 0
         onpolicy_diff = float("nan")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._faults.attempt(self.backend.prepare_for_training)
@@ -419,27 +464,45 @@ class Trainer:
                 loss, clip_frac = self._sum_over_ranks(params, stats["loss"] * share, stats["clip_frac"] * share)
                 losses.append(loss)
                 clip_fracs.append(clip_frac)
-                grad_norms.append(self._faults.attempt(self._optimizer_step, params, epoch))
+                grad_norm = self._faults.attempt(self._optimizer_step, params, epoch)
+                if grad_norm is None and not self._faults.failed:     # a float16 step skipped
+                    skipped += 1
+                else:
+                    grad_norms.append(grad_norm)
                 on_policy = False
         onpolicy_diff, failed = self.dist.maxima(onpolicy_diff, float(self._faults.failed))
         self._faults.check(failed > 0)
-        return {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
-                "onpolicy_max_diff": onpolicy_diff, "grad_norm": sum(grad_norms) / len(grad_norms),
-                "optimizer_steps": len(losses)}
+        stats = {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
+                 "onpolicy_max_diff": onpolicy_diff,
+                 "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+                 "optimizer_steps": len(losses) - skipped}
+        if self.loss_scale is not None:
+            stats.update(skipped_steps=skipped, loss_scale=self.loss_scale.scale)
+        return stats
 
-    def _optimizer_step(self, params: List[torch.Tensor], epoch: int) -> float:
-        """Clip the (summed) gradient and step; returns the gradient norm before clipping."""
+    def _optimizer_step(self, params: List[torch.Tensor], epoch: int) -> Optional[float]:
+        """Clip the (summed) gradient and step; returns the gradient norm before clipping, or
+        None for a float16 step skipped because its scaled gradient overflowed (loss_scale).
+        Two device-to-host syncs whatever the number of LoRA tensors: the norm before the step
+        (a non-finite gradient must not reach the weights), their finiteness after it."""
+        checkpoints.align_optimizer_state(self.optimizer)     # the LoRA may have moved since a resume
+        if self.loss_scale is not None:
+            self.loss_scale.unscale_(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip).item()
         if not math.isfinite(grad_norm):
+            if self.loss_scale is not None and self.loss_scale.back_off():
+                return None
             raise FloatingPointError(
                 f"epoch {epoch + 1}: the LoRA gradient is not finite (norm {grad_norm}); the step was "
                 "dropped and nothing was written. Lower the learning rate, raise beta, or train "
                 "in float32 (mixed_precision 'no'); resume from the last checkpoint")
         self.optimizer.step()
-        if not all(torch.isfinite(p).all() for p in params):
+        if not all_finite(params):
             raise FloatingPointError(
                 f"epoch {epoch + 1}: an optimizer step made the LoRA weights non-finite; nothing was "
                 "written. Lower the learning rate; resume from the last checkpoint")
+        if self.loss_scale is not None:
+            self.loss_scale.step_taken()
         return grad_norm
 
     def minibatch_gradient(self, batch: EpochBatch, groups: torch.Tensor, train_steps: torch.Tensor,
@@ -527,15 +590,17 @@ class Trainer:
 
     def _logprobs(self, batch: EpochBatch, rows: torch.Tensor, steps: torch.Tensor,
                   grad_weights: Optional[torch.Tensor], epoch: int, phase: str) -> torch.Tensor:
-        """log-probs of transitions (rows[k], steps[k]) in micro-batches. With grad_weights,
-        also back-propagates sum(grad_weights * logp) into the LoRA (gradients accumulate)."""
+        """log-probs (float64, CPU) of transitions (rows[k], steps[k]), evaluated in the sampling
+        batches' layout (`micro_batches`). With grad_weights, also back-propagates
+        sum(grad_weights * logp) into the LoRA (gradients accumulate; float16 models: times the
+        loss scale). The values reach the CPU in one copy at the end."""
         cfg = self.config
-        out = []
         traj = batch.traj
-        for start in range(0, len(rows), cfg.train_batch_size):
+        scale = None if grad_weights is None or self.loss_scale is None else self.loss_scale.scale
+        values, places = [], []
+        for index in micro_batches(rows, steps, cfg.sample_batch_size, cfg.train_batch_size):
             self._check_stop()
-            r = rows[start:start + cfg.train_batch_size]
-            s = steps[start:start + cfg.train_batch_size]
+            r, s = rows[index], steps[index]
             args = (traj, r, s, index_cond(batch.cond, r), index_cond(batch.uncond, r))
             kwargs = dict(cfg=cfg.cfg, eta=cfg.eta, reduce=cfg.logprob_reduce)
             if grad_weights is None:
@@ -544,12 +609,18 @@ class Trainer:
             else:
                 with torch.enable_grad():
                     logp = recorded_logprob(self.backend, *args, **kwargs)
-                    w = grad_weights[start:start + cfg.train_batch_size].to(logp.device)
+                    w = grad_weights[index].to(logp.device)
+                    if scale is not None:
+                        w = w * scale      # a power of two: exact in float64
                     (w * logp).sum().backward()
                 logp = logp.detach()
-            out.append(logp.cpu())
+            values.append(logp)
+            places.append(index)
             self._step(epoch, phase)
-        return torch.cat(out) if out else torch.empty(0)
+        out = torch.empty(len(rows), dtype=torch.float64)
+        if values:
+            out[torch.cat(places)] = torch.cat(values).cpu().double()
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_root(self) -> Path:
@@ -652,7 +723,11 @@ class Trainer:
         n = cfg.prompts_per_epoch * cfg.images_per_prompt
         sampling = math.ceil(n / cfg.sample_batch_size) * cfg.steps   # with the base model's log-probs
         trained = max(1, round(cfg.steps * cfg.timestep_fraction))
-        updates = cfg.updates_per_epoch * 2 * math.ceil(n * trained / cfg.train_batch_size)
+        if cfg.train_batch_size >= cfg.sample_batch_size:     # micro_batches: one per sampling batch and step
+            calls = trained * math.ceil(n / cfg.sample_batch_size)
+        else:
+            calls = math.ceil(n * trained / cfg.train_batch_size)
+        updates = cfg.updates_per_epoch * 2 * calls
         return sampling + updates
 
     def _step(self, epoch: int, phase: str) -> None:
@@ -666,6 +741,13 @@ class Trainer:
     def _event_phase(self, epoch: int, phase: str) -> None:
         self._faults.phase = f"epoch {epoch + 1} {phase}"
         self._faults.attempt(self.callback, {"type": "phase", "epoch": epoch + 1, "phase": phase})
+
+
+def all_finite(tensors: List[torch.Tensor]) -> bool:
+    """Whether every element of `tensors` is finite, in one device-to-host sync (one inf-norm
+    per tensor: NaN and inf propagate, finite values cannot overflow)."""
+    maxima = torch._foreach_norm([t.detach() for t in tensors], math.inf)
+    return bool(torch.isfinite(torch.stack(maxima)).all())
 
 
 def latest_checkpoint(out_dir: Path) -> Path:
