@@ -219,22 +219,27 @@ def test_text_encoders_visit_the_gpu_only_for_each_encode_call(kind):
     with sim.active():
         backend = build(kind, mixed_precision="bf16")
         encoders = backend.text_encoder_modules()
-        seen_at_forward = []
-        hooks = [e.register_forward_pre_hook(lambda m, args: seen_at_forward.append(sim.where(m)))
-                 for e in encoders]
+        seen_at_forward, others_at_forward = [], []
+
+        def watch(module, args):
+            seen_at_forward.append(sim.where(module))
+            others_at_forward.append(set().union(*[sim.where(e) for e in encoders if e is not module]))
+
+        hooks = [e.register_forward_pre_hook(watch) for e in encoders]
         for encoder in encoders:
             assert sim.where(encoder) == {"cpu"}, "the encoders wait on the CPU after loading"
         for prompts in (["a red apple", "a blue car"], ["a cat"], [""]):     # a lazily encoded prompt file
             before = len(sim.moves)
             cond = backend.encode_prompts(prompts)
             encoder_moves = [device for module, device in sim.moves[before:] if any(module is e for e in encoders)]
-            assert encoder_moves == ["cuda"] * len(encoders) + ["cpu"] * len(encoders)   # in once, out once
+            assert encoder_moves == ["cuda", "cpu"] * len(encoders)    # each in once, out once, one at a time
             for encoder in encoders:
                 assert sim.where(encoder) == {"cpu"}
             assert all(value.shape[0] == len(prompts) for value in cond.values())
         for hook in hooks:
             hook.remove()
     assert seen_at_forward and all(where == {"cuda"} for where in seen_at_forward), "encoding runs on the device"
+    assert all(where <= {"cpu"} for where in others_at_forward), "one text encoder on the GPU at a time"
     assert [device for module, device in sim.moves if module is denoiser(backend)] == ["cuda"], \
         "the denoiser moves once, at construction"
 

@@ -165,16 +165,32 @@ class DiffusersBackend(Backend):
 
     @contextlib.contextmanager
     def text_encoders_on_device(self) -> Iterator[None]:
-        """The text encoders on the compute device for one block, back home after it (one round trip
-        per encode call, so a prompt file encoded lazily never leaves them on the GPU)."""
+        """For one block, each text encoder is brought to the compute device when it is called and
+        sent home when the next one is called (and at the end): one encoder on the GPU at a time,
+        one round trip each per encode call, so a prompt file encoded lazily never leaves them on
+        the GPU and SD3.5's T5-XXL (~9 GB) never sits there beside CLIP-G and CLIP-L."""
         if not self.offload_text_encoders:
             yield
             return
-        self._place_text_encoders(self.device)
+        resident: List[torch.nn.Module] = []
+
+        def bring(encoder, _args):
+            if resident and resident[0] is encoder:
+                return
+            while resident:
+                gone = resident.pop()
+                _move(gone, self.text_encoder_home, self._encoder_dtype(gone))
+            _move(encoder, self.device, self._encoder_dtype(encoder))
+            resident.append(encoder)
+
+        hooks = [encoder.register_forward_pre_hook(bring, prepend=True) for encoder in self.text_encoder_modules()]
         try:
             yield
         finally:
-            self._place_text_encoders(self.text_encoder_home)
+            for hook in hooks:
+                hook.remove()
+            for gone in resident:
+                _move(gone, self.text_encoder_home, self._encoder_dtype(gone))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
