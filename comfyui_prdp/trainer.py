@@ -131,6 +131,12 @@ class EpochBatch:
         return [p for p in self.prompts for _ in range(per_prompt)]
 
 
+def reward_device_bytes(reward) -> int:
+    """What the reward puts on the device while it scores (0 for rewards that do not say)."""
+    measure = getattr(reward, "device_bytes", None)
+    return int(measure()) if callable(measure) else 0
+
+
 class Trainer:
     def __init__(self, backend: Backend, reward, prompts: List[str], config: TrainConfig,
                  out_dir: Optional[Path] = None, callback: Optional[Callback] = None,
@@ -403,6 +409,7 @@ class Trainer:
                                "precision that overflows (try mixed_precision 'no' or 'bf16', or a lower "
                                "learning rate); nothing was trained on them")
         row_prompts = batch.row_prompts
+        self.backend.prepare_for_scoring(reward_device_bytes(self.reward))
         self.reward.prepare()
         try:
             with torch.no_grad():

@@ -119,3 +119,51 @@ def test_the_training_reserve_grows_to_the_measured_update_peak(monkeypatch):
     finally:
         backend.device = torch.device("cpu")
         backend.release()
+
+
+def test_before_the_reward_phase_comfyui_frees_room_for_the_reward_model(monkeypatch):
+    import comfy.model_management
+    from comfyui_prdp.backends.comfy_backend import ComfyBackend
+
+    with torch.inference_mode():
+        model, clip, vae = load_tiny_sd15(seed=7)
+    with torch.inference_mode(False):
+        backend = ComfyBackend(model, clip, vae, rank=2, seed=0)
+    freed = []
+    monkeypatch.setattr(comfy.model_management, "free_memory",
+                        lambda memory_required, device, *args, **kwargs: freed.append((memory_required, device.type)))
+    try:
+        backend.prepare_for_scoring(2 * 2 ** 30)
+        assert freed == []                          # a CPU holds no GPU memory to free
+        backend.device = torch.device("cuda")       # the accounting only
+        backend.prepare_for_scoring(2 * 2 ** 30)
+        backend.prepare_for_scoring(0)              # JPEG, a reward server: nothing to make room for
+        assert freed == [(3 * 2 ** 30, "cuda")]
+    finally:
+        backend.device = torch.device("cpu")
+        backend.release()
+
+
+def test_the_backend_reports_the_dtype_comfyui_computes_in(monkeypatch):
+    """float16 (pre-Ampere GPUs) turns on the trainer's loss scaling."""
+    import comfyui_prdp.backends.comfy_backend as comfy_backend
+    from comfyui_prdp.trainer import computes_in_float16
+
+    with torch.inference_mode():
+        model, clip, vae = load_tiny_sd15(seed=8)
+    with torch.inference_mode(False):
+        backend = comfy_backend.ComfyBackend(model, clip, vae, rank=2, seed=0)
+    try:
+        base = backend.patcher.model
+        assert backend.compute_dtype == (base.manual_cast_dtype or base.get_dtype())
+        assert not computes_in_float16(backend)
+    finally:
+        backend.release()
+    monkeypatch.setattr(comfy_backend, "training_compute_dtype", lambda *args: torch.float16)
+    monkeypatch.setattr(type(backend.patcher), "set_model_compute_dtype", lambda self, dtype: None)
+    with torch.inference_mode(False):
+        pre_ampere = comfy_backend.ComfyBackend(model, clip, vae, rank=2, seed=0, mixed_precision="fp16")
+    try:
+        assert pre_ampere.compute_dtype == torch.float16 and computes_in_float16(pre_ampere)
+    finally:
+        pre_ampere.release()

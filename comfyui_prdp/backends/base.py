@@ -104,3 +104,7 @@ class Backend:
 
     def prepare_for_training(self) -> None:
         """Called before a gradient phase."""
+
+    def prepare_for_scoring(self, reward_bytes: int) -> None:
+        """Called before the reward phase with the bytes the reward model will put on the device
+        (e.g. free the host's model memory so that it fits)."""

@@ -401,8 +401,8 @@ def training_compute_dtype(mixed_precision: Optional[str], device_type: str,
     """The UNet compute dtype while training, or None to keep ComfyUI's choice.
 
     Only GPUs change: 'no' -> fp32; 'bf16' or 'fp16' -> bf16 where the GPU has it (its range
-    needs no loss scaling, which this LoRA training does not do), else fp16. On the CPU (or
-    MPS) ComfyUI's choice stays.
+    needs no loss scaling), else fp16, which the trainer then trains with dynamic loss scaling
+    (ComfyBackend.compute_dtype). On the CPU (or MPS) ComfyUI's choice stays.
     """
     if device_type != "cuda" or mixed_precision is None:
         return None
@@ -416,6 +416,9 @@ def training_compute_dtype(mixed_precision: Optional[str], device_type: str,
 #: the training reserve for a first update phase, in units of ComfyUI's inference estimate
 #: (activations kept for backward, the LoRA-merged weights of a block, gradients)
 TRAINING_RESERVE_FACTOR = 3
+#: what the reward phase asks ComfyUI to free, in units of the reward's weights (its activations
+#: at the reward batch size on top)
+REWARD_MEMORY_HEADROOM = 1.5
 #: headroom over the measured peak of earlier update phases (allocator rounding, batch variation)
 MEASURED_RESERVE_HEADROOM = 1.25
 
@@ -532,6 +535,8 @@ class ComfyBackend(Backend):
             self.device.type == "cuda" and comfy.model_management.should_use_bf16(self.device))
         if compute is not None:
             self.patcher.set_model_compute_dtype(compute)
+        #: what the model computes in (float16 turns on the trainer's loss scaling)
+        self.compute_dtype = compute or getattr(base, "manual_cast_dtype", None) or base.get_dtype()
         self._alphas = None if self._sigmas is None else 1.0 / (1.0 + self._sigmas.double() ** 2)
         self._needs_pooled = bool(getattr(base, "adm_channels", 0))
         #: flow transformers (SD3, Flux) read the pooled text vector when the CLIP gives one
@@ -632,6 +637,15 @@ class ComfyBackend(Backend):
     def prepare_for_training(self) -> None:
         self._load()
         self._start_training_measurement()
+
+    def prepare_for_scoring(self, reward_bytes: int) -> None:
+        """The reward model goes onto the GPU outside ComfyUI's accounting: ComfyUI first frees
+        that much (with headroom for the reward's activations), unloading models as it needs to,
+        the training model included (it is loaded again for the next sampling phase)."""
+        import comfy.model_management
+
+        if reward_bytes > 0 and self.device.type == "cuda":
+            comfy.model_management.free_memory(int(REWARD_MEMORY_HEADROOM * reward_bytes), self.device)
         if self.gradient_checkpointing and self._checkpointing is None:
             self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model, self._model_call)
 

@@ -44,6 +44,10 @@ class Reward:
         return self.score(images, prompts)
 
     # Device policy hooks: models move to the GPU to score and back while the UNet trains.
+    def device_bytes(self) -> int:
+        """Bytes of model weights this reward puts on its device while it scores (0: none)."""
+        return 0
+
     def prepare(self) -> None:
         """Called right before a scoring phase."""
 

@@ -75,6 +75,11 @@ class WeightedReward(Reward):
             total = weight * value if total is None else total + weight * value
         return total, parts
 
+    def device_bytes(self) -> int:
+        """The largest part when they score one at a time, else all of them."""
+        sizes = [reward.device_bytes() for _, _, reward in self.components]
+        return max(sizes) if self.one_at_a_time else sum(sizes)
+
     def prepare(self) -> None:
         if not self.one_at_a_time:
             for _, _, reward in self.components:

@@ -67,6 +67,12 @@ class ModelReward(Reward):
         raise NotImplementedError
 
     # --- device policy ---------------------------------------------------------------------------
+    def device_bytes(self) -> int:
+        """The weights in the scoring dtype (floating tensors) or their own (the rest)."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        tensors = [t for m in self.modules() for t in list(m.parameters()) + list(m.buffers())]
+        return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in tensors)
+
     def prepare(self) -> None:
         self._move(self.device)
 
