@@ -7,7 +7,6 @@ CLIP's causal text encoder never looks past the end token).
 """
 from __future__ import annotations
 
-import gzip
 import logging
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -59,17 +58,9 @@ def clip_tokenizer_for_folder(folder: Path) -> Tokenizer:
 
 
 def build_hf_clip_tokenizer():
-    """A transformers CLIPTokenizer built from open_clip's bundled BPE vocabulary (no download).
+    """A transformers CLIPTokenizer built from open_clip's bundled BPE vocabulary (no download),
+    on transformers 4.x and 5.x alike (tokenizer_offline). It reproduces open_clip's ids;
+    `save_pretrained(folder)` next to a CLIPModel makes the folder self-contained."""
+    from ..tokenizer_offline import offline_clip_tokenizer
 
-    It reproduces open_clip's ids; `save_pretrained(folder)` next to a CLIPModel makes the
-    folder self-contained. Pitfalls handled: open_clip 3.x names the special tokens
-    <start_of_text>/<end_of_text>; transformers 5 takes `vocab=`/`merges=` (tuples).
-    """
-    from open_clip.tokenizer import SimpleTokenizer, default_bpe
-    from transformers import CLIPTokenizer
-
-    renamed = {"<start_of_text>": START_TOKEN, "<end_of_text>": END_TOKEN}
-    vocab = {renamed.get(token, token): index for token, index in SimpleTokenizer().encoder.items()}
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT_LENGTH)
+    return offline_clip_tokenizer()
