@@ -18,8 +18,9 @@ the preset's mixed_precision), T5's dtype (`_encoder_dtype`), VAE float32, LoRA 
 
 Modelled design (the planned CLI after issue 20; printed above the table):
 - weights loaded in the training dtype and cast before moving (no float32 copy on the GPU);
-- text encoders on the GPU only while the epoch's prompts are encoded, then offloaded to the
-  CPU (they are moved back per epoch: the "encode" column);
+- text encoders on the GPU only while the epoch's prompts are encoded: on the CLI the backend's
+  own placement (one encoder on the GPU at a time, each sent home when the next is called; the
+  "encode" column); ComfyUI loads its whole CLIP for encoding;
 - ComfyUI: the text encoders and VAE are unloaded by ComfyUI's model management while the
   diffusion model runs; the reward is loaded after ComfyUI's models are freed;
 - Flux on the CLI: the frozen transformer stored in fp8 (e4m3), each layer's weight cast to
@@ -328,6 +329,21 @@ def relocate(module: torch.nn.Module, device: torch.device, keep: set = frozense
                 sub._buffers[key] = buffer.to(device)
 
 
+@contextlib.contextmanager
+def engine_moves_relocate():
+    """The CLI backends' own module moves (diffusers_backend._move: its text-encoder placement,
+    one encoder on the device at a time) done by `relocate`, which fake tensors on the meta
+    stand-in support; dtypes were set by apply_cuda_dtypes already."""
+    from comfyui_prdp.backends import diffusers_backend
+
+    original = diffusers_backend._move
+    diffusers_backend._move = lambda module, device, dtype: relocate(module, torch.device(device))
+    try:
+        yield
+    finally:
+        diffusers_backend._move = original
+
+
 def cast_frozen(module: torch.nn.Module, dtype: torch.dtype, keep: set) -> None:
     """Cast every parameter except those in `keep` (ids) to dtype."""
     for sub in module.modules():
@@ -552,14 +568,20 @@ def run_epoch(meter: LiveBytes, setup: Setup, config: prdp_config.TrainConfig) -
     prompts = [f"prompt {i}" for i in range(N)]
 
     meter.phase("encode")
-    if comfy is not None:
+    if comfy is not None:                        # ComfyUI loads its CLIP (all encoders) for encoding
         comfy.unload(setup.denoiser)
-    for encoder in setup.encoders:
-        relocate(encoder, GPU)
-    cond = repeat_cond(backend.encode_prompts(prompts), B)
-    uncond = broadcast_row(backend.encode_prompts([cfg.negative_prompt]), N * B)
-    for encoder in setup.encoders:               # offloaded after encoding (planned design)
-        relocate(encoder, torch.device("cpu"))
+        for encoder in setup.encoders:
+            relocate(encoder, GPU)
+        cond = repeat_cond(backend.encode_prompts(prompts), B)
+        uncond = broadcast_row(backend.encode_prompts([cfg.negative_prompt]), N * B)
+        for encoder in setup.encoders:
+            relocate(encoder, torch.device("cpu"))
+    else:                                        # the CLI backend places its encoders itself
+        for encoder in setup.encoders:
+            relocate(encoder, torch.device("cpu"))
+        with engine_moves_relocate():
+            cond = repeat_cond(backend.encode_prompts(prompts), B)
+            uncond = broadcast_row(backend.encode_prompts([cfg.negative_prompt]), N * B)
 
     meter.phase("sampling")
     if comfy is not None:
@@ -637,7 +659,7 @@ def setup_case(case: Case, fake_mode, config) -> Setup:
 
     family = case.builder.split("-")[0]
     comfy = case.builder.endswith("-comfy")
-    design = ["text encoders on the GPU only while encoding, then offloaded",
+    design = ["text encoders on the GPU only while encoding (CLI: one at a time)",
               "weights loaded in the training dtype (no float32 copy)"]
     if comfy and family == "flux":        # ComfyUI's Flux targets: both streams' attention + single blocks
         config = config.replace(lora_targets=FLOW_TARGETS + ["proj_mlp", "proj_out"])
