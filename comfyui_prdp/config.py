@@ -272,10 +272,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # one consumer GPU, SDXL and its finetunes at their native 1024 px. UNet evaluations per
     # epoch (TrainConfig.model_evaluations_per_epoch): 320 sampling + 320 reference (base model,
     # LoRA off, during sampling) + 320 forward+backward = 960, i.e. 2 prompts x 4 images x 20
-    # steps x 2 CFG branches per phase. Expected memory (an estimate, not measured here): fp16
-    # UNet 5.1 GB + LoRA/AdamW < 0.1 GB + activations of one 128x128-latent micro-batch with
-    # gradient checkpointing ~3 GB, text encoders (1.6 GB) and VAE offloaded by ComfyUI while the
-    # UNet runs: about 10-12 GB, so 12 GB cards fit; decoding at 1024 px adds ~1.5 GB briefly
+    # steps x 2 CFG branches per phase. Peak GPU memory at real size (benchmarks/memory_budget.py,
+    # fake tensors; README "On one GPU"): CLI 8.65 GB (the float32 decode of one 1024 px image
+    # beside the fp16 UNet), ComfyUI 6.70 GB, with 0.5 GB of CUDA context: 12 GB cards fit
     "consumer-gpu-sdxl": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
                               beta=3e-5, clip_range=1e-4, steps=20, cfg=5.0, learning_rate=3e-4,
                               lora_rank=8, width=1024, height=1024, sample_batch_size=2, train_batch_size=1,
@@ -289,9 +288,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # default as ComfyUI without a FluxGuidance node); 16 steps as DanceGRPO; 512 px as Flow-GRPO.
     # Transformer evaluations per epoch (model_evaluations_per_epoch): 128 sampling + 120 base
     # model + 120 forward+backward = 368 (8 trajectories x 16 steps, 15 of them stochastic).
-    # Expected memory (an estimate, not measured here): fp8 weights 12 GB (bf16: 24 GB) + LoRA r16
-    # and AdamW < 0.2 GB + one 1024-token micro-batch with checkpointing ~2-3 GB, T5/CLIP offloaded
-    # after the prompts are encoded: about 15-16 GB with fp8 weights, 24 GB cards comfortable
+    # Peak GPU memory at real size (benchmarks/memory_budget.py): ComfyUI with fp8 weights 13.84 GB;
+    # CLI 21.53 GB (its base stored in fp8 on cards where bf16 + 8 GiB do not fit; the peak is
+    # T5-XXL encoding beside the fp8 transformer), with 0.5 GB of CUDA context
     "consumer-gpu-flux": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
                               policy="flow_sde", flow_noise_level=0.7, beta=2e-4, clip_range=1.5e-5, steps=16,
                               cfg=1.0, flow_guidance=3.5, learning_rate=1e-4, lora_rank=16, width=512, height=512,
@@ -300,8 +299,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # SD3.5 (Medium; Large the same with more memory): CFG 4.5 as Flow-GRPO, 20 steps, LoRA r32
     # alpha 64 and lr 3e-4 as Flow-GRPO's SD3.5-M recipe. Evaluations per epoch: 320 sampling +
     # 304 base model + 304 forward+backward = 928 (8 trajectories x 20 steps x 2 CFG branches, 19
-    # stochastic). Expected memory (estimate): bf16 MMDiT 5 GB + activations with checkpointing
-    # ~2 GB, text encoders (T5 ~10 GB) offloaded after encoding: about 8-10 GB
+    # stochastic). Peak GPU memory at real size (benchmarks/memory_budget.py, CLI): 15.19 GB while
+    # T5-XXL encodes beside the MMDiT (the encoders visit the GPU one at a time), 7.9 GB otherwise
     "consumer-gpu-sd35": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
                               policy="flow_sde", flow_noise_level=0.7, beta=2e-4, clip_range=1.5e-5, steps=20,
                               cfg=4.5, learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, width=512, height=512,
