@@ -341,3 +341,36 @@ def test_the_flux_workflow_has_no_real_server_run_because_comfyui_builds_a_full_
                 f"ComfyUI's fixed t5_config_xxl.json whatever the file holds (d_model {config['d_model']}, "
                 f"{config['num_layers']} layers: {parameters / 1e9:.2f} B parameters, "
                 f"{2 * parameters / 2 ** 30:.1f} GiB in fp16 to write, load and run per prompt on these CPUs)")
+
+
+def test_a_model_comfyui_evicts_from_inside_inference_mode_still_trains():
+    """The job encodes and decodes under inference mode (as ComfyUI's nodes do); ComfyUI may evict
+    the training model from there, giving its (ordinary, deep-copied) weights inference data.
+    Modules outside ComfyUI's ops (Flux's RMSNorm scales) read theirs directly: training must
+    still run. The eviction's moves copy, as on a GPU (tests/simulated_gpu.py)."""
+    import comfy.model_management
+
+    from comfyui_prdp.inference_tensors import make_ordinary
+    from simulated_gpu import copying_moves
+
+    family = tiny_flow_family("flux", seed=11)
+    make_ordinary(family.model.model)            # what a deep copy (force_deepcopy) trains on
+    backend = make_backend(family)
+    try:
+        cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
+        generator = torch.Generator().manual_seed(4)
+        x = torch.randn(1, *backend.latent_shape(16, 16), generator=generator)
+
+        def step():
+            backend.prepare_for_training()
+            with copying_moves(), torch.inference_mode():
+                comfy.model_management.unload_all_models()
+            assert any(p.is_inference() for p in backend.patcher.model.diffusion_model.parameters())
+            backend.predict(x, torch.tensor([0.7]), cond).pow(2).mean().backward()
+            return [p.grad for p in backend.trainable_parameters()]
+
+        grads = in_thread(step)
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+    finally:
+        backend.release()

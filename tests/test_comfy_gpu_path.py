@@ -19,9 +19,9 @@ from comfyui_prdp.inference_tensors import inference_like_tensors, is_inference_
 from comfyui_prdp.rewards.loading import clear_model_cache  # noqa: E402
 from simulated_gpu import copying_moves  # noqa: E402
 
-TINY = dict(prompts="a cat\na dog", negative_prompt="", preset="cpu-smoke", epochs=2, prompts_per_epoch=2,
-            images_per_prompt=2, steps=2, cfg=3.0, beta=0.1, clip_range=0.01, updates_per_epoch=1,
-            learning_rate=3e-3, lora_rank=2, width=64, height=64, seed=3)
+from test_comfy_backend import TINY_TRAINING  # noqa: E402
+
+TINY = {**TINY_TRAINING, "epochs": 2}
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +81,22 @@ def test_training_with_a_neural_reward_runs_two_epochs_when_moves_copy(plugin, r
     assert len(lines) == 2
 
 
+def tiny_backend(seed, **options):
+    """A ComfyBackend on a fresh tiny SD1.5, built as the node builds it."""
+    from comfyui_prdp.backends.comfy_backend import ComfyBackend
+
+    with torch.inference_mode():
+        model, clip, vae = load_tiny_sd15(seed=seed)
+    with torch.inference_mode(False):
+        return ComfyBackend(model, clip, vae, rank=2, seed=0, **options)
+
+
 def test_the_training_reserve_grows_to_the_measured_update_peak(monkeypatch):
     """On CUDA the update phase's peak is measured and reserved (with headroom) for the next
     training load; a simulated CUDA memory counter stands in for the GPU."""
     import comfy.model_management
-    from comfyui_prdp.backends.comfy_backend import ComfyBackend
 
-    with torch.inference_mode():
-        model, clip, vae = load_tiny_sd15(seed=6)
-    with torch.inference_mode(False):
-        backend = ComfyBackend(model, clip, vae, rank=2, seed=0)
+    backend = tiny_backend(seed=6)
     allocated = {"now": 1000, "peak": 1000}
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
@@ -123,12 +129,8 @@ def test_the_training_reserve_grows_to_the_measured_update_peak(monkeypatch):
 
 def test_before_the_reward_phase_comfyui_frees_room_for_the_reward_model(monkeypatch):
     import comfy.model_management
-    from comfyui_prdp.backends.comfy_backend import ComfyBackend
 
-    with torch.inference_mode():
-        model, clip, vae = load_tiny_sd15(seed=7)
-    with torch.inference_mode(False):
-        backend = ComfyBackend(model, clip, vae, rank=2, seed=0)
+    backend = tiny_backend(seed=7)
     freed = []
     monkeypatch.setattr(comfy.model_management, "free_memory",
                         lambda memory_required, device, *args, **kwargs: freed.append((memory_required, device.type)))
@@ -149,10 +151,7 @@ def test_the_backend_reports_the_dtype_comfyui_computes_in(monkeypatch):
     import comfyui_prdp.backends.comfy_backend as comfy_backend
     from comfyui_prdp.trainer import computes_in_float16
 
-    with torch.inference_mode():
-        model, clip, vae = load_tiny_sd15(seed=8)
-    with torch.inference_mode(False):
-        backend = comfy_backend.ComfyBackend(model, clip, vae, rank=2, seed=0)
+    backend = tiny_backend(seed=8)
     try:
         base = backend.patcher.model
         assert backend.compute_dtype == (base.manual_cast_dtype or base.get_dtype())
@@ -161,8 +160,7 @@ def test_the_backend_reports_the_dtype_comfyui_computes_in(monkeypatch):
         backend.release()
     monkeypatch.setattr(comfy_backend, "training_compute_dtype", lambda *args: torch.float16)
     monkeypatch.setattr(type(backend.patcher), "set_model_compute_dtype", lambda self, dtype: None)
-    with torch.inference_mode(False):
-        pre_ampere = comfy_backend.ComfyBackend(model, clip, vae, rank=2, seed=0, mixed_precision="fp16")
+    pre_ampere = tiny_backend(seed=8, mixed_precision="fp16")
     try:
         assert pre_ampere.compute_dtype == torch.float16 and computes_in_float16(pre_ampere)
     finally:

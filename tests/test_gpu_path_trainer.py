@@ -15,22 +15,18 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from comfyui_prdp import checkpoints
-from comfyui_prdp.config import TrainConfig
 from comfyui_prdp.objective import DynamicLossScale
 from comfyui_prdp.policies.ddpm import DDPMPolicy
 from comfyui_prdp.sampling import sample_trajectories
 from comfyui_prdp.trainer import Trainer, micro_batches
 from toy_backend import BrightnessReward, ToyBackend, ToyLoRALinear
 
-PROMPTS = ["a red apple", "a blue sky", "a green field", "a white cloud", "a black cat"]
+from test_trainer import PROMPTS, toy_config as trainer_config  # noqa: E402
 
 
 def toy_config(**overrides):
-    base = dict(epochs=1, prompts_per_epoch=2, images_per_prompt=4, updates_per_epoch=1, steps=5, cfg=3.0,
-                width=32, height=32, beta=0.05, clip_range=0.05, learning_rate=0.02, sample_batch_size=4,
-                train_batch_size=7, lora_rank=4, seed=1)
-    base.update(overrides)
-    return TrainConfig().replace(**base).validate()
+    """test_trainer's toy settings, one epoch of one update unless overridden."""
+    return trainer_config(**{"epochs": 1, "updates_per_epoch": 1, **overrides}).validate()
 
 
 class CastingLoRALinear(ToyLoRALinear):

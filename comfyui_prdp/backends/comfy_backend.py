@@ -364,27 +364,31 @@ def saved_tensor_copies():
 
 class InferenceParameterCopies(ForwardPatches):
     """Modules outside ComfyUI's ops (no weight_function, e.g. Flux's RMSNorm `scale`) read
-    their parameters directly, and ComfyUI loads weights as inference tensors, which autograd
-    cannot save for backward. While gradients are on, such a module's forward runs on normal
-    copies of those parameters (detached: never trained); `remove()` restores what was there.
-    The patch is an instance-level `forward` (ForwardPatches)."""
+    their parameters directly, and ComfyUI's weights may be inference tensors: loaded under
+    inference mode, or given inference data when ComfyUI moves (evicts) the model from inside
+    inference mode (the job's text encoding and decoding run there). Autograd cannot save those
+    for backward, so while gradients are on, such a module's forward runs on normal copies of
+    whichever of its parameters are inference tensors at that call (detached: never trained);
+    `remove()` restores what was there. The patch is an instance-level `forward`
+    (ForwardPatches) on every such module that holds parameters."""
 
     def __init__(self, root: torch.nn.Module):
         super().__init__()
         for module in root.modules():
             if hasattr(module, "weight_function"):
                 continue       # ComfyUI ops: the weight wrappers copy these
-            names = [n for n, p in module._parameters.items() if p is not None and p.is_inference()]
-            if names:
-                self._patch(module, names)
+            if any(p is not None for p in module._parameters.values()):
+                self._patch(module)
 
-    def _patch(self, module: torch.nn.Module, names: List[str]) -> None:
+    def _patch(self, module: torch.nn.Module) -> None:
         original = module.forward
 
         def forward(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return original(*args, **kwargs)
-            saved = {name: module._parameters[name] for name in names}
+            saved = {name: p for name, p in module._parameters.items() if p is not None and p.is_inference()}
+            if not saved:
+                return original(*args, **kwargs)
             try:
                 with torch.inference_mode(False):
                     for name, value in saved.items():
@@ -637,6 +641,8 @@ class ComfyBackend(Backend):
     def prepare_for_training(self) -> None:
         self._load()
         self._start_training_measurement()
+        if self.gradient_checkpointing and self._checkpointing is None:
+            self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model, self._model_call)
 
     def prepare_for_scoring(self, reward_bytes: int) -> None:
         """The reward model goes onto the GPU outside ComfyUI's accounting: ComfyUI first frees
@@ -646,8 +652,6 @@ class ComfyBackend(Backend):
 
         if reward_bytes > 0 and self.device.type == "cuda":
             comfy.model_management.free_memory(int(REWARD_MEMORY_HEADROOM * reward_bytes), self.device)
-        if self.gradient_checkpointing and self._checkpointing is None:
-            self._checkpointing = BlockCheckpointing(self.patcher.model.diffusion_model, self._model_call)
 
     def release(self) -> None:
         """Unload the clone and take this backend's wrappers off the shared modules."""
