@@ -9,6 +9,7 @@ import torch
 from .backends.base import Backend
 from .config import TrainConfig
 from .policies import policy_for
+from .rewards.base import reward_device_bytes
 from .sampling import broadcast_row, index_cond, repeat_cond, sample_trajectories
 
 
@@ -47,6 +48,7 @@ def evaluate_reward(backend: Backend, reward, prompts: Sequence[str], seeds: Seq
     """(rewards [n], images [n, H, W, 3]) for every (prompt, seed) pair."""
     images = sample_images(backend, prompts, seeds, config, lora=lora)
     row_prompts: List[str] = [p for p in prompts for _ in seeds]
+    backend.prepare_for_scoring(reward_device_bytes(reward))
     reward.prepare()
     try:
         scores = reward.score(images, row_prompts).float().cpu()

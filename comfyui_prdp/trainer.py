@@ -33,6 +33,7 @@ from .heldout import HeldOutMonitor
 from .prompts import PromptSet
 from .policies import policy_for
 from .rank_faults import RankFailed, RankFaults
+from .rewards.base import reward_device_bytes
 from .sampling import (Trajectories, broadcast_row, index_cond, join_trajectories, recorded_logprob, repeat_cond,
                        sample_trajectories)
 
@@ -129,12 +130,6 @@ class EpochBatch:
     def row_prompts(self) -> List[str]:
         per_prompt = len(self.traj.logp) // max(1, len(self.prompts))
         return [p for p in self.prompts for _ in range(per_prompt)]
-
-
-def reward_device_bytes(reward) -> int:
-    """What the reward puts on the device while it scores (0 for rewards that do not say)."""
-    measure = getattr(reward, "device_bytes", None)
-    return int(measure()) if callable(measure) else 0
 
 
 class Trainer:
@@ -472,11 +467,11 @@ class Trainer:
                 losses.append(loss)
                 clip_fracs.append(clip_frac)
                 grad_norm = self._faults.attempt(self._optimizer_step, params, epoch)
-                if grad_norm is None and not self._faults.failed:     # a float16 step skipped
-                    skipped += 1
+                if grad_norm is None and not self._faults.failed:     # a float16 step skipped: the
+                    skipped += 1                                       # weights are unchanged, still on-policy
                 else:
                     grad_norms.append(grad_norm)
-                on_policy = False
+                    on_policy = False
         onpolicy_diff, failed = self.dist.maxima(onpolicy_diff, float(self._faults.failed))
         self._faults.check(failed > 0)
         stats = {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
@@ -754,7 +749,8 @@ def all_finite(tensors: List[torch.Tensor]) -> bool:
     """Whether every element of `tensors` is finite, in one device-to-host sync (one inf-norm
     per tensor: NaN and inf propagate, finite values cannot overflow)."""
     maxima = torch._foreach_norm([t.detach() for t in tensors], math.inf)
-    return bool(torch.isfinite(torch.stack(maxima)).all())
+    device = maxima[0].device           # factors ComfyUI left on another device (lowvram) join it
+    return bool(torch.isfinite(torch.stack([m.to(device) for m in maxima])).all())
 
 
 def latest_checkpoint(out_dir: Path) -> Path:

@@ -374,3 +374,28 @@ def test_a_model_comfyui_evicts_from_inside_inference_mode_still_trains():
         assert any(g.abs().sum() > 0 for g in grads)
     finally:
         backend.release()
+
+
+def test_a_shared_model_built_in_inference_mode_trains_after_a_copying_move():
+    """Without host RAM for a deep copy the backend trains on the user's weights, built under
+    inference mode; ComfyUI's moves outside it (the job thread's loads) swap their data and leave
+    Parameters with no version counter. Modules outside ComfyUI's ops (Flux's RMSNorm scales)
+    read theirs directly: training must still run (tests/simulated_gpu.py)."""
+    from simulated_gpu import copying_moves
+
+    backend = make_backend(tiny_flow_family("flux", seed=12))
+    try:
+        cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
+        x = torch.randn(1, *backend.latent_shape(16, 16), generator=torch.Generator().manual_seed(5))
+
+        def step():
+            with copying_moves():
+                backend.prepare_for_training()
+                backend.predict(x, torch.tensor([0.7]), cond).pow(2).mean().backward()
+            return [p.grad for p in backend.trainable_parameters()]
+
+        grads = in_thread(step)
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+    finally:
+        backend.release()

@@ -130,6 +130,28 @@ def test_no_frozen_module_is_ever_float32_on_the_gpu_when_it_trains_in_half(kind
     assert {p.dtype for p in denoiser(backend).parameters() if id(p) not in lora} == {half}
 
 
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_the_lora_trains_in_float32_when_the_model_was_loaded_in_half(kind):
+    """load_backend loads the denoiser in the training dtype, and peft creates the LoRA in the dtype
+    of the layer it adapts: the backend must still train it in float32 (and Flux's fp8 storage,
+    which skips peft layers, must accept it)."""
+    sim = SimulatedGPU()
+    config = CONFIG.replace(mixed_precision="bf16")
+    if kind == "sd":
+        components = sd_components()
+        components["unet"].to(torch.bfloat16)
+        with sim.active():
+            backend = DiffusersBackend.from_components(**components, config=config, device="cuda")
+    else:
+        components = flow_fixtures.flux_components()
+        components["transformer"].to(torch.bfloat16)
+        with sim.active():
+            backend = DiffusersFluxBackend(**components, config=config.replace(width=16, height=16, policy="flow_sde"),
+                                           device="cuda", fp8_base=True)
+        assert backend.base_storage_dtype == diffusers_flow.FP8_STORAGE
+    assert {p.dtype for p in backend.trainable_parameters()} == {torch.float32}
+
+
 def test_t5_stays_float32_under_fp16():
     sim = SimulatedGPU()
     with sim.active():

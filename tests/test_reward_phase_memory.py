@@ -64,3 +64,20 @@ def test_the_trainer_tells_the_backend_before_the_reward_model_moves(tmp_path):
     Backend.prepare_for_scoring = lambda self, reward_bytes: seen.append(reward_bytes)
     Trainer(Backend(), BrightnessReward(), PROMPTS, toy_config(epochs=1)).run()
     assert seen == [0]
+
+
+def test_held_out_evaluation_also_frees_room_before_the_reward_moves():
+    from comfyui_prdp.evaluation import evaluate_reward
+
+    events = []
+
+    class Backend(ToyBackend):
+        def prepare_for_scoring(self, reward_bytes):
+            events.append(("backend frees", reward_bytes))
+
+    class Reward(Sized):
+        def prepare(self):
+            events.append(("reward moves", None))
+
+    evaluate_reward(Backend(), Reward(777), PROMPTS[:2], [0, 1], toy_config())
+    assert events == [("backend frees", 777), ("reward moves", None)]

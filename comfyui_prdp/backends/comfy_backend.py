@@ -63,7 +63,7 @@ import torch
 import torch.utils.checkpoint
 
 from .. import comfy_lora, model_families
-from ..inference_tensors import ordinary
+from ..inference_tensors import is_inference_like, ordinary
 from ..trainer import StopRequested
 from .base import Backend, Cond
 
@@ -367,8 +367,10 @@ class InferenceParameterCopies(ForwardPatches):
     their parameters directly, and ComfyUI's weights may be inference tensors: loaded under
     inference mode, or given inference data when ComfyUI moves (evicts) the model from inside
     inference mode (the job's text encoding and decoding run there). Autograd cannot save those
-    for backward, so while gradients are on, such a module's forward runs on normal copies of
-    whichever of its parameters are inference tensors at that call (detached: never trained);
+    for backward (and a Parameter made in inference mode whose data a move outside it swapped
+    has no version counter: inference_tensors.is_inference_like), so while gradients are on, such
+    a module's forward runs on normal copies of whichever of its parameters are inference-like
+    at that call (detached: never trained);
     `remove()` restores what was there. The patch is an instance-level `forward`
     (ForwardPatches) on every such module that holds parameters."""
 
@@ -386,13 +388,14 @@ class InferenceParameterCopies(ForwardPatches):
         def forward(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return original(*args, **kwargs)
-            saved = {name: p for name, p in module._parameters.items() if p is not None and p.is_inference()}
+            saved = {name: p for name, p in module._parameters.items() if p is not None and is_inference_like(p)}
             if not saved:
                 return original(*args, **kwargs)
             try:
-                with torch.inference_mode(False):
+                with torch.inference_mode(False), torch.no_grad():
                     for name, value in saved.items():
-                        module._parameters[name] = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
+                        copy = torch.empty_like(value.data).copy_(value.data)
+                        module._parameters[name] = torch.nn.Parameter(copy, requires_grad=False)
                 return original(*args, **kwargs)
             finally:
                 module._parameters.update(saved)

@@ -88,6 +88,7 @@ class DiffusersBackend(Backend):
             module.requires_grad_(False)
             module.eval()
         self._add_lora(config)
+        lora_in_float32(self.trainable_parameters())
         _move(unet, self.device, self.dtype, keep=self.trainable_parameters())   # LoRA weights stay float32
         _move(vae, self.device, torch.float32)   # the VAE is small; float32 avoids fp16 overflow
         self._place_text_encoders(self.text_encoder_home)
@@ -180,8 +181,8 @@ class DiffusersBackend(Backend):
             while resident:
                 gone = resident.pop()
                 _move(gone, self.text_encoder_home, self._encoder_dtype(gone))
+            resident.append(encoder)         # before the move: one that fails half-way is sent home too
             _move(encoder, self.device, self._encoder_dtype(encoder))
-            resident.append(encoder)
 
         hooks = [encoder.register_forward_pre_hook(bring, prepend=True) for encoder in self.text_encoder_modules()]
         try:
@@ -343,6 +344,14 @@ class DiffusersBackend(Backend):
                 "family": self.family,
                 "adapted_modules": len(self._lora_layers),
                 "trainable_parameters": sum(p.numel() for p in self.trainable_parameters())}
+
+
+def lora_in_float32(parameters) -> None:
+    """The LoRA trains in float32: peft creates its layers in the dtype of the layer they adapt,
+    half precision when the model was loaded in the training dtype."""
+    for parameter in parameters:
+        if parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def _active_user_adapters(unet) -> List[str]:

@@ -32,7 +32,7 @@ from .. import lora_keys, model_families
 from ..config import TrainConfig
 from .base import Cond
 from .diffusers_backend import (ADAPTER_NAME, DiffusersBackend, _cast, _export, _move, decode_batch_size,
-                                frozen_weight_dtype, resolve_device)
+                                frozen_weight_dtype, lora_in_float32, resolve_device)
 
 #: the UNet default of TrainConfig.lora_targets; on a flow transformer it becomes FLOW_TARGETS
 UNET_DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -127,6 +127,7 @@ class DiffusersFlowBackend(DiffusersBackend):
             module.requires_grad_(False)
             module.eval()
         self._add_lora(config.replace(lora_targets=flow_targets(config.lora_targets)))
+        lora_in_float32(self.trainable_parameters())
         _cast(transformer, self.dtype, keep=self.trainable_parameters())    # LoRA weights stay float32
         #: the frozen base's storage dtype (float8 stores the Linear weights in 1 byte, see store_base_in_fp8)
         self.base_storage_dtype = self.dtype

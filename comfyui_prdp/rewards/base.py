@@ -55,6 +55,12 @@ class Reward:
         """Called after a scoring phase."""
 
 
+def reward_device_bytes(reward) -> int:
+    """What a reward puts on its device while it scores (0 for reward objects that do not say)."""
+    measure = getattr(reward, "device_bytes", None)
+    return int(measure()) if callable(measure) else 0
+
+
 def _image_count(images: Any) -> int:
     return int(images.shape[0]) if isinstance(images, torch.Tensor) else len(images)
 
