@@ -38,24 +38,23 @@ def make_ordinary(module: torch.nn.Module) -> int:
     same device (requires_grad kept). Returns how many were replaced; one tensor is copied at a
     time, so the extra memory is that of the largest one."""
     replaced = 0
-    with torch.inference_mode(False), torch.no_grad():
-        for sub in module.modules():
-            for key, parameter in list(sub._parameters.items()):
-                if parameter is not None and is_inference_like(parameter):
-                    copy = torch.empty_like(parameter.data).copy_(parameter.data)
-                    sub._parameters[key] = torch.nn.Parameter(copy, requires_grad=parameter.requires_grad)
-                    replaced += 1
-            for key, buffer in list(sub._buffers.items()):
-                if buffer is not None and is_inference_like(buffer):
-                    sub._buffers[key] = torch.empty_like(buffer.data).copy_(buffer.data)
-                    replaced += 1
+    for sub in module.modules():
+        for key, parameter in list(sub._parameters.items()):
+            if parameter is not None and is_inference_like(parameter):
+                sub._parameters[key] = torch.nn.Parameter(ordinary(parameter), requires_grad=parameter.requires_grad)
+                replaced += 1
+        for key, buffer in list(sub._buffers.items()):
+            if buffer is not None and is_inference_like(buffer):
+                sub._buffers[key] = ordinary(buffer)
+                replaced += 1
     return replaced
 
 
 def ordinary(tensor: torch.Tensor) -> torch.Tensor:
-    """An ordinary copy of a tensor made in inference mode (a result of ComfyUI's encoders)."""
-    with torch.inference_mode(False):
-        return tensor.detach().clone()
+    """An ordinary, detached copy of `tensor` on its device, whatever mode made it and whatever
+    mode the caller is in (works on inference-like tensors too)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.empty_like(tensor.data).copy_(tensor.data)
 
 
 def move_ordinary(module: torch.nn.Module, device) -> torch.nn.Module:

@@ -343,6 +343,22 @@ def test_the_flux_workflow_has_no_real_server_run_because_comfyui_builds_a_full_
                 f"{2 * parameters / 2 ** 30:.1f} GiB in fp16 to write, load and run per prompt on these CPUs)")
 
 
+def lora_gradients_after(backend, before_forward):
+    """The LoRA gradients of one training forward/backward in a fresh thread (as the job runs
+    it), `before_forward()` run in that thread first (what ComfyUI does to the model there)."""
+    cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
+    x = torch.randn(1, *backend.latent_shape(16, 16), generator=torch.Generator().manual_seed(4))
+
+    def step():
+        before_forward()
+        backend.predict(x, torch.tensor([0.7]), cond).pow(2).mean().backward()
+        return [p.grad for p in backend.trainable_parameters()]
+
+    grads = in_thread(step)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
 def test_a_model_comfyui_evicts_from_inside_inference_mode_still_trains():
     """The job encodes and decodes under inference mode (as ComfyUI's nodes do); ComfyUI may evict
     the training model from there, giving its (ordinary, deep-copied) weights inference data.
@@ -356,22 +372,15 @@ def test_a_model_comfyui_evicts_from_inside_inference_mode_still_trains():
     family = tiny_flow_family("flux", seed=11)
     make_ordinary(family.model.model)            # what a deep copy (force_deepcopy) trains on
     backend = make_backend(family)
+
+    def evict_in_inference_mode():
+        backend.prepare_for_training()
+        with copying_moves(), torch.inference_mode():
+            comfy.model_management.unload_all_models()
+        assert any(p.is_inference() for p in backend.patcher.model.diffusion_model.parameters())
+
     try:
-        cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
-        generator = torch.Generator().manual_seed(4)
-        x = torch.randn(1, *backend.latent_shape(16, 16), generator=generator)
-
-        def step():
-            backend.prepare_for_training()
-            with copying_moves(), torch.inference_mode():
-                comfy.model_management.unload_all_models()
-            assert any(p.is_inference() for p in backend.patcher.model.diffusion_model.parameters())
-            backend.predict(x, torch.tensor([0.7]), cond).pow(2).mean().backward()
-            return [p.grad for p in backend.trainable_parameters()]
-
-        grads = in_thread(step)
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        assert any(g.abs().sum() > 0 for g in grads)
+        lora_gradients_after(backend, evict_in_inference_mode)
     finally:
         backend.release()
 
@@ -384,18 +393,12 @@ def test_a_shared_model_built_in_inference_mode_trains_after_a_copying_move():
     from simulated_gpu import copying_moves
 
     backend = make_backend(tiny_flow_family("flux", seed=12))
+
+    def load_with_copying_moves():
+        with copying_moves():
+            backend.prepare_for_training()
+
     try:
-        cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
-        x = torch.randn(1, *backend.latent_shape(16, 16), generator=torch.Generator().manual_seed(5))
-
-        def step():
-            with copying_moves():
-                backend.prepare_for_training()
-                backend.predict(x, torch.tensor([0.7]), cond).pow(2).mean().backward()
-            return [p.grad for p in backend.trainable_parameters()]
-
-        grads = in_thread(step)
-        assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        assert any(g.abs().sum() > 0 for g in grads)
+        lora_gradients_after(backend, load_with_copying_moves)
     finally:
         backend.release()

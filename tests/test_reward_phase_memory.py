@@ -46,9 +46,9 @@ def test_a_mix_counts_its_largest_part_one_at_a_time_and_all_parts_together():
     assert WeightedReward(parts, one_at_a_time=False).device_bytes() == 900
 
 
-def test_the_trainer_tells_the_backend_before_the_reward_model_moves(tmp_path):
-    events = []
-
+def recording_backend_and_reward(events):
+    """A toy backend and a reward class that record, in order, the backend's freeing call and
+    the reward's move to its device."""
     class Backend(ToyBackend):
         def prepare_for_scoring(self, reward_bytes):
             events.append(("backend frees", reward_bytes))
@@ -57,27 +57,24 @@ def test_the_trainer_tells_the_backend_before_the_reward_model_moves(tmp_path):
         def prepare(self):
             events.append(("reward moves", None))
 
+    return Backend, Reward
+
+
+def test_the_trainer_tells_the_backend_before_the_reward_model_moves():
+    events = []
+    Backend, Reward = recording_backend_and_reward(events)
     Trainer(Backend(), Reward(12345), PROMPTS, toy_config(epochs=2)).run()
     assert events == [("backend frees", 12345), ("reward moves", None)] * 2
     # a reward object that does not say (duck-typed) counts as nothing on the device
-    seen = []
-    Backend.prepare_for_scoring = lambda self, reward_bytes: seen.append(reward_bytes)
+    events.clear()
     Trainer(Backend(), BrightnessReward(), PROMPTS, toy_config(epochs=1)).run()
-    assert seen == [0]
+    assert events == [("backend frees", 0)]
 
 
 def test_held_out_evaluation_also_frees_room_before_the_reward_moves():
     from comfyui_prdp.evaluation import evaluate_reward
 
     events = []
-
-    class Backend(ToyBackend):
-        def prepare_for_scoring(self, reward_bytes):
-            events.append(("backend frees", reward_bytes))
-
-    class Reward(Sized):
-        def prepare(self):
-            events.append(("reward moves", None))
-
+    Backend, Reward = recording_backend_and_reward(events)
     evaluate_reward(Backend(), Reward(777), PROMPTS[:2], [0, 1], toy_config())
     assert events == [("backend frees", 777), ("reward moves", None)]

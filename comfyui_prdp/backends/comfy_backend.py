@@ -392,10 +392,9 @@ class InferenceParameterCopies(ForwardPatches):
             if not saved:
                 return original(*args, **kwargs)
             try:
-                with torch.inference_mode(False), torch.no_grad():
+                with torch.inference_mode(False):
                     for name, value in saved.items():
-                        copy = torch.empty_like(value.data).copy_(value.data)
-                        module._parameters[name] = torch.nn.Parameter(copy, requires_grad=False)
+                        module._parameters[name] = torch.nn.Parameter(ordinary(value), requires_grad=False)
                 return original(*args, **kwargs)
             finally:
                 module._parameters.update(saved)
