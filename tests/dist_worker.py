@@ -43,7 +43,7 @@ class FailingReward(BrightnessReward):
 
 
 def run_job(job: dict, dist: Distributed) -> dict:
-    """Train as `job` says: config overrides, out folder, optional resume folder, optional
+    """Train as `job` says: config overrides, optional optimizer ("sgd"), out folder, optional resume folder, optional
     stop (on which rank, at which event), optional error (on which rank, in which phase of
     which epoch), optional last epoch of this process."""
     config = toy_config(**job.get("config", {}))
@@ -70,6 +70,8 @@ def run_job(job: dict, dist: Distributed) -> dict:
                       callback=callback, stop_event=stop, distributed=dist)
     if held_out is not None:
         trainer.held_out = HeldOutMonitor(held_out, config)
+    if job.get("optimizer") == "sgd":     # the step is proportional to the summed gradient (AdamW's is not)
+        trainer.optimizer = torch.optim.SGD(trainer.backend.trainable_parameters(), lr=config.learning_rate)
     if "until_epoch" in job:
         trainer.config = trainer.config.replace(epochs=job["until_epoch"])
     resume = job.get("resume_on", {}).get(str(dist.rank), job.get("resume"))   # "resume_on": {rank: folder}

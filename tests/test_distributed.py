@@ -41,6 +41,10 @@ CASES = {
 def jobs(root: Path) -> list:
     listed = [dict(name=name, config=config) for name, config in CASES.items()]
     listed += [
+        # SGD's step is lr x the summed gradient: a gradient scaled wrongly after the all-reduce
+        # (halved, or not summed) moves the LoRA elsewhere, where AdamW's normalised step hides it
+        dict(name="prdp_sgd", config=dict(timestep_fraction=0.75, grad_clip=1e6, learning_rate=0.5),
+             optimizer="sgd"),
         dict(name="part", config=dict(checkpoint_every=1), until_epoch=1),
         dict(name="resumed", config={}, resume=str(root / "part" / "out" / "checkpoints" / "epoch_00001")),
         # rank 1 asks to stop in the middle of a minibatch (after its first micro-batch)
@@ -111,7 +115,7 @@ def assert_same_lora(got: dict, expected: dict, moved_from: dict = None) -> None
         assert change > 1e-3, change
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, "prdp_sgd"])
 def test_two_ranks_train_the_lora_one_process_trains(two_ranks, tmp_path, name):
     reference = single_process(name, two_ranks, tmp_path)
     expected = reference["trainer"].backend.lora_state_dict()
@@ -387,33 +391,47 @@ def test_sigterm_and_the_stop_file_set_the_stop_event(tmp_path):
 EMBEDDED_RUN = ["train", "--epochs", "2", "--prompts-per-epoch", "3", "--images-per-prompt", "2", "--steps", "2",
                 "--updates-per-epoch", "2", "--minibatch-prompts", "2", "--sample-batch-size", "2",
                 "--train-batch-size", "3", "--no-eval", "--seed", "5", "--learning-rate", "1e-3"]
-# The embedded model's PRDP updates amplify rounding (at the cpu-smoke lr 0.02 even re-batching
-# one process moves weights by 0.07): Adam turns a near-zero gradient's rounding into a step of
-# the full lr, so the largest element differs by 1.3e-5 on one CPU and 1.3e-3 on another
-# (measured, lr 1e-3). The test compares the whole update instead: the distance between 2 ranks
-# and 1 process, relative to how far training moved the LoRA's up factors.
-EMBEDDED_RELATIVE = 0.05
+EMBEDDED_ALGORITHMS = {"prdp": [], "ddpo": ["--algorithm", "ddpo"]}
+# The floor: two ranks sum the same gradients in another order, as re-batching one process does
+# (1 process at sample/train batch 3/2 instead of 2/3 ends 2.3e-5 apart; 2 ranks 2.2e-4, both
+# relative to the LoRA's norm, measured). A difference in what the ranks sample (prompts, noise,
+# the base model) shows at epoch 1 already and leaves the LoRA ~4e-2 apart (issue 21).
+EMBEDDED_RELATIVE = 1e-3
 
 
-def test_torchrun_two_ranks_on_the_embedded_model_match_one_process(tmp_path):
-    """The CLI as users start it: torchrun --nproc_per_node=2 -m comfyui_prdp train, gloo on the CPU."""
+def relative_distance(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over every LoRA factor (Frobenius norm of all tensors together)."""
+    apart = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
+    size = sum((a[k].double() ** 2).sum() for k in a)
+    return float((apart / size).sqrt())
+
+
+@pytest.mark.parametrize("algorithm", list(EMBEDDED_ALGORITHMS))
+def test_torchrun_two_ranks_on_the_embedded_model_match_one_process(tmp_path, algorithm):
+    """The CLI as users start it: torchrun --nproc_per_node=2 -m comfyui_prdp train, gloo on the CPU,
+    3 prompts over 2 ranks, one thread per process on both sides (torchrun's default; the thread
+    count changes CPU kernels' rounding, and the default reward counts JPEG bytes, which a rounding
+    change can move by one). Epoch 1 samples with the untouched LoRA, so its rewards are the single
+    process's exactly; the LoRA ends at the floor of summation-order rounding."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    single = subprocess.run([sys.executable, "-m", "comfyui_prdp", *EMBEDDED_RUN, "--out", str(tmp_path / "one")],
+    args = [*EMBEDDED_RUN, *EMBEDDED_ALGORITHMS[algorithm]]
+    single = subprocess.run([sys.executable, "-m", "comfyui_prdp", *args, "--out", str(tmp_path / "one")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert single.returncode == 0, single.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    both = subprocess.run([*torchrun, "-m", "comfyui_prdp", *EMBEDDED_RUN, "--out", str(tmp_path / "two")],
+    both = subprocess.run([*torchrun, "-m", "comfyui_prdp", *args, "--out", str(tmp_path / "two")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert both.returncode == 0, both.stderr[-3000:]
+    metrics = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("one", "two")}
+    assert [m["epoch"] for m in metrics["two"]] == [1, 2]
+    for metric in ("reward_mean", "reward_std"):      # the same images: the same rewards, to float32 rounding
+        assert metrics["two"][0][metric] == pytest.approx(metrics["one"][0][metric], rel=1e-6), metric
     one, two = (load_file(str(tmp_path / name / "lora.safetensors")) for name in ("one", "two"))
     assert one.keys() == two.keys()
     up = [k for k in one if "lora_up" in k]        # zero at the start: the values are what training moved
-    moved = torch.cat([one[k].flatten() for k in up]).norm().item()
-    apart = torch.cat([(one[k] - two[k]).flatten() for k in up]).norm().item()
-    assert moved > 1e-3                                                         # it trained
-    assert apart / moved < EMBEDDED_RELATIVE, (apart, moved)
-    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert torch.cat([one[k].flatten() for k in up]).norm().item() > 1e-3          # it trained
+    assert relative_distance(one, two) < EMBEDDED_RELATIVE, relative_distance(one, two)
     assert not list((tmp_path / "two").glob("lora_*.safetensors"))         # one LoRA, written once
 
 
