@@ -28,7 +28,7 @@ from comfyui_prdp.backends.diffusers_backend import DiffusersBackend  # noqa: E4
 from comfyui_prdp.config import preset  # noqa: E402
 from comfyui_prdp.policies import policy_for  # noqa: E402
 from comfyui_prdp.world.alignment import load_or_train_alignment  # noqa: E402
-from comfyui_prdp.world.demo_eval import EVAL_SEEDS, demo_train_prompts, eval_prompts, paired_statistics  # noqa: E402
+from comfyui_prdp.world.demo_eval import demo_train_prompts, eval_rows, paired_statistics  # noqa: E402
 from comfyui_prdp.world.model import build_world_pipeline  # noqa: E402
 from comfyui_prdp.world.preference import preference_score  # noqa: E402
 
@@ -74,12 +74,11 @@ def main(argv=None) -> None:
                 return preference_score(images)
             return scorer.similarity(images, prompts)
 
-    unseen = eval_prompts(0)
-    rows = [p for p in unseen for _ in EVAL_SEEDS]
+    rows, row_seeds = eval_rows(0)      # every unseen image with its own seed
 
     def evaluate() -> torch.Tensor:
         with torch.no_grad():
-            return score(rows, [torch.Generator().manual_seed(s) for _ in unseen for s in EVAL_SEEDS], False).double()
+            return score(rows, [torch.Generator().manual_seed(s) for s in row_seeds], False).double()
 
     before = evaluate()
     optimizer = torch.optim.Adam(backend.trainable_parameters(), lr=args.learning_rate)
@@ -92,7 +91,7 @@ def main(argv=None) -> None:
         (-reward.mean()).backward()
         optimizer.step()
         if (step + 1) % 10 == 0 or step + 1 == args.steps:
-            stats = paired_statistics(before, evaluate())
+            stats = paired_statistics(before, evaluate(), row_seeds)
             print(f"step {step + 1}: training reward {reward.mean().item():+.3f}; unseen {stats['mean_before']:+.3f}"
                   f" -> {stats['mean_after']:+.3f}, paired t {stats['paired_t']:+.2f}, gain {stats['gain_in_std']:+.2f}"
                   f" std ({time.time() - started:.0f} s)", flush=True)

@@ -16,13 +16,19 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .config import PRESETS, TrainConfig, preset
+from .progress import _duration as format_seconds
 from .prompts import PromptTextError, open_prompt_file
 from .stop_signals import check_stop_file, stop_requests
 
 DEFAULT_PROMPTS = [f"a painting of a {animal}" for animal in (
     "cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "lion", "turtle", "goat", "duck")]
 HELD_OUT_PROMPTS = ["a painting of a wolf", "a painting of a frog", "a painting of a crow", "a painting of a seal"]
-HELD_OUT_SEEDS = [1000, 1001, 1002, 1003]
+#: images per held-out prompt, each with its own seed (evaluation.distinct_seed_rows from HELD_OUT_FIRST_SEED):
+#: the embedded texture model barely reads its prompt, so images sharing a seed are near-duplicates
+HELD_OUT_IMAGES_PER_PROMPT = 16
+#: images per held-out prompt shown in before_after.png (all of them are scored)
+GRID_IMAGES_PER_PROMPT = 4
+HELD_OUT_FIRST_SEED = 1000
 
 #: folders that hold no user files; an --out there is a mistake
 SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
@@ -61,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run a PRDP finetune",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--out", required=True, type=Path, help="output folder (new, or an earlier run with --resume)")
+    train.add_argument("--out", type=Path, default=None,
+                       help="output folder (new, or an earlier run with --resume); required except with --list-rewards")
     train.add_argument("--base", default=None,
                        help="diffusers folder (SD1.x/2.x, SDXL, SD3/SD3.5, Flux.1), single-file SD/SDXL "
                             "checkpoint or cached hub id; "
@@ -226,6 +233,16 @@ def make_reward(args):
         raise SystemExit(f"error: {error}") from None
 
 
+def held_out_error(metrics: dict) -> str:
+    """' ± 0.0123 (standard error, n = 8 images, each with its own seed)' from an evaluation's
+    eval/reward_std (over the images) and eval/n; '' when either is missing."""
+    n, std = metrics.get("eval/n"), metrics.get("eval/reward_std")
+    if not n or std is None:
+        return ""
+    error = f"{std / math.sqrt(n - 1):.4f}" if n > 1 else "n/a"
+    return f" ± {error} (standard error, n = {n} images, each with its own seed)"
+
+
 class ProgressPrinter:
     """A tqdm bar over the whole run plus one line of metrics per epoch."""
 
@@ -242,16 +259,24 @@ class ProgressPrinter:
             self.bar.n = int(event["progress"] * 1000)
             self.bar.set_description(f"PRDP epoch {event['epoch']} {event['phase']}")
             self.bar.refresh()
+        elif event["type"] == "phase":        # e.g. the held-out evaluation's progress (heldout.py)
+            self.bar.set_description(f"PRDP epoch {event['epoch']} {event['phase']}")
+            self.bar.refresh()
         elif event["type"] == "epoch":
             m = event["metrics"]
             self.bar.write(f"epoch {m['epoch']:4d}  reward {m['reward_mean']:+.4f} ± {m['reward_std']:.4f}  "
                            f"loss {m['loss']:.4g}  clip {m['clip_frac']:.3f}  kl {m['kl']:.4g}  "
                            f"on-policy diff {m['onpolicy_max_diff']:.1e}")
+        elif event["type"] == "estimate":
+            self.bar.write(f"estimated cost: ~{format_seconds(event['epoch_seconds'])} per epoch "
+                           f"({event['evaluations_per_epoch']} model evaluations of one image, "
+                           f"{event['seconds_per_evaluation']:.2g} s each, measured once; batching makes it faster)")
         elif event["type"] == "checkpoint":
             self.bar.write(f"checkpoint: {event['path']}")
         elif event["type"] == "eval":
             m = event["metrics"]
-            self.bar.write(f"held-out after epoch {event['epoch']}: reward {m['eval/reward_mean']:+.4f} "
+            self.bar.write(f"held-out after epoch {event['epoch']}: reward {m['eval/reward_mean']:+.4f}"
+                           + held_out_error(m) + " "
                            f"(best {m['eval/best_reward_mean']:+.4f} at epoch {m['eval/best_epoch']}"
                            + (f", {m['eval/divergence_strikes']} diverging" if m['eval/divergence_strikes'] else "")
                            + ")")
@@ -269,6 +294,8 @@ def train(args) -> int:
         from .rewards import available_rewards
         print("\n".join(available_rewards()))
         return 0
+    if args.out is None:
+        raise SystemExit("error: --out is required: the output folder of the run, e.g. --out runs/my_run")
     config = make_config(args)
     from .launch import join_ranks, train_ranks
     dist = join_ranks(args)       # a plain run: one process; under torchrun: this rank (launch.py)
@@ -319,11 +346,14 @@ def _load_reward_and_model(args, config: TrainConfig):
 
     from .model_loading import load_backend
     from .policies import policy_for
+    from .progress import timed_phase
 
-    reward = make_reward(args)
+    with timed_phase(f"loading the reward {args.reward!r}"):
+        reward = make_reward(args)
     torch.manual_seed(config.seed)    # the LoRA's initial weights derive from the seed (every rank alike)
     try:
-        backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
+        with timed_phase(f"loading the model {args.base or 'embedded-tiny-sd'}"):
+            backend = load_backend(args.base, config, device=args.device, base_config=args.base_config)
         policy_for(config, backend)       # --policy against the model (ddpm on a flow model: one line)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
@@ -334,7 +364,6 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     """Load, evaluate, train (from `checkpoint`, a CheckpointData or path, when given) and
     report, in a claimed --out. `dist`: this rank of a distributed run (rank 0 reports)."""
     from .distributed import SINGLE
-    from .evaluation import evaluate_reward
     from .plots import comparison_grid, reward_curve
     from .rank_faults import RankFailed, RankFaults
     from .rewards.remote import RewardServerError
@@ -359,10 +388,10 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
         if dist.enabled:
             faults.check(dist.any(faults.failed))
         if evaluate:
-            eval_prompts, eval_seeds = held_out_set(args.base)
+            row_prompts, row_seeds = held_out_set(args.base)
             faults.phase = "the held-out evaluation before training"
-            before, before_images = faults.attempt(evaluate_reward, backend, reward, eval_prompts, eval_seeds, config,
-                                                   lora=False) or (None, None)
+            before, before_images = faults.attempt(evaluate_held_out, "before training", backend, reward,
+                                                   row_prompts, row_seeds, config, lora=False) or (None, None)
         if dist.enabled:      # rank 0's evaluation outcome reaches every rank before the Trainer's first collective
             faults.check(dist.any(faults.failed))
     except KeyboardInterrupt:
@@ -413,19 +442,23 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     reward_curve(trainer.metrics, title=f"{reward.name}: reward per epoch (mean ± std)").save(args.out / "reward_curve.png")
     print(f"trained {result.epochs_done} epochs in {elapsed:.0f} s; LoRA: {result.lora_path}")
     if evaluate:
-        after, after_images = evaluate_reward(backend, reward, eval_prompts, eval_seeds, config)
+        after, after_images = evaluate_held_out("after training", backend, reward, row_prompts, row_seeds, config)
         from .world.demo_eval import (GUARD_REWARD, alignment_guard, captioned_grid, guard_line, held_out_record,
                                       summary_lines, write_json)
         if is_world_base(args.base):
-            grid = captioned_grid(eval_prompts, eval_seeds, before_images, after_images, before, after)
+            per_prompt = len(row_seeds) // len(set(row_prompts))
+            grid = captioned_grid(list(dict.fromkeys(row_prompts)), per_prompt, before_images, after_images,
+                                  before, after)
             (args.out / "train_prompts.txt").write_text("\n".join(prompts) + "\n")
         else:
-            grid = comparison_grid([before_images, after_images], ["before", "after"], [before, after])
+            shown = grid_rows_shown(row_prompts)
+            grid = comparison_grid([before_images[shown], after_images[shown]], ["before", "after"],
+                                   [before[shown], after[shown]])
         grid.save(args.out / "before_after.png")
-        record = held_out_record(eval_prompts, eval_seeds, before, after)
+        record = held_out_record(row_prompts, row_seeds, before, after)
         record.update(held_out_reward_before=before.mean().item(), held_out_reward_after=after.mean().item())
         if is_world_base(args.base) and reward.name != GUARD_REWARD:
-            record["alignment_guard"] = alignment_guard(eval_prompts, eval_seeds, before_images, after_images)
+            record["alignment_guard"] = alignment_guard(row_prompts, row_seeds, before_images, after_images)
         write_json(args.out / "held_out.json", record)
     print(f"wrote {args.out}/metrics.jsonl, reward_curve.png" + (", before_after.png, held_out.json" if evaluate else ""))
     if evaluate:    # the last lines: the paired change on the held-out (for the world: unseen) prompts
@@ -442,11 +475,41 @@ def is_world_base(base: Optional[str]) -> bool:
 
 
 def held_out_set(base: Optional[str]):
-    """(prompts, seeds) of the before/after evaluation: for the world model, unseen captions."""
+    """(row prompts, row seeds) of the before/after evaluation, every image with its own seed
+    (evaluation.py): for the world model, unseen captions."""
     if is_world_base(base):
-        from .world.demo_eval import EVAL_SEEDS, eval_prompts
-        return eval_prompts(), list(EVAL_SEEDS)
-    return HELD_OUT_PROMPTS, HELD_OUT_SEEDS
+        from .world.demo_eval import eval_rows
+        return eval_rows()
+    from .evaluation import distinct_seed_rows
+    return distinct_seed_rows(HELD_OUT_PROMPTS, HELD_OUT_IMAGES_PER_PROMPT, HELD_OUT_FIRST_SEED)
+
+
+def grid_rows_shown(row_prompts: Sequence[str]) -> List[int]:
+    """The rows before_after.png shows: the first GRID_IMAGES_PER_PROMPT images of each prompt."""
+    seen: dict = {}
+    shown = []
+    for row, prompt in enumerate(row_prompts):
+        seen[prompt] = seen.get(prompt, 0) + 1
+        if seen[prompt] <= GRID_IMAGES_PER_PROMPT:
+            shown.append(row)
+    return shown
+
+
+def evaluate_held_out(when: str, backend, reward, row_prompts, row_seeds, config: TrainConfig, lora: bool = True):
+    """(rewards, images) of the before/after evaluation, with progress lines on stderr."""
+    from .evaluation import score_rows
+    from .progress import PhaseProgress
+
+    batches = math.ceil(len(row_seeds) / config.sample_batch_size)
+    progress = PhaseProgress(f"held-out evaluation {when} ({len(row_seeds)} images)", batches * config.steps,
+                             unit="denoising steps")
+
+    def on_step(done: int, total: int) -> None:
+        progress.total = total
+        progress.update(done)
+    result = score_rows(backend, reward, row_prompts, row_seeds, config, lora=lora, progress=on_step)
+    progress.finish()
+    return result
 
 
 def split_held_out(args, config: TrainConfig, prompts: Sequence[str]):

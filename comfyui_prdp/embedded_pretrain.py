@@ -62,7 +62,15 @@ def synthetic_latents(n: int, shape, generator: torch.Generator) -> torch.Tensor
 
 def pretrain_unet(unet, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, latent_shape, seed: int,
                   steps: int = PRETRAIN_STEPS) -> None:
-    """Train `unet` in place to predict the noise of synthetic latents (eps objective)."""
+    """Train `unet` in place to predict the noise of synthetic latents (eps objective), on
+    PRETRAIN_THREADS threads (the text encoding too), reporting its progress (progress.py)."""
+    with fixed_threads():
+        _pretrain_unet(unet, text_encoder, tokenizer, alphas_cumprod, latent_shape, seed, steps)
+
+
+def _pretrain_unet(unet, text_encoder, tokenizer, alphas_cumprod, latent_shape, seed: int, steps: int) -> None:
+    from .progress import PhaseProgress
+
     generator = torch.Generator().manual_seed(seed + 12345)
     ids = tokenizer(PRETRAIN_PROMPTS, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
@@ -72,9 +80,10 @@ def pretrain_unet(unet, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, l
     unet.train()
     unet.requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=PRETRAIN_LR)
+    progress = PhaseProgress("pretraining the embedded model (once, then cached)", steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _ in range(steps):
+        for step in range(steps):
             x0 = synthetic_latents(PRETRAIN_BATCH, latent_shape, generator)
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.randint(0, len(alphas), (PRETRAIN_BATCH,), generator=generator)
@@ -85,13 +94,16 @@ def pretrain_unet(unet, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, l
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            progress.update(step + 1)
+    progress.finish()
     unet.requires_grad_(False)
     unet.eval()
 
 
 def cache_key(unet_config: dict, seed: int, steps: int) -> str:
     payload = json.dumps({"unet": unet_config, "seed": seed, "steps": steps, "data": DATA_VERSION,
-                          "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR, "torch": torch.__version__.split("+")[0]},
+                          "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR, "threads": PRETRAIN_THREADS,
+                          "torch": torch.__version__.split("+")[0]},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

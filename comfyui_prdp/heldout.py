@@ -3,9 +3,12 @@
 
 The pairs are the prompts of an evaluation file (its first `eval_prompts`; 0: all), or
 `eval_prompts` prompts (0: DEFAULT_SPLIT) split off the training set (drawn from the run's seed,
-so a resumed run splits the same way), each sampled
-with the seeds EVAL_SEEDS[:eval_seeds]; an image depends only on its pair and the LoRA, so
-every evaluation of a run scores the same pairs.
+so a resumed run splits the same way), each sampled `eval_seeds` times, every image with its own
+seed (evaluation.distinct_seed_rows from FIRST_EVAL_SEED); an image depends only on its pair and
+the LoRA, so every evaluation of a run scores the same pairs. No two images share a seed (images
+sharing one start from the same noise and are near-duplicates where a model barely reads its
+prompt), so the held-out mean is over n = prompts x eval_seeds independent images, and the
+standard error reported with it (eval/n, eval/reward_std) counts them honestly.
 
 Early stop (the reward-hacking signal): an evaluation *diverges* when its held-out reward is
 below the best held-out reward so far while the training reward (mean over the epochs since the
@@ -43,7 +46,7 @@ from .prompts import PromptSet
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-EVAL_SEEDS = tuple(range(1000, 1064))
+FIRST_EVAL_SEED = 1000
 #: held-out prompts split off the training set when eval_prompts is 0
 DEFAULT_SPLIT = 4
 BEST_FOLDER = "best"
@@ -54,13 +57,19 @@ SPLIT_STREAM = 77
 
 @dataclass
 class HeldOutSet:
-    """The fixed (prompt, seed) pairs: every prompt with every seed."""
+    """The fixed (prompt, seed) pairs: `per_prompt` images of every prompt, each with its own seed."""
     prompts: List[str]
-    seeds: List[int]
+    per_prompt: int
+    first_seed: int = FIRST_EVAL_SEED
 
     @property
     def pairs(self) -> int:
-        return len(self.prompts) * len(self.seeds)
+        return len(self.prompts) * self.per_prompt
+
+    def rows(self) -> Tuple[List[str], List[int]]:
+        """(row prompts, row seeds), prompt-major; no seed repeats."""
+        from .evaluation import distinct_seed_rows
+        return distinct_seed_rows(self.prompts, self.per_prompt, self.first_seed)
 
 
 def held_out_split(prompts: Sequence[str], config: TrainConfig,
@@ -72,12 +81,12 @@ def held_out_split(prompts: Sequence[str], config: TrainConfig,
     `prompts` (a PromptSet stays a lazy PromptSet). ValueError when nothing would be left."""
     if not config.eval_every:
         return prompts, None
-    seeds = list(EVAL_SEEDS[:config.eval_seeds])
+    per_prompt = config.eval_seeds
     if eval_file_prompts is not None:
         chosen = list(itertools.islice(eval_file_prompts, config.eval_prompts or None))
         if not chosen:
             raise ValueError("the evaluation prompt file has no prompts; give one prompt per line")
-        return prompts, HeldOutSet(chosen, seeds)
+        return prompts, HeldOutSet(chosen, per_prompt)
     count = config.eval_prompts or min(DEFAULT_SPLIT, len(prompts) - 1)
     if count < 1 or count >= len(prompts):
         raise ValueError(f"eval_prompts={count}: held-out prompts are split off the {len(prompts)} training "
@@ -88,8 +97,8 @@ def held_out_split(prompts: Sequence[str], config: TrainConfig,
     kept = array("q", _complement(len(prompts), held_sorted))
     held_prompts = [prompts[i] for i in held_sorted]
     if isinstance(prompts, PromptSet):
-        return prompts.subset(kept), HeldOutSet(held_prompts, seeds)
-    return [prompts[i] for i in kept], HeldOutSet(held_prompts, seeds)
+        return prompts.subset(kept), HeldOutSet(held_prompts, per_prompt)
+    return [prompts[i] for i in kept], HeldOutSet(held_prompts, per_prompt)
 
 
 def _complement(n: int, held_sorted: List[int]):
@@ -107,7 +116,7 @@ class HeldOutMonitor:
     """Evaluates a Trainer on a HeldOutSet, keeps `best/` and decides the early stop."""
 
     def __init__(self, held_out: HeldOutSet, config: TrainConfig):
-        if not held_out.prompts or not held_out.seeds:
+        if not held_out.prompts or held_out.per_prompt < 1:
             raise ValueError("the held-out set is empty: give at least one prompt and one seed")
         self.held_out = held_out
         self.every = config.eval_every
@@ -123,11 +132,21 @@ class HeldOutMonitor:
         return epoch % self.every == 0 or epoch == last_epoch
 
     def evaluate(self, trainer: "Trainer") -> Tuple[float, float, torch.Tensor]:
-        """(mean, std, rewards [pairs]) of the held-out pairs with the trainer's current LoRA."""
-        from .evaluation import evaluate_reward
+        """(mean, std, rewards [pairs]) of the held-out pairs with the trainer's current LoRA; its
+        progress goes to the trainer's callback as phase events (the CLI bar, a node's dashboard)."""
+        from .evaluation import score_rows
+        from .progress import PhaseProgress
 
-        rewards, _ = evaluate_reward(trainer.backend, trainer.reward, self.held_out.prompts, self.held_out.seeds,
-                                     trainer.config)
+        row_prompts, row_seeds = self.held_out.rows()
+        config = trainer.config
+        batches = math.ceil(len(row_seeds) / config.sample_batch_size)
+        progress = PhaseProgress(f"held-out evaluation ({len(row_seeds)} images)", batches * config.steps,
+                                 unit="denoising steps", every=1.0,
+                                 listener=lambda text: trainer.callback({"type": "phase", "epoch": trainer.epoch,
+                                                                         "phase": text}))
+        rewards, _ = score_rows(trainer.backend, trainer.reward, row_prompts, row_seeds, config,
+                                progress=lambda done, total: progress.update(done))
+        progress.finish()
         name = getattr(trainer.reward, "name", "reward")
         if not torch.isfinite(rewards).all():
             raise RuntimeError(f"reward {name!r} returned non-finite values on the held-out images: "
@@ -150,7 +169,7 @@ class HeldOutMonitor:
             self.strikes = 0
         if self.patience and self.strikes >= self.patience:
             self.stopped_early = True
-        return {"eval/reward_mean": eval_mean, "eval/train_reward_mean": train_mean,
+        return {"eval/reward_mean": eval_mean, "eval/n": self.held_out.pairs, "eval/train_reward_mean": train_mean,
                 "eval/best_reward_mean": self.best["eval"], "eval/best_epoch": self.best["epoch"],
                 "eval/is_best": is_best, "eval/divergence_strikes": self.strikes}
 
@@ -200,7 +219,8 @@ class HeldOutMonitor:
         return True
 
     def _pairs(self) -> Dict[str, list]:
-        return {"prompts": list(self.held_out.prompts), "seeds": list(self.held_out.seeds)}
+        """The scored pairs, as best.json records them: the prompts and every image's seed."""
+        return {"prompts": list(self.held_out.prompts), "seeds": self.held_out.rows()[1]}
 
     # --- best/ ------------------------------------------------------------------------
     def save_best(self, trainer: "Trainer") -> Optional[Path]:
@@ -220,7 +240,8 @@ class HeldOutMonitor:
             optimizer_state_dict=trainer.optimizer.state_dict(), metrics=trainer.metrics[: trainer.epoch],
             config=trainer.config.to_dict(), extra=trainer._extra_state(), rng=torch.get_rng_state())
         record = {"epoch": self.best["epoch"], "eval/reward_mean": self.best["eval"],
-                  "train_reward_mean": self.best["train"], "checkpoint": target.name,
+                  "train_reward_mean": self.best["train"], "n": self.held_out.pairs,
+                  "unit": "image, each with its own seed", "checkpoint": target.name,
                   "lora": f"{target.name}/{checkpoints.LORA_FILE}",
                   "pairs": self._pairs()}
         text = json.dumps(record, indent=1)

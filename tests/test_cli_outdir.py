@@ -127,7 +127,7 @@ def interrupted_before_training(out, toy, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(evaluation, "evaluate_reward", interrupt)
+        patch.setattr(evaluation, "score_rows", interrupt)
         assert run_cli(out, evaluate=True) == 130
     assert "interrupted before training started" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == [LOCK, "config.json"]
@@ -307,3 +307,14 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path, toy, cap
     err = capsys.readouterr().err
     assert "from epoch_00001" in err and "skipping epoch_00002" in err
     assert load_lora(out / "lora_00001.safetensors")[1]["epochs"] == "2"
+
+
+# --------------------------------------------------------------------------- --list-rewards
+def test_list_rewards_needs_no_output_folder_and_training_still_does(capsys):
+    from comfyui_prdp.rewards import available_rewards
+
+    assert cli.main(["train", "--list-rewards"]) == 0
+    assert capsys.readouterr().out.split() == list(available_rewards())
+    assert cli.main(["train", "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --out is required: the output folder of the run, "
+                                               "e.g. --out runs/my_run")

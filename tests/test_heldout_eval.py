@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from comfyui_prdp import checkpoints, cli, model_loading
-from comfyui_prdp.evaluation import evaluate_reward
-from comfyui_prdp.heldout import (BEST_RECORD, EVAL_SEEDS, HeldOutMonitor, HeldOutSet, best_checkpoint,
+from comfyui_prdp.evaluation import SEED_STRIDE, score_rows
+from comfyui_prdp.heldout import (BEST_RECORD, FIRST_EVAL_SEED, HeldOutMonitor, HeldOutSet, best_checkpoint,
                                   held_out_split)
 from comfyui_prdp.lora import load_lora
 from comfyui_prdp.plots import HELD_OUT, reward_curve
@@ -43,7 +43,11 @@ def test_split_is_fixed_disjoint_and_lazy_for_prompt_sets(tmp_path):
     again, held_again = held_out_split(PROMPTS, config)
     assert held.prompts == held_again.prompts and train == again
     assert sorted(train + held.prompts) == sorted(PROMPTS) and not set(train) & set(held.prompts)
-    assert len(held.prompts) == 3 and held.seeds == list(EVAL_SEEDS[:2])
+    assert len(held.prompts) == 3 and held.per_prompt == 2
+    first = FIRST_EVAL_SEED
+    assert held.rows() == ([p for p in held.prompts for _ in range(2)],
+                           [first, first + 1, first + SEED_STRIDE, first + SEED_STRIDE + 1,
+                            first + 2 * SEED_STRIDE, first + 2 * SEED_STRIDE + 1])
     assert held_out_split(PROMPTS, config.replace(seed=7))[1].prompts != held.prompts
     path = tmp_path / "p.txt"
     path.write_text("\n".join(PROMPTS))
@@ -66,7 +70,7 @@ def test_eval_metrics_score_the_current_lora_and_leave_training_unchanged(tmp_pa
     fresh = ToyBackend()
     state, _ = load_lora(result.lora_path)
     fresh.load_lora_state_dict(state)
-    rewards, _ = evaluate_reward(fresh, BrightnessReward(), held.prompts, held.seeds, config)
+    rewards, _ = score_rows(fresh, BrightnessReward(), *held.rows(), config)
     assert lines[-1]["eval/reward_mean"] == pytest.approx(rewards.mean().item(), abs=1e-6)
     assert lines[-1]["eval/reward_std"] == pytest.approx(rewards.std(unbiased=False).item(), abs=1e-6)
     assert lines[-1]["eval/train_reward_mean"] == pytest.approx(lines[-1]["reward_mean"])   # epoch 3 alone
@@ -120,7 +124,7 @@ def test_resume_keeps_the_best_so_far(tmp_path):
 
 
 def test_early_stop_counts_held_out_falls_while_training_rises():
-    monitor = HeldOutMonitor(HeldOutSet(["a"], [1]), eval_config(early_stop_patience=2))
+    monitor = HeldOutMonitor(HeldOutSet(["a"], 1), eval_config(early_stop_patience=2))
     monitor.observe(1, eval_mean=1.0, train_mean=0.0)
     monitor.observe(2, eval_mean=0.5, train_mean=-1.0)     # both fell: not the hacking signal
     assert monitor.strikes == 0 and not monitor.stopped_early
@@ -132,7 +136,7 @@ def test_early_stop_counts_held_out_falls_while_training_rises():
     assert not monitor.stopped_early
     monitor.observe(6, eval_mean=1.1, train_mean=0.8)
     assert monitor.strikes == 2 and monitor.stopped_early
-    never = HeldOutMonitor(HeldOutSet(["a"], [1]), eval_config(early_stop_patience=0))
+    never = HeldOutMonitor(HeldOutSet(["a"], 1), eval_config(early_stop_patience=0))
     for epoch in range(1, 6):
         never.observe(epoch, eval_mean=-epoch, train_mean=epoch)
     assert never.strikes == 4 and not never.stopped_early
@@ -168,7 +172,7 @@ def test_training_stops_early_when_the_held_out_reward_is_hacked(tmp_path):
 
 
 def test_a_malformed_held_out_state_is_refused():
-    monitor = HeldOutMonitor(HeldOutSet(["a"], [1]), eval_config())
+    monitor = HeldOutMonitor(HeldOutSet(["a"], 1), eval_config())
     with pytest.raises(checkpoints.CheckpointError, match="held-out state is malformed"):
         monitor.load_state_dict({"evaluations": [{"epoch": 1, "eval": float("nan"), "train": 0.0}]})
     with pytest.raises(ValueError, match="non-finite"):
@@ -253,8 +257,8 @@ def test_cli_resume_needs_the_same_evaluation_file(tmp_path, capsys, monkeypatch
 def test_an_evaluation_file_that_repeats_training_prompts_is_noted(tmp_path, capsys, monkeypatch):
     from comfyui_prdp.heldout import shared_prompts
 
-    assert shared_prompts(["a", "b", "c", "b"], HeldOutSet(["b", "z"], [1])) == 2
-    assert shared_prompts(["a"], HeldOutSet(["z"], [1])) == 0
+    assert shared_prompts(["a", "b", "c", "b"], HeldOutSet(["b", "z"], 1)) == 2
+    assert shared_prompts(["a"], HeldOutSet(["z"], 1)) == 0
     monkeypatch.setattr(model_loading, "load_backend", lambda *a, **k: ToyBackend(image_size=64))
     evals = tmp_path / "eval.txt"
     evals.write_text(f"{cli.DEFAULT_PROMPTS[0]}\na wolf\n")

@@ -1,7 +1,8 @@
 """The world demo's command line (one short epoch on the cached world model): what it writes.
 
 held_out.json holds per-image rewards on UNSEEN captions in one order (prompts, seeds, before,
-after), its summary is the paired statistics of those lists (recomputed here), train_prompts.txt
+after; every image its own seed), its summary is the paired statistics of those lists over
+n = images independent units (recomputed here) and says so, train_prompts.txt
 lists the training captions (none of them unseen), and a run on another reward than
 world-alignment carries the alignment of the same images as a guard against reward hacking.
 """
@@ -32,6 +33,7 @@ def test_world_demo_writes_unseen_per_image_rewards_and_the_alignment_guard(tmp_
     rows = len(record["prompts"])
     assert rows >= 32 and len(set(record["prompts"])) >= 8
     assert rows == len(record["seeds"]) == len(record["rewards_before"]) == len(record["rewards_after"])
+    assert len(set(record["seeds"])) == rows          # no two images share their initial noise
     unseen, trained = set(held_out_prompts()), (out / "train_prompts.txt").read_text().splitlines()
     assert set(record["prompts"]) <= unseen and not unseen & set(trained) and set(trained) <= set(train_prompts())
     values = record["rewards_before"] + record["rewards_after"]
@@ -39,10 +41,12 @@ def test_world_demo_writes_unseen_per_image_rewards_and_the_alignment_guard(tmp_
     t, gain = paired(record["rewards_before"], record["rewards_after"])
     summary = record["summary"]
     assert math.isclose(summary["paired_t"], t, rel_tol=1e-9) and math.isclose(summary["gain_in_std"], gain, rel_tol=1e-9)
+    assert summary["n"] == rows and summary["unit"] == "seed" and summary["degrees_of_freedom"] == rows - 1
     guard = record["alignment_guard"]
     assert guard["images"] == rows and -1 <= guard["mean_before"] <= 1 and math.isfinite(guard["paired_t"])
     # the last lines: the alignment guard, then the paired change on the unseen captions
-    assert lines[-1].startswith(f"paired t = {summary['paired_t']:.2f}, gain = {summary['gain_in_std']:.2f} std")
+    assert lines[-1].startswith(f"paired t = {summary['paired_t']:.2f} over n = {rows} images, each with its own "
+                                f"seed ({rows - 1} df), gain = {summary['gain_in_std']:.2f} std")
     assert lines[-2].startswith("unseen prompts (")
     assert lines[-3].startswith("world-alignment of the same images")
     assert (out / "before_after.png").stat().st_size > 0

@@ -132,7 +132,9 @@ def train_alignment(model: AlignmentModel, seed: int, steps: int = TRAIN_STEPS) 
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 30) * (1 - s / steps))
     model.train()
-    for _ in range(steps):
+    from ..progress import PhaseProgress
+    progress = PhaseProgress("training the world-alignment scorer (once, then cached)", steps)
+    for step in range(steps):
         rows = [rng.randrange(POOL_SIZE) for _ in range(TRAIN_BATCH)]
         batch = [pool_scenes[r] for r in rows]
         images = model.image(degrade(pool[torch.tensor(rows)], generator))
@@ -150,6 +152,8 @@ def train_alignment(model: AlignmentModel, seed: int, steps: int = TRAIN_STEPS) 
         loss.backward()
         optimizer.step()
         schedule.step()
+        progress.update(step + 1)
+    progress.finish()
     model.eval().requires_grad_(False)
 
 

@@ -3,7 +3,8 @@
 The UNet and the text encoder are trained together on renders of the TRAINING captions only
 (held-out captions stay unseen) to predict the clean latents (x0, the scheduler's "sample"
 prediction type) from noised ones; the latents are the lossless pixel-unshuffled renders of a
-fixed pool, with 10 % empty captions so classifier-free guidance works.
+fixed pool, with 10 % empty captions so classifier-free guidance works. Progress lines with an
+estimate of the time left come from progress.py.
 Deterministic for a seed on a given torch build and CPU (it runs on PRETRAIN_THREADS threads).
 Cached in `$PRDP_CACHE_DIR` (else `~/.cache/comfyui-prdp`) under a key of the configs, the seed
 and the schedule.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 from pathlib import Path
 from typing import List, Tuple
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..embedded_pretrain import cache_dir, fixed_threads
+from ..progress import PhaseProgress
 from .grammar import Scene, split_scenes
 from .render import render_batch
 
@@ -80,7 +81,8 @@ def pretrain_unet(unet, text_encoder, tokenizer, vae, alphas_cumprod, scenes: Li
         optimizer, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * (1 - s / steps)))
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
-    for _ in range(steps):
+    progress = PhaseProgress("pretraining the embedded world model (once, then cached)", steps)
+    for step in range(steps):
         rows = torch.randint(0, len(latents), (UNET_BATCH,), generator=generator)
         drop = torch.rand(UNET_BATCH, generator=generator) < EMPTY_CAPTION_RATE
         x0 = latents[rows]
@@ -95,6 +97,8 @@ def pretrain_unet(unet, text_encoder, tokenizer, vae, alphas_cumprod, scenes: Li
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        progress.update(step + 1)
+    progress.finish()
     for module in (unet, text_encoder):
         module.eval().requires_grad_(False)
 
@@ -105,10 +109,8 @@ def pretrain(components: dict, seed: int) -> None:
     rng = random.Random(seed + 4321)
     with torch.random.fork_rng(devices=[]), fixed_threads():
         torch.manual_seed(seed)
-        start = time.perf_counter()
         pretrain_unet(components["unet"], components["text_encoder"], components["tokenizer"], components["vae"],
                       components["scheduler"].alphas_cumprod, scenes, rng)
-    print(f"world model pretrained in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 _PARTS = ("unet", "text_encoder")
