@@ -11,6 +11,7 @@ gives the same result as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ from .advantages import PerPromptStatTracker
 from .config import TrainConfig
 from .distributed import SINGLE, Distributed
 from .lora import atomic_write, lora_metadata, save_lora, unique_path
-from .objective import LOSSES, DynamicLossScale, clip_fraction, logp_gradient_weights
+from .objective import LOSSES, DynamicLossScale, clip_fraction, logp_gradient_weights, pair_agreement
 from .heldout import HeldOutMonitor
 from .prompts import PromptSet
 from .policies import policy_for
@@ -168,6 +169,7 @@ class Trainer:
         #: set to a heldout.HeldOutMonitor (before run) to score held-out pairs every eval_every epochs
         self.held_out: Optional[HeldOutMonitor] = None
         self._progress_units = 0
+        self._estimated = False         # the epoch's cost is announced once per run (estimate event)
         self._uncond_one = None
         self.ddpo_tracker = PerPromptStatTracker(config.ddpo_buffer_size, config.ddpo_min_count)
         if self.dist.enabled:     # every rank starts from rank 0's LoRA, with the same settings
@@ -217,23 +219,24 @@ class Trainer:
         stopped = False
         checkpoint_path = None
         try:
-            while self.epoch < self.config.epochs and not (self.held_out and self.held_out.stopped_early):
-                self._sync_stop()
-                self._faults.phase = f"epoch {self.epoch + 1} start"
-                self._faults.attempt(self._mark_epoch_start)
-                metrics = self.train_epoch(self.epoch)
-                self.epoch += 1
-                self.metrics.append(metrics)
-                early_stop = self._held_out_evaluation(metrics)   # eval/... into metrics, best/
-                self._faults.phase = f"epoch {self.epoch} metrics and checkpoint"
-                self._faults.attempt(self._append_metrics, metrics)
-                if early_stop:
-                    break
-                every = self.config.checkpoint_every
-                if every and self.epoch % every == 0 and self.epoch < self.config.epochs:
-                    checkpoint_path = self._faults.attempt(self.save_checkpoint)
-            if self.dist.enabled:       # an error after the last epoch's last collective
-                self._faults.check(self.dist.any(self._faults.failed))
+            with self._stops_inside_model_calls():
+                while self.epoch < self.config.epochs and not (self.held_out and self.held_out.stopped_early):
+                    self._sync_stop()
+                    self._faults.phase = f"epoch {self.epoch + 1} start"
+                    self._faults.attempt(self._mark_epoch_start)
+                    metrics = self.train_epoch(self.epoch)
+                    self.epoch += 1
+                    self.metrics.append(metrics)
+                    early_stop = self._held_out_evaluation(metrics)   # eval/... into metrics, best/
+                    self._faults.phase = f"epoch {self.epoch} metrics and checkpoint"
+                    self._faults.attempt(self._append_metrics, metrics)
+                    if early_stop:
+                        break
+                    every = self.config.checkpoint_every
+                    if every and self.epoch % every == 0 and self.epoch < self.config.epochs:
+                        checkpoint_path = self._faults.attempt(self.save_checkpoint)
+                if self.dist.enabled:       # an error after the last epoch's last collective
+                    self._faults.check(self.dist.any(self._faults.failed))
         except StopRequested:
             stopped = True
         except RankFailed as failure:     # every rank alike; rank 0 keeps the last finished epoch
@@ -242,7 +245,7 @@ class Trainer:
         early_stopped = self.held_out is not None and self.held_out.stopped_early
         if stopped or early_stopped or self.config.checkpoint_every:
             checkpoint_path = self.save_checkpoint(partial=stopped)
-        lora_path = self.save_final_lora()
+        lora_path = self.save_final_lora() if self.epoch > 0 else None    # no epoch finished: nothing to keep
         self.callback({"type": "done", "stopped": stopped, "epochs": self.epoch, "early_stopped": early_stopped})
         return TrainResult(self.epoch, stopped, list(self.metrics), lora_path, checkpoint_path, early_stopped)
 
@@ -318,6 +321,7 @@ class Trainer:
             "reward_std": epoch_rewards.std(unbiased=False).item(),
             "loss": update_stats["loss"],
             "clip_frac": update_stats["clip_frac"],
+            "pair_agreement": update_stats["pair_agreement"],
             # exact KL(p_theta_old || p_ref) of the whole trajectory (sum over steps of the
             # per-step Gaussian KL), mean over trajectories; log_ratio_mean is its one-sample
             # estimate sum_t (logp_old - logp_ref), signed
@@ -347,6 +351,9 @@ class Trainer:
         groups = self.dist.shard(cfg.prompts_per_epoch)     # this rank's prompt groups (all of them alone)
         total, most_rows = len(groups) * B, max(self.dist.shard_sizes(cfg.prompts_per_epoch)) * B
         inputs = self._faults.attempt(self._sampling_inputs, epoch, groups)
+        if not self._estimated:
+            self._estimated = True
+            self._faults.attempt(self._announce_epoch_estimate, epoch, inputs)
         chunks = []
         for start in range(0, most_rows, cfg.sample_batch_size):
             self._sync_stop()       # every rank passes here as often as the one with the most rows
@@ -443,6 +450,7 @@ class Trainer:
         generator = epoch_generator(cfg.seed, epoch, stream=1)
         on_policy = True            # theta == theta_old until the first optimizer step
         losses, clip_fracs, grad_norms, skipped = [], [], [], 0
+        agreed, pairs = 0.0, 0.0          # pair_agreement over the epoch's updates (PRDP only)
         onpolicy_diff = float("nan")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._faults.attempt(self.backend.prepare_for_training)
@@ -454,7 +462,7 @@ class Trainer:
                 groups = prompt_order[start:start + minibatch]
                 local = groups[(groups >= mine.start) & (groups < mine.stop)] - mine.start
                 share = len(local) / len(groups)     # the loss is a mean over the minibatch's groups
-                stats = {"loss": 0.0, "clip_frac": 0.0, "onpolicy_max_diff": float("nan")}
+                stats = {"loss": 0.0, "clip_frac": 0.0, "onpolicy_max_diff": float("nan"), "agreed": 0.0, "pairs": 0}
                 if len(local):      # (a rank that failed keeps the zero stats: this step's all-reduce ends the run)
                     stats = self._faults.attempt(self.minibatch_gradient, batch, local, train_steps, on_policy,
                                                  epoch, share) or stats
@@ -463,7 +471,9 @@ class Trainer:
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                loss, clip_frac = self._sum_over_ranks(params, stats["loss"] * share, stats["clip_frac"] * share)
+                loss, clip_frac, step_agreed, step_pairs = self._sum_over_ranks(
+                    params, stats["loss"] * share, stats["clip_frac"] * share, stats["agreed"], stats["pairs"])
+                agreed, pairs = agreed + step_agreed, pairs + step_pairs
                 losses.append(loss)
                 clip_fracs.append(clip_frac)
                 grad_norm = self._faults.attempt(self._optimizer_step, params, epoch)
@@ -475,7 +485,7 @@ class Trainer:
         onpolicy_diff, failed = self.dist.maxima(onpolicy_diff, float(self._faults.failed))
         self._faults.check(failed > 0)
         stats = {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
-                 "onpolicy_max_diff": onpolicy_diff,
+                 "onpolicy_max_diff": onpolicy_diff, "pair_agreement": agreed / pairs if pairs else float("nan"),
                  "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
                  "optimizer_steps": len(losses) - skipped}
         if self.loss_scale is not None:
@@ -544,7 +554,10 @@ class Trainer:
         stats = {"loss": loss.item(),
                  "clip_frac": clip_fraction(logp_now[:, train_steps], logp_old[:, train_steps],
                                             cfg.clip_range, cfg.algorithm),
-                 "onpolicy_max_diff": float("nan")}
+                 "onpolicy_max_diff": float("nan"), "agreed": 0.0, "pairs": 0}
+        if cfg.algorithm == "prdp":
+            fraction, count = pair_agreement(logp_now.view(G, B, T), logp_ref.view(G, B, T), rewards, cfg.step_reduce)
+            stats.update(agreed=fraction * count if count else 0.0, pairs=count)
         if on_policy and len(recomputed):
             stats["onpolicy_max_diff"] = (recomputed - batch.traj.logp[r_idx, t_idx]).abs().max().item()
         return stats
@@ -699,6 +712,28 @@ class Trainer:
             self._uncond_one = self.backend.encode_prompts([self.config.negative_prompt])
         return self._uncond_one
 
+    @contextlib.contextmanager
+    def _stops_inside_model_calls(self):
+        """In a single process a stop takes effect before the denoiser's next block
+        (Backend.stop_check_modules), not only between steps: one batched step of a big model at
+        a big size can take minutes. Only in the thread that runs the trainer (the hooks are on
+        modules that a ComfyUI server may use elsewhere). Distributed ranks stop together at their
+        collectives instead (_sync_stop), so that none is left waiting in one."""
+        if self.dist.enabled:
+            yield
+            return
+        owner = threading.get_ident()
+
+        def stop_here(module, args):
+            if self.stop_event.is_set() and threading.get_ident() == owner:
+                raise StopRequested()
+        handles = [module.register_forward_pre_hook(stop_here) for module in self.backend.stop_check_modules()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _check_stop(self) -> None:
         """A stop raises at once in a single process. Distributed, ranks stop together at the
         next point every rank reaches (_sync_stop, _sum_over_ranks), so they end at the same step."""
@@ -724,13 +759,50 @@ class Trainer:
         cfg = self.config
         n = cfg.prompts_per_epoch * cfg.images_per_prompt
         sampling = math.ceil(n / cfg.sample_batch_size) * cfg.steps   # with the base model's log-probs
-        trained = max(1, round(cfg.steps * cfg.timestep_fraction))
+        trained = max(1, round(self._logprob_columns() * cfg.timestep_fraction))
         if cfg.train_batch_size >= cfg.sample_batch_size:     # micro_batches: one per sampling batch and step
             calls = trained * math.ceil(n / cfg.sample_batch_size)
         else:
             calls = math.ceil(n * trained / cfg.train_batch_size)
         updates = cfg.updates_per_epoch * 2 * calls
         return sampling + updates
+
+    def _announce_epoch_estimate(self, epoch: int, inputs: tuple) -> None:
+        """Before the run's first sampling: time one model evaluation of one image and announce
+        what an epoch should cost (event "estimate"), so a setting whose first step alone takes
+        minutes shows its cost at once rather than no ETA. One image per evaluation overestimates
+        where batching helps (GPUs); gradient checkpointing's recomputation adds to training."""
+        cond = index_cond(inputs[2], torch.arange(1))
+        schedule = policy_for(self.config, self.backend).schedule(self.backend, self.config.steps)
+        x = torch.zeros(1, *self.latent_shape, dtype=self.backend.dtype, device=self.backend.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.backend.predict(x, schedule.times[:1].to(self.backend.device), cond).reshape(-1)[0].item()
+        seconds = time.perf_counter() - start
+        evaluations = self._image_evaluations_per_epoch(len(inputs[1]) * self.config.images_per_prompt,
+                                                        schedule.steps)
+        self.callback({"type": "estimate", "epoch": epoch + 1, "seconds_per_evaluation": seconds,
+                       "evaluations_per_epoch": evaluations, "epoch_seconds": seconds * evaluations})
+
+    def _image_evaluations_per_epoch(self, images: int, sampling_steps: int) -> int:
+        """Model evaluations of one image per epoch for `images` trajectories, counting a forward
+        and backward as 3: every sampling step and the base model at each trained one; then at
+        the trained steps, K gradient passes and, for every minibatch but the on-policy first, a
+        pass without gradient for the current log-probs (an upper bound: clipped rows skip the
+        gradient pass). Twice that with CFG (both branches)."""
+        cfg = self.config
+        columns = self._logprob_columns()
+        trained = max(1, round(columns * cfg.timestep_fraction))
+        first = min(images, (cfg.minibatch_prompts or cfg.prompts_per_epoch) * cfg.images_per_prompt)
+        branches = 1 if cfg.cfg == 1.0 else 2
+        return branches * (images * (sampling_steps + columns) + trained * (4 * cfg.updates_per_epoch * images - first))
+
+    def _logprob_columns(self) -> int:
+        """The policy's stochastic (trained) steps per trajectory: its window's length, else all
+        steps (ddpm) or steps - 1 (flow_sde: the last step is a deterministic ODE step)."""
+        policy = policy_for(self.config, self.backend)
+        first, stop = policy.window or (0, self.config.steps - (policy.name == "flow_sde"))
+        return stop - first
 
     def _step(self, epoch: int, phase: str) -> None:
         self._check_stop()

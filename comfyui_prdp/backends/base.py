@@ -98,6 +98,13 @@ class Backend:
         """rank, alpha, target modules: written into LoRA metadata."""
         return {}
 
+    # --- stopping inside a model evaluation ---------------------------------------------
+    def stop_check_modules(self) -> List[torch.nn.Module]:
+        """Modules before whose forward a requested stop takes effect (the denoiser's blocks,
+        see `block_modules`): a stop then waits for one block, not for a whole batched step,
+        which for a big model at a big size can take minutes. None by default."""
+        return []
+
     # --- memory hooks (no-ops by default) ---------------------------------------------
     def prepare_for_sampling(self) -> None:
         """Called before a sampling/evaluation phase (e.g. load the model to the GPU)."""
@@ -108,3 +115,9 @@ class Backend:
     def prepare_for_scoring(self, reward_bytes: int) -> None:
         """Called before the reward phase with the bytes the reward model will put on the device
         (e.g. free the host's model memory so that it fits)."""
+
+
+def block_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """Every element of every ModuleList inside `model`: a denoiser's blocks and their parts
+    (UNet down/up blocks, their resnets and attentions; a DiT's transformer blocks)."""
+    return [block for module in model.modules() if isinstance(module, torch.nn.ModuleList) for block in module]

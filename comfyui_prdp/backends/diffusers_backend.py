@@ -16,7 +16,7 @@ import torch
 
 from .. import lora_keys, model_families
 from ..config import TrainConfig
-from .base import Backend, Cond
+from .base import Backend, Cond, block_modules
 
 ADAPTER_NAME = "prdp"
 _HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -260,6 +260,9 @@ class DiffusersBackend(Backend):
             pixels = self.vae.decode(z).sample
             images.append(((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
         return torch.cat(images).contiguous()
+
+    def stop_check_modules(self) -> List[torch.nn.Module]:
+        return block_modules(self.unet)     # the UNet, or the flow backends' transformer
 
     # --- the LoRA -----------------------------------------------------------------------
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
