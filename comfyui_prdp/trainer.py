@@ -403,6 +403,7 @@ class Trainer:
         images = []
         with torch.no_grad():
             for start in range(0, len(batch.traj.final), cfg.sample_batch_size):
+                self._check_stop()      # decoding a big batch at a big size takes a while too
                 latents = batch.traj.final[start:start + cfg.sample_batch_size].to(self.backend.device)
                 images.append(self.backend.decode(latents).float().cpu())
         batch.images = torch.cat(images)

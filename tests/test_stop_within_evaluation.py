@@ -155,3 +155,23 @@ def test_the_epoch_cost_is_announced_before_the_first_step_from_the_evaluations_
     assert estimate["seconds_per_evaluation"] > 0
     assert estimate["epoch_seconds"] == pytest.approx(estimate["seconds_per_evaluation"] *
                                                       estimate["evaluations_per_epoch"])
+
+
+def test_a_stop_between_two_decoded_chunks_ends_the_run_before_the_reward(tmp_path):
+    backend = BlockToyBackend()
+    stop = threading.Event()
+    decoded = []
+    decode = backend.decode
+
+    def decode_and_press_stop(latents):
+        decoded.append(len(latents))
+        stop.set()
+        return decode(latents)
+    backend.decode = decode_and_press_stop
+    scored = []
+    reward = BrightnessReward()
+    score = reward.score_with_components
+    reward.score_with_components = lambda images, prompts: scored.append(len(images)) or score(images, prompts)
+    trainer = Trainer(backend, reward, PROMPTS, config(sample_batch_size=4), out_dir=tmp_path, stop_event=stop)
+    result = trainer.run()
+    assert result.stopped and decoded == [4] and scored == []      # the second chunk was never decoded
