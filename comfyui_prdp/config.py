@@ -101,13 +101,24 @@ class TrainConfig:
         transitions = trajectories * self.steps
         stochastic = trajectories * self.stochastic_steps()
         trained = max(1, round(stochastic * self.timestep_fraction))
+        # pass 1 is skipped only on the epoch's first optimizer step (its first minibatch, at
+        # theta == theta_old); pass 2 (forward+backward) runs on every minibatch
+        first_minibatch = trained * min(self.minibatch_size(), self.prompts_per_epoch) // self.prompts_per_epoch
         return {
             "sampling": transitions * branches,
             "reference": stochastic * branches,      # the base model, evaluated during sampling
-            # pass 1 is skipped on the first update; pass 2 is forward+backward
-            "update_forward_no_grad": (self.updates_per_epoch - 1) * trained * branches,
+            "update_forward_no_grad": (self.updates_per_epoch * trained - first_minibatch) * branches,
             "update_forward_backward": self.updates_per_epoch * trained * branches,
         }
+
+    def minibatch_size(self) -> int:
+        """Prompt groups per optimizer step (minibatch_prompts, or all N when unset)."""
+        return self.minibatch_prompts or self.prompts_per_epoch
+
+    def optimizer_steps_per_epoch(self) -> int:
+        """K passes over the epoch's prompt groups, one optimizer step per minibatch. Only the
+        first step is at theta == theta_old; from the second on the proximal clip can bind."""
+        return self.updates_per_epoch * math.ceil(self.prompts_per_epoch / self.minibatch_size())
 
     def stochastic_steps(self) -> int:
         """Steps with a log-prob: the window's; else every step for ddpm, all but the last for flow_sde."""
@@ -251,31 +262,45 @@ def _kind_problem(name: str, hint: Any, value: Any) -> Optional[str]:
     return None
 
 
+# Optimizer steps per epoch (TrainConfig.optimizer_steps_per_epoch): K passes over the epoch's
+# samples, one step per minibatch of minibatch_prompts prompt groups, as DDPO's training loop
+# (which the paper follows) steps once per minibatch. Only the first step of an epoch is at
+# theta == theta_old, where the proximal clip cannot bind and beta only scales a gradient that
+# Adam normalises: every preset but world-demo takes several steps per epoch. Table 4's K = 1
+# rows (large scale, multi-reward) are read as one pass split into 4 minibatch steps (the
+# literal single step: minibatch_prompts 64); the consumer presets keep K = 1 and split their
+# prompts into 2 minibatches, which adds the no-grad pass 1 of the second minibatch (half an
+# update's forwards) and lowers no memory peak (micro-batches are train_batch_size either way).
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Table 4, small scale (45 animal prompts): full-UNet learning rate as in the paper
     "paper-small": dict(epochs=100, updates_per_epoch=10, prompts_per_epoch=32, images_per_prompt=16,
                         beta=3e-5, clip_range=1e-6, steps=50, cfg=5.0, learning_rate=1e-5,
                         weight_decay=1e-4, grad_clip=1.0, width=512, height=512),
     # Table 4, large scale (>100K prompts)
-    "paper-large": dict(epochs=1000, updates_per_epoch=1, prompts_per_epoch=64, images_per_prompt=8,
+    "paper-large": dict(epochs=1000, updates_per_epoch=1, minibatch_prompts=16, prompts_per_epoch=64,
+                        images_per_prompt=8,
                         beta=3e-6, clip_range=1e-4, steps=50, cfg=5.0, learning_rate=7e-6,
                         weight_decay=1e-4, grad_clip=1.0, width=512, height=512),
     # Table 4, multi-reward (PickScore 10, HPSv2 2, aesthetic 0.05)
-    "paper-multi-reward": dict(epochs=1000, updates_per_epoch=1, prompts_per_epoch=64, images_per_prompt=8,
+    "paper-multi-reward": dict(epochs=1000, updates_per_epoch=1, minibatch_prompts=16, prompts_per_epoch=64,
+                               images_per_prompt=8,
                                beta=3e-5, clip_range=1e-4, steps=50, cfg=5.0, learning_rate=1e-5,
                                weight_decay=1e-4, grad_clip=1.0, width=512, height=512),
     # one consumer GPU: a LoRA, fewer steps and images; LoRA-sized learning rate
-    "consumer-gpu": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=4, images_per_prompt=4,
+    "consumer-gpu": dict(epochs=50, updates_per_epoch=1, minibatch_prompts=2, prompts_per_epoch=4,
+                         images_per_prompt=4,
                          beta=3e-5, clip_range=1e-4, steps=20, cfg=5.0, learning_rate=3e-4,
                          lora_rank=8, width=512, height=512, sample_batch_size=4, train_batch_size=4,
                          mixed_precision="fp16", gradient_checkpointing=True),
     # one consumer GPU, SDXL and its finetunes at their native 1024 px. UNet evaluations per
     # epoch (TrainConfig.model_evaluations_per_epoch): 320 sampling + 320 reference (base model,
-    # LoRA off, during sampling) + 320 forward+backward = 960, i.e. 2 prompts x 4 images x 20
-    # steps x 2 CFG branches per phase. Peak GPU memory at real size (benchmarks/memory_budget.py,
+    # LoRA off, during sampling) + 160 update forward (pass 1 of the second minibatch) + 320
+    # forward+backward = 1120, i.e. 2 prompts x 4 images x 20 steps x 2 CFG branches per phase
+    # (one prompt for pass 1). Peak GPU memory at real size (benchmarks/memory_budget.py,
     # fake tensors; README "On one GPU"): CLI 8.65 GB (the float32 decode of one 1024 px image
     # beside the fp16 UNet), ComfyUI 6.70 GB, with 0.5 GB of CUDA context: 12 GB cards fit
-    "consumer-gpu-sdxl": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
+    "consumer-gpu-sdxl": dict(epochs=50, updates_per_epoch=1, minibatch_prompts=1, prompts_per_epoch=2,
+                              images_per_prompt=4,
                               beta=3e-5, clip_range=1e-4, steps=20, cfg=5.0, learning_rate=3e-4,
                               lora_rank=8, width=1024, height=1024, sample_batch_size=2, train_batch_size=1,
                               mixed_precision="fp16", gradient_checkpointing=True),
@@ -287,21 +312,25 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Flux.1-dev: guidance-distilled, so cfg 1 (the guidance value is conditioning, 3.5 by
     # default as ComfyUI without a FluxGuidance node); 16 steps as DanceGRPO; 512 px as Flow-GRPO.
     # Transformer evaluations per epoch (model_evaluations_per_epoch): 128 sampling + 120 base
-    # model + 120 forward+backward = 368 (8 trajectories x 16 steps, 15 of them stochastic).
+    # model + 60 update forward + 120 forward+backward = 428 (8 trajectories x 16 steps, 15 of
+    # them stochastic; pass 1 for the second minibatch's 4).
     # Peak GPU memory at real size (benchmarks/memory_budget.py): ComfyUI with fp8 weights 13.84 GB;
     # CLI 21.53 GB (its base stored in fp8 on cards where bf16 + 8 GiB do not fit; the peak is
     # T5-XXL encoding beside the fp8 transformer), with 0.5 GB of CUDA context
-    "consumer-gpu-flux": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
+    "consumer-gpu-flux": dict(epochs=50, updates_per_epoch=1, minibatch_prompts=1, prompts_per_epoch=2,
+                              images_per_prompt=4,
                               policy="flow_sde", flow_noise_level=0.7, beta=2e-4, clip_range=1.5e-5, steps=16,
                               cfg=1.0, flow_guidance=3.5, learning_rate=1e-4, lora_rank=16, width=512, height=512,
                               sample_batch_size=2, train_batch_size=1, mixed_precision="bf16",
                               gradient_checkpointing=True),
     # SD3.5 (Medium; Large the same with more memory): CFG 4.5 as Flow-GRPO, 20 steps, LoRA r32
     # alpha 64 and lr 3e-4 as Flow-GRPO's SD3.5-M recipe. Evaluations per epoch: 320 sampling +
-    # 304 base model + 304 forward+backward = 928 (8 trajectories x 20 steps x 2 CFG branches, 19
-    # stochastic). Peak GPU memory at real size (benchmarks/memory_budget.py, CLI): 15.19 GB while
-    # T5-XXL encodes beside the MMDiT (the encoders visit the GPU one at a time), 7.9 GB otherwise
-    "consumer-gpu-sd35": dict(epochs=50, updates_per_epoch=1, prompts_per_epoch=2, images_per_prompt=4,
+    # 304 base model + 152 update forward + 304 forward+backward = 1080 (8 trajectories x 20
+    # steps x 2 CFG branches, 19 stochastic; pass 1 for the second minibatch's 4). Peak GPU
+    # memory at real size (benchmarks/memory_budget.py, CLI): 15.19 GB while T5-XXL encodes
+    # beside the MMDiT (the encoders visit the GPU one at a time), 7.9 GB otherwise
+    "consumer-gpu-sd35": dict(epochs=50, updates_per_epoch=1, minibatch_prompts=1, prompts_per_epoch=2,
+                              images_per_prompt=4,
                               policy="flow_sde", flow_noise_level=0.7, beta=2e-4, clip_range=1.5e-5, steps=20,
                               cfg=4.5, learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, width=512, height=512,
                               sample_batch_size=2, train_batch_size=1, mixed_precision="bf16",

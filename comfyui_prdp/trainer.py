@@ -780,23 +780,19 @@ class Trainer:
         with torch.no_grad():
             self.backend.predict(x, schedule.times[:1].to(self.backend.device), cond).reshape(-1)[0].item()
         seconds = time.perf_counter() - start
-        evaluations = self._image_evaluations_per_epoch(len(inputs[1]) * self.config.images_per_prompt,
-                                                        schedule.steps)
+        evaluations = self._image_evaluations_per_epoch()
         self.callback({"type": "estimate", "epoch": epoch + 1, "seconds_per_evaluation": seconds,
                        "evaluations_per_epoch": evaluations, "epoch_seconds": seconds * evaluations})
 
-    def _image_evaluations_per_epoch(self, images: int, sampling_steps: int) -> int:
-        """Model evaluations of one image per epoch for `images` trajectories, counting a forward
-        and backward as 3: every sampling step and the base model at each trained one; then at
-        the trained steps, K gradient passes and, for every minibatch but the on-policy first, a
-        pass without gradient for the current log-probs (an upper bound: clipped rows skip the
-        gradient pass). Twice that with CFG (both branches)."""
-        cfg = self.config
-        columns = self._logprob_columns()
-        trained = max(1, round(columns * cfg.timestep_fraction))
-        first = min(images, (cfg.minibatch_prompts or cfg.prompts_per_epoch) * cfg.images_per_prompt)
-        branches = 1 if cfg.cfg == 1.0 else 2
-        return branches * (images * (sampling_steps + columns) + trained * (4 * cfg.updates_per_epoch * images - first))
+    def _image_evaluations_per_epoch(self) -> int:
+        """Model evaluations of one image (one CFG branch) per epoch on this rank, a forward and
+        backward counted as 3 (TrainConfig.model_evaluations_per_epoch, for the policy in use;
+        an upper bound: clipped rows skip the gradient pass)."""
+        policy = policy_for(self.config, self.backend).name
+        counts = self.config.replace(policy=policy).model_evaluations_per_epoch()
+        total = (counts["sampling"] + counts["reference"] + counts["update_forward_no_grad"]
+                 + 3 * counts["update_forward_backward"])
+        return math.ceil(total / self.dist.world_size)
 
     def _logprob_columns(self) -> int:
         """The policy's stochastic (trained) steps per trajectory: its window's length, else all

@@ -3,6 +3,7 @@ torch.multiprocessing.spawn on gloo. Runs a list of toy-backend jobs in order an
 job's LoRA, metrics and outcome under the job's folder, per rank."""
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import threading
@@ -102,6 +103,7 @@ def save_error(folder: Path, rank: int, error: Exception) -> None:
 def main(rank: int, world: int, init_file: str, jobs_file: str) -> None:
     """Run the jobs; a job that raises is recorded (error_rank{rank}.json) and the next one
     runs; the process then exits non-zero."""
+    faulthandler.enable()      # a rank that aborts (SIGABRT, seen once in ~50 runs) prints every thread's stack
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     failed = []
@@ -116,6 +118,8 @@ def main(rank: int, world: int, init_file: str, jobs_file: str) -> None:
                 continue
             save_outcome(Path(job["report"]), rank, done["trainer"], done["result"])
     finally:
+        # every rank past its last collective before any tears its connections down
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if failed:
         raise SystemExit(f"rank {rank}: jobs {failed} failed")

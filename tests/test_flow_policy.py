@@ -250,7 +250,9 @@ def test_flow_presets_use_the_flow_policy_and_count_only_stochastic_steps(name, 
     assert config.model_evaluations_per_epoch() == {
         "sampling": trajectories * steps * branches,
         "reference": trajectories * (steps - 1) * branches,        # the deterministic last step has none
-        "update_forward_no_grad": 0,
+        # pass 1 (no grad) for every minibatch but the epoch's first (one prompt of two here)
+        "update_forward_no_grad": trajectories // 2 * (steps - 1) * branches,
         "update_forward_backward": trajectories * (steps - 1) * branches}
+    assert config.minibatch_prompts * 2 == config.prompts_per_epoch
     windowed = config.replace(sde_window=[2, 6]).validate()
     assert windowed.model_evaluations_per_epoch()["update_forward_backward"] == trajectories * 4 * branches

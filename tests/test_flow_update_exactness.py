@@ -4,7 +4,8 @@ Like test_update_exactness.py for DDPM: one epoch with K=2 updates and minibatch
 N (pass 1 off-policy, the on-policy skip), replayed with this file's own flow-SDE/CPS
 log-densities (float64, from the flow-spec equations) and the literal PRDP pair loss / DDPO
 surrogate of test_update_exactness, full autograd over the trained steps only (the deterministic
-last step and ODE steps outside an SDE window have no log-prob and are not trained).
+last step and ODE steps outside an SDE window have no log-prob and are not trained; with
+timestep_fraction < 1, only each minibatch's drawn steps, the gradient scaled by T / k).
 """
 import math
 
@@ -44,6 +45,9 @@ CASES = {
     "prdp-cps": dict(flow_sde_variant="cps"),
     "prdp-sde-window": dict(sde_window=[1, 4]),
     "ddpo-sde": dict(algorithm="ddpo", clip_range=0.02, adv_clip=1.0, ddpo_advantages="group"),
+    # 3 of the 5 stochastic steps per minibatch: T % k != 0, so the gradient's T / k rescaling
+    # (5/3, not 5 // 3 = 1) matters
+    "prdp-sde-subsampled-steps": dict(timestep_fraction=0.6),
 }
 
 
@@ -91,12 +95,12 @@ def test_every_optimizer_step_equals_the_literal_flow_replay(case):
     N, B = cfg.prompts_per_epoch, cfg.images_per_prompt
     lat, context, uncontext = batch.traj.latents, batch.cond["context"], batch.uncond["context"]
 
-    def logp_rows(rows, *, grad, disabled=False):
+    def logp_rows(rows, columns=range(T), *, grad, disabled=False):
         out = []
         with torch.set_grad_enabled(grad):
             replica.lora.enabled = not disabled
             try:
-                for s in trained:
+                for s in [trained[c] for c in columns]:
                     out.append(literal_flow_logprob(replica, lat[rows, s], lat[rows, s + 1], float(sigmas[s]),
                                                     float(sigmas[s + 1]), float(sigmas[1]), context[rows],
                                                     uncontext[rows], cfg.cfg, cfg.flow_noise_level,
@@ -114,13 +118,18 @@ def test_every_optimizer_step_equals_the_literal_flow_replay(case):
     advantages = literal_advantages(rewards, cfg.ddpo_advantages)
     from comfyui_prdp.trainer import epoch_generator
     generator = epoch_generator(cfg.seed, 0, stream=1)
+    k = max(1, round(T * cfg.timestep_fraction))        # trained columns per minibatch
+    if case == "prdp-sde-subsampled-steps":
+        assert T % k != 0, (T, k)
     replay = []
     for _ in range(cfg.updates_per_epoch):
         order = torch.randperm(N, generator=generator)
         for first in range(0, N, cfg.minibatch_prompts):
             groups = order[first:first + cfg.minibatch_prompts]
+            columns = list(range(T)) if k >= T else torch.randperm(T, generator=generator)[:k].sort().values.tolist()
             rows = (groups[:, None] * B + torch.arange(B)).reshape(-1)
-            live = logp_rows(rows, grad=True)
+            live = logp_old[rows].clone()         # the other steps keep their recorded values
+            live[:, columns] = logp_rows(rows, columns, grad=True)
             G = len(groups)
             if cfg.algorithm == "prdp":
                 loss = literal_prdp(live.view(G, B, T), logp_old[rows].view(G, B, T), logp_ref[rows].view(G, B, T),
@@ -128,7 +137,7 @@ def test_every_optimizer_step_equals_the_literal_flow_replay(case):
             else:
                 loss = literal_ddpo(live.view(G, B, T), logp_old[rows].view(G, B, T), advantages[groups],
                                     cfg.clip_range, cfg.adv_clip)
-            replay.append([g.float() for g in torch.autograd.grad(loss, r_params)])
+            replay.append([(g * (T / k)).float() for g in torch.autograd.grad(loss, r_params)])
             with torch.no_grad():
                 for p, value in zip(r_params, weights_after[len(replay) - 1]):
                     p.copy_(value)

@@ -3,7 +3,8 @@
 The replay shares no code with the engine: DDPM log-probs from its own formulas (float64), the
 PRDP loss as a literal pair loop, DDPO's surrogate and advantages written out, full autograd
 over every trained step, its own AdamW. It is checked gradient by gradient at every optimizer
-step of an epoch with K=2 updates and minibatches smaller than N, so pass 1 (off-policy),
+step of an epoch with K=2 updates and minibatches smaller than N (and one of two prompts, where
+DDPO's per-prompt normalisation and its upper ratio clip matter), so pass 1 (off-policy),
 the on-policy skip, the clip mask's exact zeros (pass 2 skips them), timestep subsampling
 and its T/k scaling, step/latent reductions, eta and the advantage clip all matter. Before each
 step the replay takes the trainer's weights (AdamW itself is torch's and not under test).
@@ -107,6 +108,11 @@ CASES = {
     # steps 1-3 stochastic and trained, 0 and 4 deterministic DDIM: the recorded columns are
     # schedule steps 1, 2, 3 (the window written out below, not read from the trainer)
     "prdp-sde-window": dict(sde_window=[1, 4]),
+    # two prompts per minibatch: each prompt's images normalised by their own statistics (one
+    # prompt per minibatch cannot tell that from normalising the minibatch), and the off-policy
+    # step pushes positive-advantage ratios above 1 + c, where only the upper clip zeroes them
+    "ddpo-group-two-prompts": dict(algorithm="ddpo", ddpo_advantages="group", minibatch_prompts=2,
+                                   clip_range=0.01),
 }
 
 
@@ -186,7 +192,7 @@ def test_every_optimizer_step_equals_the_literal_replay(case):
 
     generator = epoch_generator(cfg.seed, 0, stream=1)
     k = max(1, round(T * cfg.timestep_fraction))
-    replay_grads = []
+    replay_grads, above_upper_clip = [], []
     for _ in range(cfg.updates_per_epoch):
         order = torch.randperm(N, generator=generator)
         for first in range(0, N, cfg.minibatch_prompts):
@@ -202,6 +208,8 @@ def test_every_optimizer_step_equals_the_literal_replay(case):
             else:
                 loss = literal_ddpo(live.view(G, B, T), logp_old[rows].view(G, B, T), advantages[groups],
                                     cfg.clip_range, cfg.adv_clip)
+                ratio = torch.exp(live - logp_old[rows]).detach().view(G, B, T)[..., trained]
+                above_upper_clip.append(int(((advantages[groups] > 0)[..., None] & (ratio > 1 + cfg.clip_range)).sum()))
             g = torch.autograd.grad(loss, r_params)
             replay_grads.append([(value * (T / k)).to(p.dtype) for p, value in zip(r_params, g)])
             with torch.no_grad():   # continue from the trainer's weights after its step
@@ -214,6 +222,11 @@ def test_every_optimizer_step_equals_the_literal_replay(case):
             scale = b.abs().max().item()
             assert scale > 0, f"step {number}: zero gradient tells nothing"
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale), (case, number, (a - b).abs().max(), scale)
+    if case == "ddpo-group-two-prompts":
+        assert cfg.minibatch_prompts == N == 2 and max(above_upper_clip) > 0, above_upper_clip
+        # per-prompt statistics differ from the minibatch's, so a normalisation over both prompts fails
+        pooled = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
+        assert (pooled - advantages).abs().max() > 0.1, (pooled, advantages)
     if case == "prdp":
         # off-policy steps pushed transitions out of the clip range with the clipped branch
         # active: their weights are exactly 0 and pass 2 skipped them
