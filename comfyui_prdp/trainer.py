@@ -170,6 +170,7 @@ class Trainer:
         self.held_out: Optional[HeldOutMonitor] = None
         self._progress_units = 0
         self._estimated = False         # the epoch's cost is announced once per run (estimate event)
+        self._trained_steps: Optional[set] = None
         self._uncond_one = None
         self.ddpo_tracker = PerPromptStatTracker(config.ddpo_buffer_size, config.ddpo_min_count)
         if self.dist.enabled:     # every rank starts from rank 0's LoRA, with the same settings
@@ -387,8 +388,9 @@ class Trainer:
             self.backend, index_cond(cond, rows), index_cond(uncond, rows), steps=cfg.steps,
             cfg=cfg.cfg, policy=policy_for(cfg, self.backend), latent_shape=self.latent_shape,
             generator=noise[rows[0]:rows[-1] + 1],
-            reduce=cfg.logprob_reduce, on_step=lambda i, n: self._step(epoch, "sampling"),
-            with_reference=True)
+            reduce=cfg.logprob_reduce, with_reference=True,
+            on_step=lambda i, n: self._step(epoch, "sampling", len(rows) * self._cfg_branches() * (
+                2 if i - 1 in self._trained_step_indices() else 1)))     # 2: and the base model's, at a trained step
 
     @staticmethod
     def _epoch_batch(inputs: tuple, chunks: List[Trajectories], first_group: int) -> EpochBatch:
@@ -632,7 +634,7 @@ class Trainer:
                 logp = logp.detach()
             values.append(logp)
             places.append(index)
-            self._step(epoch, phase)
+            self._step(epoch, phase, len(index) * self._cfg_branches() * (1 if grad_weights is None else 3))
         out = torch.empty(len(rows), dtype=torch.float64)
         if values:
             out[torch.cat(places)] = torch.cat(values).cpu().double()
@@ -755,19 +757,6 @@ class Trainer:
         B = self.config.images_per_prompt
         return self.dist.gather_rows(values, [n * B for n in self.dist.shard_sizes(len(batch.all_prompts))])
 
-    def _units_per_epoch(self) -> int:
-        """Model-evaluation batches in one epoch (an estimate, for the progress fraction)."""
-        cfg = self.config
-        n = cfg.prompts_per_epoch * cfg.images_per_prompt
-        sampling = math.ceil(n / cfg.sample_batch_size) * cfg.steps   # with the base model's log-probs
-        trained = max(1, round(self._logprob_columns() * cfg.timestep_fraction))
-        if cfg.train_batch_size >= cfg.sample_batch_size:     # micro_batches: one per sampling batch and step
-            calls = trained * math.ceil(n / cfg.sample_batch_size)
-        else:
-            calls = math.ceil(n * trained / cfg.train_batch_size)
-        updates = cfg.updates_per_epoch * 2 * calls
-        return sampling + updates
-
     def _announce_epoch_estimate(self, epoch: int, inputs: tuple) -> None:
         """Before the run's first sampling: time one model evaluation of one image and announce
         what an epoch should cost (event "estimate"), so a setting whose first step alone takes
@@ -784,6 +773,16 @@ class Trainer:
         self.callback({"type": "estimate", "epoch": epoch + 1, "seconds_per_evaluation": seconds,
                        "evaluations_per_epoch": evaluations, "epoch_seconds": seconds * evaluations})
 
+    def _cfg_branches(self) -> int:
+        return 1 if self.config.cfg == 1.0 else 2
+
+    def _trained_step_indices(self) -> set:
+        """Sampling steps with a log-prob (the policy's stochastic steps)."""
+        if self._trained_steps is None:
+            schedule = policy_for(self.config, self.backend).schedule(self.backend, self.config.steps)
+            self._trained_steps = set(schedule.trained.tolist())
+        return self._trained_steps
+
     def _image_evaluations_per_epoch(self) -> int:
         """Model evaluations of one image (one CFG branch) per epoch on this rank, a forward and
         backward counted as 3 (TrainConfig.model_evaluations_per_epoch, for the policy in use;
@@ -794,17 +793,12 @@ class Trainer:
                  + 3 * counts["update_forward_backward"])
         return math.ceil(total / self.dist.world_size)
 
-    def _logprob_columns(self) -> int:
-        """The policy's stochastic (trained) steps per trajectory: its window's length, else all
-        steps (ddpm) or steps - 1 (flow_sde: the last step is a deterministic ODE step)."""
-        policy = policy_for(self.config, self.backend)
-        first, stop = policy.window or (0, self.config.steps - (policy.name == "flow_sde"))
-        return stop - first
-
-    def _step(self, epoch: int, phase: str) -> None:
+    def _step(self, epoch: int, phase: str, evaluations: int) -> None:
+        """One model call done, worth `evaluations` one-image evaluations (the progress unit of
+        _image_evaluations_per_epoch, so the fraction and the ETA follow the compute)."""
         self._check_stop()
-        self._progress_units += 1
-        per_epoch = self._units_per_epoch()
+        self._progress_units += evaluations
+        per_epoch = self._image_evaluations_per_epoch()
         within = min(1.0, self._progress_units / per_epoch)
         self.callback({"type": "step", "epoch": epoch + 1, "phase": phase, "step": self._progress_units,
                        "total": per_epoch, "progress": (epoch + within) / self.config.epochs})
