@@ -47,6 +47,23 @@ def ldm_to_diffusers_names(unet_config: Mapping) -> Dict[str, str]:
     return names
 
 
+def is_unet(diffusion_model) -> bool:
+    """Whether ComfyUI's diffusion model is the SD-style UNet (SD1.x/SD2.x/SDXL layouts), whatever
+    its model sampling (eps, v, or a ModelSamplingSD3 / Flux node's flow) (lazy import)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # ComfyUI only
+
+    return isinstance(diffusion_model, UNetModel)
+
+
+def kohya_names_for(base_model) -> Dict[str, str]:
+    """The ldm -> diffusers map of a ComfyUI BaseModel's kohya keys, chosen by architecture:
+    a UNet's modules get diffusers names (what A1111/Forge and sd-scripts read); transformers
+    keep ComfyUI's names (`lora_unet_double_blocks_0_img_attn_qkv`), which LoraLoader maps."""
+    if is_unet(base_model.diffusion_model):
+        return ldm_to_diffusers_names(base_model.model_config.unet_config)
+    return {}
+
+
 def kohya_module_key(ldm_name: str, ldm_to_diffusers: Mapping[str, str]) -> str:
     """`input_blocks.1.1.transformer_blocks.0.attn1.to_q` -> `lora_unet_down_blocks_0_..._to_q`."""
     name = ldm_to_diffusers.get(ldm_name, ldm_name)

@@ -33,6 +33,20 @@ SD3_DIT = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_siz
 #: Qwen-Image's MMDiT: one block of 2 heads x 32, 32-wide text features (5D video-VAE latents)
 QWEN_DIT = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
                 attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
+#: Chroma (Flux's blocks, modulations from an approximator instead of a pooled vector / guidance
+#: embedding): hidden 64, one double and one single block; in/out 64 = 16 latent channels x 2x2
+CHROMA_DIT = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64,
+                  mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
+                  patch_size=2, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=1)
+#: HiDream's DiT: one double- and one single-stream block of 2 heads x 16, 32-wide text features
+HIDREAM_DIT = dict(image_model="hidream", attention_head_dim=16, axes_dims_rope=[8, 4, 4], caption_channels=[32, 32],
+                   max_resolution=[16, 16], in_channels=16, out_channels=16, llama_layers=[0, 0],
+                   num_attention_heads=2, num_routed_experts=2, num_activated_experts=1, num_layers=1,
+                   num_single_layers=1, patch_size=2, text_emb_dim=32)
+#: Lumina2's NextDiT (Z-Image's architecture): one layer and one refiner of 2 heads x 32 (1 kv head)
+LUMINA2_DIT = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=32, n_layers=1,
+                   n_refiner_layers=1, n_heads=2, n_kv_heads=1, multiple_of=16, qk_norm=True, axes_dims=[8, 12, 12],
+                   axes_lens=[300, 64, 64])
 TINY_T5 = {"d_ff": 64, "d_kv": 16, "d_model": 32, "decoder_start_token_id": 0, "dropout_rate": 0.0, "eos_token_id": 1,
            "dense_act_fn": "gelu_pytorch_tanh", "initializer_factor": 1.0, "is_encoder_decoder": True,
            "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "num_decoder_layers": 1,
@@ -79,6 +93,22 @@ class TinySD3Clip(torch.nn.Module):
         self.dtypes = {dtype}
 
 
+def _tiny_chroma_clip_class():
+    """Chroma's text encoder as ComfyUI arranges it (`pixart_t5.PixArtT5XXL`: one T5 behind
+    SD1ClipModel, hidden states only: no pooled vector and, by default, no attention mask) made
+    small."""
+    import comfy.sd1_clip
+
+    def tiny_t5(device="cpu", dtype=None, model_options={}, **kwargs):
+        return _tiny_t5(device, dtype, model_options)
+
+    class TinyChromaClip(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, name="t5xxl", clip_model=tiny_t5, model_options=model_options)
+
+    return TinyChromaClip
+
+
 def _bind(tiny_class, comfy_class):
     for name in ("set_clip_options", "reset_clip_options", "encode_token_weights", "load_sd"):
         setattr(tiny_class, name, getattr(comfy_class, name))
@@ -92,6 +122,17 @@ def _flux_config():
     fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
     if "txt_ids_dims" in fields:
         config["txt_ids_dims"] = []
+    return config
+
+
+def _chroma_config():
+    """CHROMA_DIT plus the fields this ComfyUI's ChromaParams has beyond it (0.33: as its model
+    detection sets them for Chroma)."""
+    import comfy.ldm.chroma.model
+
+    config = dict(CHROMA_DIT)
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.chroma.model.ChromaParams)}
+    config.update({k: v for k, v in (("txt_ids_dims", []), ("vec_in_dim", None)) if k in fields})
     return config
 
 
@@ -130,6 +171,20 @@ class TinyQwenStandInClip(torch.nn.Module):
 
     def load_sd(self, sd):
         return self.clip_l.load_sd(sd)
+
+
+class TinyMaskedStandInClip(TinyQwenStandInClip):
+    """A stand-in for Lumina2's Gemma encoder (full size in ComfyUI), shaped as it gives its
+    output: hidden states of the prompt's own tokens only (the small CLIP-L's, up to its first
+    end token) and an `attention_mask` extra over them, which Lumina2 reads its token count from."""
+
+    END_TOKEN = 49407
+
+    def encode_token_weights(self, token_weight_pairs):
+        hidden, _ = super().encode_token_weights(token_weight_pairs)
+        tokens = [pair[0] for pair in token_weight_pairs["l"][0]]
+        count = tokens.index(self.END_TOKEN, 1) + 1
+        return hidden[:, :count], None, {"attention_mask": torch.ones(1, count, dtype=torch.long)}
 
 
 def _wan_vae(seed: int):
@@ -185,10 +240,14 @@ def _clip(tokenizer_class, clip_class, seed: int):
 
 @functools.lru_cache(maxsize=None)
 def tiny_flow_family(kind: str, seed: int = 0) -> Family:
-    """`kind`: "flux" (guidance-distilled Flux.1-dev layout), "sd3" (SD3's MMDiT) or "qwen-image"
-    (Qwen-Image's MMDiT with a stand-in text encoder, see TinyQwenStandInClip)."""
+    """`kind`: "flux" (guidance-distilled Flux.1-dev layout), "sd3" (SD3's MMDiT), "qwen-image"
+    (Qwen-Image's MMDiT with a stand-in text encoder, see TinyQwenStandInClip), "chroma"
+    (ComfyUI's Chroma with its T5 arrangement), "lumina2" (Lumina2's NextDiT, Z-Image's
+    architecture, with a stand-in masked encoder: TinyMaskedStandInClip) or "hidream" (HiDream's DiT, for its refusal: the
+    Flux text encoder stands in, HiDream's own needs a Llama)."""
     import comfy.sd1_clip
     import comfy.text_encoders.flux
+    import comfy.text_encoders.pixart_t5
     import comfy.text_encoders.sd3_clip
 
     with torch.inference_mode():       # as CheckpointLoaderSimple runs inside the server
@@ -200,6 +259,16 @@ def tiny_flow_family(kind: str, seed: int = 0) -> Family:
             model = _flow_model("QwenImage", QWEN_DIT, seed)
             clip = _clip(comfy.sd1_clip.SD1Tokenizer, TinyQwenStandInClip, seed + 1)
             return Family(model, clip, _wan_vae(seed + 2), kind)
+        elif kind == "lumina2":
+            model = _flow_model("Lumina2", LUMINA2_DIT, seed)
+            clip = _clip(comfy.sd1_clip.SD1Tokenizer, TinyMaskedStandInClip, seed + 1)
+        elif kind == "chroma":
+            model = _flow_model("Chroma", _chroma_config(), seed)
+            clip = _clip(comfy.text_encoders.pixart_t5.PixArtTokenizer, _tiny_chroma_clip_class(), seed + 1)
+        elif kind == "hidream":
+            _bind(TinyFluxClip, comfy.text_encoders.flux.FluxClipModel)
+            model = _flow_model("HiDream", HIDREAM_DIT, seed)
+            clip = _clip(comfy.text_encoders.flux.FluxTokenizer, TinyFluxClip, seed + 1)
         elif kind == "sd3":
             _bind(TinySD3Clip, comfy.text_encoders.sd3_clip.SD3ClipModel)
             model = _flow_model("SD3", SD3_DIT, seed)

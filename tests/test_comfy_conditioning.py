@@ -133,7 +133,10 @@ def test_a_long_prompt_with_the_negative_prompt_at_cfg_is_each_row_alone(sd15):
                 rows.append(u + cfg * (c - u))
         expected = torch.cat(rows)
         assert torch.isfinite(got).all()
-        assert (got - expected).abs().max() < 1e-5, (got - expected).abs().max()
+        # batched vs alone is float32 rounding, times cfg in u + cfg * (c - u): 1.49e-5 measured on
+        # one CPU (another gave < 1e-5), so the bound leaves room for kernels' rounding, not for a
+        # row that reads another row's tokens
+        assert (got - expected).abs().max() < 1e-4, (got - expected).abs().max()
         assert cond["context_tokens"].tolist() == [77, 154]
     finally:
         backend.release()

@@ -1,12 +1,14 @@
 """ComfyBackend on tiny Flux, SD3 and Qwen-Image models built through ComfyUI's own classes
-(tests/comfy_tiny_flow.py), in-process on the CPU: flow models sampled with the flow-SDE policy.
+(tests/comfy_tiny_flow.py), in-process on the CPU: flow models sampled with the flow-SDE policy;
+Chroma (conditioned with `pooled_output: None`) and Lumina2 train too, HiDream is refused.
 
 What each test pins down:
 - the model sampling is read by type (CONST + ModelSamplingFlux / ModelSamplingDiscreteFlow) and
   the LoRA goes on each architecture's ComfyUI module names (Flux double/single blocks, SD3
   joint blocks);
 - the schedule is the model's own (SD3 shift 3.0, Flux 1.15, and what ComfyUI's ModelSamplingSD3
-  / ModelSamplingFlux nodes set), written out here, and equals ComfyUI's "simple" scheduler;
+  / ModelSamplingFlux nodes set), written out here, stepped as ComfyUI's "simple" scheduler
+  (other step counts: test_comfy_model_sampling.py);
 - predict is ComfyUI's denoised x0 for the latent as given (no VP input rescaling), checked
   against the diffusion model's raw velocity output, with the pooled vector and (Flux) the
   guidance value as conditioning, as FluxGuidance sets it;
@@ -147,10 +149,10 @@ def test_the_schedule_is_the_models_own_shifted_schedule(case):
         expected = flux_shifted(t, shift)
     backend = make_backend(Family(model, family.clip, family.vae, kind))
     try:
-        sigmas = backend.flow_sigmas(steps)
-        assert sigmas.dtype == torch.float64 and torch.allclose(sigmas, expected, atol=1e-12), (sigmas, expected)
+        sigmas = backend.flow_sigmas(steps)     # 8 steps divide the sigma table: the formula, to float32
+        assert sigmas.dtype == torch.float64 and torch.allclose(sigmas, expected, atol=1e-6), (sigmas, expected)
         simple = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
-        assert torch.allclose(sigmas.float(), simple.float(), atol=1e-6)      # ComfyUI's own scheduler
+        assert torch.equal(sigmas.float(), simple.float())      # ComfyUI's own scheduler
     finally:
         backend.release()
 
@@ -202,6 +204,10 @@ def tiny_run(family):
 
 
 def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comfyui(family, tmp_path):
+    short_run_trains_and_loads_in_comfyui(family, tmp_path)
+
+
+def short_run_trains_and_loads_in_comfyui(family, tmp_path):
     before_weights = snapshot(family.model)
     config = TrainConfig(**tiny_run(family)).validate()
     backend = make_backend(family, guidance=3.5 if family.name == "flux" else None)
@@ -218,7 +224,8 @@ def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comf
         assert (samples_after - samples_before).abs().max() > 1e-3, "training did not change the samples"
         state, metadata = load_lora(result.lora_path)
         assert len(state) == 3 * len(backend.adapters)
-        assert metadata["base_family"] == {"flux": "Flux", "sd3": "SD3", "qwen-image": "QwenImage"}[family.name]
+        assert metadata["base_family"] == {"flux": "Flux", "sd3": "SD3", "qwen-image": "QwenImage",
+                                           "chroma": "Chroma", "lumina2": "Lumina2"}[family.name]
         cond = in_thread(lambda: backend.encode_prompts(["a cat"]))
         x = torch.randn(1, *backend.latent_shape(32, 32), generator=torch.Generator().manual_seed(11))
         sigma = torch.tensor([0.6], dtype=torch.float64)
@@ -242,6 +249,69 @@ def test_a_short_run_trains_on_policy_changes_samples_and_its_lora_loads_in_comf
     assert set(foreign) != set(lora_file)
     _, not_loaded = lora_through_comfyui(family.model, foreign)
     assert not_loaded, "the control LoRA should have a key ComfyUI does not load"
+
+
+def test_chroma_is_conditioned_as_comfyui_conditions_it_and_trains(tmp_path):
+    """Chroma's T5 gives no pooled vector: ComfyUI's conditioning carries `pooled_output: None`,
+    which Chroma's encode_adm indexes on 0.3.64 (a KeyError when the key is left out). Its
+    default encoder gives no attention mask either. predict is the raw model's x0 (guidance 0,
+    as Chroma's extra_conds defaults it), and a short run trains and loads in ComfyUI."""
+    family = tiny_flow_family("chroma")
+    backend = make_backend(family)
+    try:
+        randomize_lora(backend)
+        cond = in_thread(lambda: backend.encode_prompts(["a cat", "a red house"]))
+        assert set(cond) == {"context", "context_tokens"}          # no pooled vector, no attention mask
+        x = torch.randn(2, *backend.latent_shape(32, 32), generator=torch.Generator().manual_seed(3))
+        sigma = torch.tensor([1.0, 0.4], dtype=torch.float64)
+        with torch.no_grad():
+            got = in_thread(lambda: backend.predict(x, sigma, cond).detach())
+        comfy.model_management.load_models_gpu([backend.patcher])
+        rows = []
+        for row in range(2):      # each prompt at its own token count, as the backend evaluates it
+            tokens = int(cond["context_tokens"][row])
+            with torch.no_grad():
+                v = backend.patcher.model.diffusion_model(x[row:row + 1], sigma[row:row + 1].float(),
+                                                          context=cond["context"][row:row + 1, :tokens],
+                                                          guidance=torch.zeros(1))
+            rows.append(x[row:row + 1] - sigma[row].float() * v.float())
+        assert torch.allclose(got, torch.cat(rows), atol=1e-5), (got - torch.cat(rows)).abs().max()
+    finally:
+        backend.release()
+    short_run_trains_and_loads_in_comfyui(family, tmp_path)
+
+
+def test_lumina2_gets_its_targets_and_mask_trains_and_its_lora_loads_in_comfyui(tmp_path):
+    """Lumina2's NextDiT (Z-Image's architecture) through ComfyUI's classes: the default targets
+    become its attention's qkv / out, the encoder's attention mask reaches the conditioning per
+    prompt, and a short run trains on policy and loads through ComfyUI's LoRA loader."""
+    family = tiny_flow_family("lumina2")
+    backend = make_backend(family)
+    try:
+        assert set(backend.adapters) == {"layers.0.attention.qkv", "layers.0.attention.out"}
+        prompts = ["a cat", "a red house on a green hill"]
+        cond = in_thread(lambda: backend.encode_prompts(prompts))
+        for row, prompt in enumerate(prompts):           # each row's mask is its prompt's own
+            with torch.inference_mode():
+                alone = family.clip.encode_from_tokens_scheduled(family.clip.tokenize(prompt))[0][1]
+            tokens = int(cond["context_tokens"][row])
+            assert torch.equal(cond["attention_mask"][row, :tokens].cpu(), alone["attention_mask"][0])
+        assert cond["context_tokens"][0] < cond["context_tokens"][1]
+    finally:
+        backend.release()
+    short_run_trains_and_loads_in_comfyui(family, tmp_path)
+
+
+@pytest.mark.parametrize("targets", [None, ["to_q", "to_k", "to_v"]])
+def test_hidream_is_refused_up_front_in_one_line(targets):
+    """HiDream's encoder always adds Llama features the backend does not pass: refused before
+    anything is attached, with the default targets and with explicit ones."""
+    family = tiny_flow_family("hidream")
+    before = snapshot(family.model)
+    with pytest.raises(ValueError, match="HiDream is not supported") as error:
+        make_backend(family, **({} if targets is None else {"targets": targets}))
+    assert "\n" not in str(error.value)
+    assert untouched(family.model, before)
 
 
 def first_gradient(family, gradient_checkpointing):

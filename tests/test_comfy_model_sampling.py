@@ -7,6 +7,8 @@ in `comfy.model_base.model_sampling(model_config, model_type)`, so a test on the
 would train SD3/Flux (CONST + ModelSamplingDiscreteFlow / ModelSamplingFlux) with VP formulas
 (issue 7.3). The samplings here are built exactly that way, from the real model configs.
 """
+import math
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from comfy_inprocess import import_comfy, load_tiny_sd15
 import_comfy()
 
 import comfy.model_base  # noqa: E402
+import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
 
 from comfyui_prdp.backends.comfy_backend import ComfyBackend, flow_sigmas, sampling_kind, vp_sigmas  # noqa: E402
@@ -70,7 +73,8 @@ def test_flow_samplings_are_accepted_as_flow_with_their_own_schedule(case):
         expected = torch.where(t > 0, torch.exp(torch.tensor(1.15, dtype=torch.float64)) /
                                (torch.exp(torch.tensor(1.15, dtype=torch.float64)) + 1 / t.clamp(min=1e-9) - 1),
                                torch.zeros_like(t))
-    assert torch.allclose(flow_sigmas(sampling, 8), expected, atol=1e-12)
+    # at 8 steps (dividing the 1000-entry table) the schedule is the formula's, to float32 rounding
+    assert torch.allclose(flow_sigmas(sampling, 8), expected, atol=1e-6)
     with pytest.raises(ValueError, match="flow matching") as error:     # never read as a VP schedule
         vp_sigmas(sampling)
     assert "CONST" in str(error.value) and "\n" not in str(error.value)
@@ -136,3 +140,100 @@ def test_the_backend_trains_an_sd_model_patched_to_v_prediction(sd15):
         assert len(backend.adapters) > 0 and backend.alphas_cumprod.shape == (1000,)
     finally:
         backend.release()
+
+
+def shifted_at(config_name: str, t: torch.Tensor) -> torch.Tensor:
+    """The config's flow schedule at t, written out: SD3 shift 3.0, Flux exp(1.15)."""
+    if config_name == "SD3":
+        return 3.0 * t / (1 + 2.0 * t)
+    return math.exp(1.15) / (math.exp(1.15) + 1 / t - 1)
+
+
+#: entries of ComfyUI's sigma table (t = 1/n ... n/n): ModelSamplingDiscreteFlow 1000, ModelSamplingFlux 10000
+TABLE_ENTRIES = {"SD3": 1000, "Flux": 10000}
+
+
+@pytest.mark.parametrize("steps", [8, 12, 16, 28, 38])
+@pytest.mark.parametrize("case", list(FLOW))
+def test_flow_sigmas_are_comfyuis_simple_scheduler(case, steps):
+    """Training samples the schedule users compare with: KSampler's "simple" scheduler, equal in
+    float32 to ComfyUI's own function at every step count (at 38 its floating-point index picks
+    table entry 499 where exact arithmetic gives 500)."""
+    sampling = real_sampling(*FLOW[case])
+    sigmas = flow_sigmas(sampling, steps)
+    assert sigmas.dtype == torch.float64 and sigmas.shape == (steps + 1,)
+    assert torch.equal(sigmas.float(), comfy.samplers.simple_scheduler(sampling, steps))
+
+
+@pytest.mark.parametrize("steps", [8, 12, 16, 28])
+@pytest.mark.parametrize("case", list(FLOW))
+def test_flow_sigmas_match_an_independent_simple_schedule(case, steps):
+    """Independently: step i sits at the table's time t = (n - floor(i n / N)) / n (exact integer
+    arithmetic; n = TABLE_ENTRIES), the shifted formula there; 0 at the end. Where N does not
+    divide n that is not percent_to_sigma(i / N), the schedule used before (SD3 at 12, 16, 28
+    steps: 1-2e-3 away; Flux at 12, 28: ~2e-4)."""
+    config_name = FLOW[case][0]
+    n = TABLE_ENTRIES[config_name]
+    sampling = real_sampling(*FLOW[case])
+    assert len(sampling.sigmas) == n
+    t = torch.tensor([(n - i * n // steps) / n for i in range(steps)], dtype=torch.float64)
+    expected = torch.cat([shifted_at(config_name, t), torch.zeros(1, dtype=torch.float64)])
+    assert torch.allclose(flow_sigmas(sampling, steps), expected, atol=1e-6)
+    by_percent = torch.tensor([float(sampling.percent_to_sigma(i / steps)) for i in range(steps + 1)],
+                              dtype=torch.float64)
+    gap = (by_percent - expected).abs().max().item()
+    assert (gap < 1e-6) == (n % steps == 0), gap
+    assert n % steps == 0 or gap > 1e-4, gap
+
+
+def noise_scaled(config_name: str, model_type: str, scale: float):
+    """A real flow sampling with ComfyUI 0.33's CONST `noise_scale` set (HiDream-O1's config sets 8)."""
+    sampling = real_sampling(config_name, model_type)
+    sampling.noise_scale = scale
+    return sampling
+
+
+@pytest.mark.parametrize("case", list(FLOW))
+def test_a_flow_sampling_with_a_noise_scale_is_refused_in_one_line(case):
+    with pytest.raises(ValueError, match="noise_scale 8") as error:
+        sampling_kind(noise_scaled(*FLOW[case], 8.0))
+    assert "\n" not in str(error.value)
+    assert sampling_kind(noise_scaled(*FLOW[case], 1.0)) == "flow"        # unit noise: trained as before
+
+
+def test_hidream_o1s_real_sampling_is_refused_for_its_noise_scale():
+    if not hasattr(comfy.supported_models, "HiDreamO1"):
+        pytest.skip("this ComfyUI has no HiDream-O1 (added before 0.33)")
+    sampling = real_sampling("HiDreamO1", "FLOW")
+    assert sampling.noise_scale == 8.0
+    with pytest.raises(ValueError, match="noise_scale 8"):
+        sampling_kind(sampling)
+
+
+def test_the_backend_refuses_a_noise_scaled_flow_sampling_before_any_work(sd15):
+    model, clip, vae = sd15
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", noise_scaled("SD3", "FLOW", 8.0))
+    with torch.inference_mode(), pytest.raises(ValueError, match="noise_scale 8"):
+        ComfyBackend(patched, clip, vae, rank=2)
+    assert patched.weight_wrapper_patches == {} and user_model_untouched(model)
+
+
+def test_a_unet_with_flow_sampling_exports_the_kohya_keys_of_a_plain_unet(sd15):
+    """Key names follow the architecture: a ModelSamplingSD3 node on a UNet changes its sampling,
+    not its module names, so the file keeps the diffusers-named kohya keys A1111/Forge read."""
+    model, clip, vae = sd15
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", real_sampling(*FLOW["FLOW / CONST (SD3)"]))
+    keys = {}
+    for name, source in (("plain", model), ("flow", patched)):
+        with torch.inference_mode():
+            backend = ComfyBackend(source, clip, vae, rank=2)
+        try:
+            keys[name] = set(backend.lora_state_dict())
+            assert backend.sampling_kind == ("flow" if name == "flow" else "vp")
+        finally:
+            backend.release()
+    assert keys["flow"] == keys["plain"]
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys["flow"]
+    assert not any(k.startswith("lora_unet_input_blocks") for k in keys["flow"])

@@ -37,16 +37,19 @@ returns) and set `interrupted`, so the node can end as interrupted.
 Two kinds of model sampling are trained, told apart by the model-sampling object's classes
 (never its name): discrete VP schedules (EPS / V_PREDICTION: SD1.x, SD2.x, SDXL), sampled with
 the DDPM policy, and rectified flow (CONST with a ModelSamplingDiscreteFlow or ModelSamplingFlux
-schedule: SD3/3.5, Flux, Lumina2/Z-Image, Qwen-Image, Chroma, HiDream, ...), sampled with the
-flow-SDE policy. Anything else (EDM, Cosmos RFlow, X0, ...) is refused with a clear error.
+schedule and unit noise_scale: SD3/3.5, Flux, Lumina2/Z-Image, Qwen-Image, Chroma, ...), sampled
+with the flow-SDE policy. Anything else (EDM, Cosmos RFlow, X0, a CONST noise_scale other than 1)
+is refused with a clear error, and so is HiDream (its encoder's Llama features are not passed).
+LoRA key names follow the architecture, never the sampling: a UNet gets kohya keys in diffusers
+naming whatever model-sampling node is upstream (comfy_lora.py).
 
 Conventions (see base.py): latents are in the space the sampler works in (`process_latent_in`,
 e.g. x 0.18215 for SD1.x, scale + shift for Flux); `apply_model` returns the denoised x0 for
 every model type. VP: ComfyUI's sigma space is x_vp / sqrt(a_t), so eps = (x_sigma - x0) / sigma
 (`predict_eps`). Flow: the latent is ComfyUI's x_sigma itself (no input rescaling) and the
 backend answers x0 (`prediction = "x0"`); the policy takes v = (x - x0) / sigma. The flow
-schedule is the model's own (`model_sampling.percent_to_sigma`: its shift, a ModelSamplingSD3 /
-ModelSamplingFlux node upstream included).
+schedule is ComfyUI's "simple" scheduler on the model's own sigma table (its shift, a
+ModelSamplingSD3 / ModelSamplingFlux node upstream included): `flow_sigmas`.
 
 ComfyUI modules are imported inside functions: this module is importable without ComfyUI.
 """
@@ -109,7 +112,7 @@ class ModelInterrupted(StopRequested):
 #: flow-matching parameterisations and schedules of comfy.model_sampling (CONST: SD3, Flux, ...)
 FLOW_SAMPLING_CLASSES = ("CONST", "COSMOS_RFLOW", "ModelSamplingDiscreteFlow", "ModelSamplingFlux",
                          "ModelSamplingAV", "ModelSamplingCosmosRFlow")
-#: the flow schedules the flow-SDE policy samples (sigma = percent_to_sigma, 1 -> 0, with CONST)
+#: the flow schedules the flow-SDE policy samples (a sigma table, 1 -> 0, with CONST: flow_sigmas)
 TRAINED_FLOW_SCHEDULES = ("ModelSamplingDiscreteFlow", "ModelSamplingFlux")
 
 
@@ -140,13 +143,14 @@ def is_trained_flow(sampling) -> bool:
     schedules = tuple(getattr(comfy.model_sampling, n) for n in TRAINED_FLOW_SCHEDULES
                       if hasattr(comfy.model_sampling, n))
     return const is not None and isinstance(sampling, const) and bool(schedules) and \
-        isinstance(sampling, schedules) and callable(getattr(sampling, "percent_to_sigma", None))
+        isinstance(sampling, schedules) and isinstance(getattr(sampling, "sigmas", None), torch.Tensor)
 
 
 def sampling_kind(sampling) -> str:
     """"vp" or "flow" for a model sampling PRDP trains, else a one-line ValueError naming it."""
     if flow_sampling_base(sampling) is not None:
         if is_trained_flow(sampling):
+            check_unit_noise_scale(sampling)
             return "flow"
         raise ValueError(f"this model's flow sampling ({sampling_bases(sampling)}) is not rectified flow with a "
                          "1 -> 0 schedule (CONST + ModelSamplingDiscreteFlow / ModelSamplingFlux, as SD3, Flux, "
@@ -162,13 +166,50 @@ def sampling_kind(sampling) -> str:
     return "vp"
 
 
+def check_unit_noise_scale(sampling) -> None:
+    """ComfyUI's CONST sampling may scale the noise (`noise_scale`: x_sigma = sigma s noise +
+    (1 - sigma) x0, and its samplers' SDE noise; HiDream-O1 sets 8): the flow policy starts from
+    and steps with unit noise, so any other scale is refused in one line."""
+    scale = getattr(sampling, "noise_scale", 1.0)
+    if float(scale) != 1.0:
+        raise ValueError(f"this model's flow sampling has noise_scale {float(scale):g} (HiDream-O1 sets 8), "
+                         "which scales its starting noise; PRDP's flow policy samples from unit noise and "
+                         "trains only models with noise_scale 1")
+
+
 def flow_sigmas(sampling, steps: int) -> torch.Tensor:
-    """float64 [steps + 1]: the model's own flow schedule, sigma_i = percent_to_sigma(i / steps)
-    (1 at the start, 0 at the end; the shift of the model or of a ModelSamplingSD3/Flux node)."""
+    """float64 [steps + 1]: the schedule KSampler samples with scheduler "simple" (ComfyUI's
+    flow-model default), so training sees the images users compare with ComfyUI's samplers.
+
+    ComfyUI keeps the model's shifted schedule (its shift, or a ModelSamplingSD3 / Flux node's)
+    as a table of sigmas at t = 1/n ... n/n; "simple" takes `steps` entries from its top down,
+    entry n - 1 - floor(i * (n / steps)) for step i (the product in floating point, as ComfyUI
+    takes it), then 0. That equals percent_to_sigma(i / steps) only where `steps` divides n (SD3
+    at 12, 16 or 28 steps differs by 1-2e-3). Values are the table's (float32) in float64."""
     if not is_trained_flow(sampling):
         raise ValueError(f"this model's sampling ({sampling_bases(sampling)}) is not a rectified-flow schedule")
-    values = [float(sampling.percent_to_sigma(i / steps)) for i in range(steps + 1)]
-    return torch.tensor(values, dtype=torch.float64)
+    with torch.inference_mode(False):
+        table = sampling.sigmas.detach().to("cpu", torch.float32).clone()
+    spacing = len(table) / steps
+    picks = [float(table[len(table) - 1 - int(step * spacing)]) for step in range(steps)]
+    return torch.tensor(picks + [0.0], dtype=torch.float64)
+
+
+#: ComfyUI model classes (comfy.model_base) PRDP does not train: HiDream's encoder always adds
+#: Llama features (`conditioning_llama3`) that are not passed to the model here
+UNSUPPORTED_ARCHITECTURES = ("HiDream", "HiDreamO1")
+
+
+def refuse_unsupported_architecture(base_model) -> None:
+    """A one-line ValueError for a model PRDP cannot train (UNSUPPORTED_ARCHITECTURES), before any work."""
+    import comfy.model_base
+
+    for name in UNSUPPORTED_ARCHITECTURES:
+        cls = getattr(comfy.model_base, name, None)      # not every class exists in every version
+        if cls is not None and isinstance(base_model, cls):
+            raise ValueError(f"HiDream is not supported by PRDP (this MODEL is ComfyUI's {name}): its text "
+                             "encoder's Llama features are not passed to the model; train SD1.x/SDXL, SD3/3.5, "
+                             "Flux, Chroma, Lumina2/Z-Image or Qwen-Image instead")
 
 
 def vp_sigmas(sampling) -> torch.Tensor:
@@ -505,6 +546,7 @@ class ComfyBackend(Backend):
 
         if model is None or not hasattr(model, "clone") or not hasattr(model, "model"):
             raise ValueError("model: expected a ComfyUI MODEL (connect the MODEL output of Load Checkpoint)")
+        refuse_unsupported_architecture(model.model)
         if clip is None:
             raise ValueError("clip is None: the checkpoint has no text encoder; load one with a CLIP loader")
         if vae is None:
@@ -584,10 +626,7 @@ class ComfyBackend(Backend):
             self.release()     # the identity wrappers may sit on modules shared with the user's model
             raise ValueError(f"no module of this model matches the LoRA targets {list(self.targets)}; name "
                              "modules of its diffusion model (e.g. to_q, or a glob like double_blocks.*.img_attn.qkv)")
-        # UNets: kohya keys in diffusers naming; transformers keep ComfyUI's names (lora_unet_<name>),
-        # which ComfyUI's LoraLoader maps for every model
-        self._ldm_to_diffusers = comfy_lora.ldm_to_diffusers_names(base.model_config.unet_config) \
-            if self.sampling_kind == "vp" else {}
+        self._ldm_to_diffusers = comfy_lora.kohya_names_for(base)
 
     # --- schedule ----------------------------------------------------------------------
     @property
@@ -807,7 +846,9 @@ class ComfyBackend(Backend):
             index = torch.tensor(rows, device=device)
             tokens = int(cond["context_tokens"][rows[0]])
             x_sigma, sigma, context = x_sigma[index], sigma[index], context[index, :tokens]
-        entry = {"cross_attn": context, "model_conds": {}, "uuid": uuid.uuid4()}
+        # pooled_output is always in the entry, None where the CLIP gives none (Chroma's T5), as
+        # in ComfyUI's conditioning: some models' encode_adm index it (Chroma on 0.3.64)
+        entry = {"cross_attn": context, "model_conds": {}, "uuid": uuid.uuid4(), "pooled_output": None}
         if "pooled_output" in cond:
             pooled = cond["pooled_output"].to(device)
             entry["pooled_output"] = pooled if rows is None else pooled[index]
