@@ -57,9 +57,14 @@ def config(**overrides):
     return TrainConfig().replace(**base).validate()
 
 
-def test_block_modules_are_every_element_of_every_module_list():
+def test_block_modules_are_the_elements_of_every_module_list_and_their_children():
     backend = BlockToyBackend()
     assert block_modules(backend.denoiser) == list(backend.denoiser.blocks)
+    sequence = nn.Sequential(nn.Linear(2, 2), nn.ReLU())      # e.g. a TimestepEmbedSequential
+    model = nn.Module()
+    model.blocks = nn.ModuleList([sequence, nn.ModuleList([nn.Identity()])])
+    inner = model.blocks[1][0]
+    assert block_modules(model) == [sequence, model.blocks[1], inner, sequence[0], sequence[1]]
 
 
 def test_a_stop_takes_effect_before_the_next_block_of_the_running_evaluation(tmp_path):

@@ -118,6 +118,11 @@ class Backend:
 
 
 def block_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """Every element of every ModuleList inside `model`: a denoiser's blocks and their parts
-    (UNet down/up blocks, their resnets and attentions; a DiT's transformer blocks)."""
-    return [block for module in model.modules() if isinstance(module, torch.nn.ModuleList) for block in module]
+    """Every element of every ModuleList inside `model`, and each element's direct children: a
+    denoiser's blocks and their parts (UNet down/up blocks, their resnets and attentions; a DiT's
+    transformer blocks). The children because a block may never be called itself: ComfyUI's UNet
+    calls the layers of each TimestepEmbedSequential one by one."""
+    blocks = [block for module in model.modules() if isinstance(module, torch.nn.ModuleList) for block in module]
+    found = {id(block) for block in blocks}
+    parts = [child for block in blocks for child in block.children() if id(child) not in found]
+    return blocks + list({id(part): part for part in parts}.values())

@@ -68,7 +68,7 @@ import torch.utils.checkpoint
 from .. import comfy_lora, model_families
 from ..inference_tensors import is_inference_like, ordinary
 from ..trainer import StopRequested
-from .base import Backend, Cond
+from .base import Backend, Cond, block_modules
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: LoRA targets per transformer architecture (globs on ComfyUI's module names), used when the
@@ -731,6 +731,9 @@ class ComfyBackend(Backend):
         peak = torch.cuda.max_memory_allocated(self.device) - self._training_baseline
         self._training_peak = max(self._training_peak, int(peak))
         self._training_baseline = None
+
+    def stop_check_modules(self) -> List[torch.nn.Module]:
+        return block_modules(self.patcher.model.diffusion_model)
 
     # --- model verbs -------------------------------------------------------------------
     @contextlib.contextmanager
