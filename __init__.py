@@ -3,9 +3,24 @@
 ComfyUI imports this file by path under a mangled module name; everything below uses
 relative imports. Importing it outside ComfyUI (pytest collects this folder) is harmless: no
 ComfyUI module is imported here, and the HTTP routes are registered only when ComfyUI's
-server is running.
+server is running. Packages of requirements.txt that are not installed are named in one log
+line (comfyui_prdp/dependencies.py); the nodes still load when they can.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+import logging as _logging
+
+from .comfyui_prdp.dependencies import missing_dependencies_line as _missing_dependencies_line
+
+# a clone without `pip install -r requirements.txt`: say so in one line, not a traceback later
+_MISSING = _missing_dependencies_line()
+if _MISSING:
+    _logging.getLogger("comfyui-prdp").error(_MISSING)
+
+try:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+except ImportError:
+    if _MISSING:  # ComfyUI's "Cannot import ..." line then carries the same message
+        raise ImportError(_MISSING) from None
+    raise
 
 WEB_DIRECTORY = "./web"
 
@@ -14,8 +29,6 @@ try:
 
     _routes.register()
 except Exception as _error:  # noqa: BLE001  (the nodes must load even if the routes cannot)
-    import logging as _logging
-
     _logging.getLogger(__name__).warning("comfyui-prdp: HTTP routes not registered: %s", _error)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

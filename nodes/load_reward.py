@@ -9,6 +9,8 @@ from typing import Any, Dict, List
 import torch
 
 from ..comfyui_prdp import rewards
+from ..comfyui_prdp.dependencies import module_missing_message
+from ..comfyui_prdp.rewards.model_files import explicit_path_hint
 from ..comfyui_prdp.rewards.remote import check_reward_url
 from .common import CATEGORY, REWARD_TYPE, comfy_device_name, folder_paths_module, refuse, widget_problems
 
@@ -19,6 +21,9 @@ DTYPES = ["auto", "fp32", "fp16", "bf16"]
 DEFAULT_COMPONENTS = "pickscore:10, hpsv2:2, aesthetic:0.05"
 PROMPT_FREE = ("jpeg-compressibility", "jpeg-incompressibility")
 TITLE = "Load Reward Model (PRDP)"
+#: the last line of a missing-weights message raised here (the library's says `path=`)
+WEIGHTS_HINT = ("or put it in models/reward_models and choose it in this node's `weights` widget "
+                "(press R in ComfyUI to refresh the list).")
 
 
 def weight_files() -> List[str]:
@@ -51,6 +56,28 @@ def factory_options(name: str) -> set:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return {"*"}
     return {p.name for p in parameters}
+
+
+#: the widgets besides `reward`, each with the factory option it feeds
+OPTIONAL_WIDGETS = (("weights", "path"), ("device", "device"), ("dtype", "dtype"),
+                    ("allow_download", "allow_download"), ("components", None), ("server_url", None))
+
+
+def widgets_in_use(reward: str) -> List[str]:
+    """The widgets besides `reward` that apply to `reward`: what the frontend shows
+    (web/prdp_reward_widgets.js holds the same table; tests/test_reward_widgets.py compares).
+
+    A widget applies when the reward's factory takes its option; components only to 'weighted'
+    (which passes device, dtype and allow_download to its parts, never a file); server_url to
+    rewards that load a model (a reward server hosts one). Rewards that compute their score
+    (JPEG; their factories take anything and use nothing) show none."""
+    if reward == "weighted":
+        return ["device", "dtype", "allow_download", "components", "server_url"]
+    accepted = factory_options(reward)
+    if "*" in accepted:
+        return []
+    used = [widget for widget, option in OPTIONAL_WIDGETS if option in accepted]
+    return used + (["server_url"] if "path" in accepted else [])
 
 
 def reward_kwargs(reward: str, device: str, dtype: str, components: str,
@@ -171,7 +198,18 @@ class PRDPLoadRewardModel:
             folder_paths = folder_paths_module()
             weights_path = folder_paths.get_full_path_or_raise(REWARD_FOLDER, weights)
         kwargs = reward_kwargs(reward, device, dtype, components, allow_download, weights_path)
-        # ComfyUI runs nodes under inference mode; the training job uses the reward outside it,
-        # so its modules are built as ordinary tensors (rewards also repair them when they move)
-        with torch.inference_mode(False):
-            return (rewards.create_reward(reward, **kwargs),)
+        # a weighted mix takes no file from `weights`: its messages name the folders only
+        hint = None if reward == "weighted" else WEIGHTS_HINT
+        # ComfyUI shows an error as "<module.path.Type>: <message>": raise built-in types so the
+        # message comes first (the library's own types stay for Python callers)
+        try:
+            # ComfyUI runs nodes under inference mode; the training job uses the reward outside it,
+            # so its modules are built as ordinary tensors (rewards also repair them when they move)
+            with torch.inference_mode(False), explicit_path_hint(hint):
+                return (rewards.create_reward(reward, **kwargs),)
+        except rewards.RewardModelNotFoundError as error:
+            raise FileNotFoundError(str(error)) from None
+        except rewards.RewardModelFileError as error:
+            raise RuntimeError(str(error)) from None
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(module_missing_message(error), name=error.name) from None

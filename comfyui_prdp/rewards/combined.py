@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .base import Reward, create_reward, register_reward
+from .model_files import RewardModelNotFoundError
 
 #: the multi-reward weights of Deng et al. (2024), Table 4
 PAPER_MULTI_REWARD = (("pickscore", 10.0), ("hpsv2", 2.0), ("aesthetic", 0.05))
@@ -145,6 +146,7 @@ def create_weighted(
                          f"options passed to every component are {', '.join(_SHARED_OPTIONS)}")
     items = parse_components(components) if isinstance(components, str) else list(components)
     built: List[Tuple[str, float, Reward]] = []
+    missing: List[Tuple[str, RewardModelNotFoundError]] = []
     for item in items:
         source, weight, kwargs, label = _normalise_component(item)
         if isinstance(source, Reward):
@@ -152,10 +154,23 @@ def create_weighted(
         else:
             if source == "weighted":
                 raise ValueError("a weighted reward cannot contain another 'weighted' by name")
-            reward = create_reward(source, **{**shared, **kwargs})
+            try:
+                reward = create_reward(source, **{**shared, **kwargs})
+            except RewardModelNotFoundError as error:   # go on: name every missing part at once
+                missing.append((label or str(source), error))
+                continue
         label = label or _unique_label(reward.name, [b[0] for b in built])
         built.append((label, weight, reward))
+    if missing:
+        raise _all_missing(missing, len(items))
     return WeightedReward(built, one_at_a_time=one_at_a_time)
+
+
+def _all_missing(missing: List[Tuple[str, RewardModelNotFoundError]], parts: int) -> RewardModelNotFoundError:
+    names = ", ".join(name for name, _ in missing)
+    header = (f"weighted reward: {len(missing)} of its {parts} parts have no weights ({names}); "
+              "each one below says what to put where.")
+    return RewardModelNotFoundError("\n\n".join([header] + [f"[{name}] {error}" for name, error in missing]))
 
 
 def _unique_label(name: str, taken: List[str]) -> str:

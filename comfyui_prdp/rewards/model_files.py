@@ -13,12 +13,14 @@ Nothing found: `RewardModelNotFoundError` naming the exact files and where to pu
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,22 @@ PathLike = Union[str, os.PathLike]
 
 class RewardModelNotFoundError(FileNotFoundError):
     """No weights for a reward model anywhere we may look; the message says what to put where."""
+
+
+#: the last line of a not-found message: how to name the file by hand. The command line and the
+#: Python API take `path=`; the Load Reward node says its `weights` widget (None: no such line)
+_NAME_IT_YOURSELF: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "prdp_name_it_yourself", default="or pass path=<the file or folder>.")
+
+
+@contextlib.contextmanager
+def explicit_path_hint(hint: Optional[str]) -> Iterator[None]:
+    """Not-found messages raised inside end with `hint` (None: without that line)."""
+    token = _NAME_IT_YOURSELF.set(hint)
+    try:
+        yield
+    finally:
+        _NAME_IT_YOURSELF.reset(token)
 
 
 @dataclass(frozen=True)
@@ -267,7 +285,8 @@ def _not_found_message(spec: ModelFiles, folders: Iterable[Path], repo: Optional
     else:
         lines[0] += ("ComfyUI's models/reward_models folder, a folder named by the "
                      f"{ENV_MODEL_DIRS} environment variable or passed as model_dir=,")
-    lines.append("or pass path=<the file or folder>.")
+    if _NAME_IT_YOURSELF.get():
+        lines.append(_NAME_IT_YOURSELF.get())
     if repo:
         lines.append(f"Hugging Face repo {repo}: {reason}.")
     return "\n".join(lines)
