@@ -34,6 +34,8 @@ PENDING, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = (
 FINAL_STATES = (FINISHED, STOPPED, FAILED)
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 EVENT_QUEUE_SIZE = 1000
+#: outputs key the train node sets once it has returned the job's results to ComfyUI
+DELIVERED = "delivered"
 
 
 def _json_safe(value: Any) -> Any:
@@ -74,6 +76,8 @@ class Job:
         self.checkpoints: List[str] = []
         self.outputs: Dict[str, Any] = {}
         self.preview: Optional[torch.Tensor] = None
+        self.samples: List[dict] = []          # the latest epoch's small sample images (JSON-safe dicts)
+        self.samples_epoch: Optional[int] = None
         self.stop_event = threading.Event()
         self._done = threading.Event()
         self._events: "queue.Queue[dict]" = queue.Queue(maxsize=EVENT_QUEUE_SIZE)
@@ -112,6 +116,14 @@ class Job:
             return self._events.get(timeout=timeout) if timeout else self._events.get_nowait()
         except queue.Empty:
             return None
+
+    def keep_samples(self, epoch: Optional[int], samples: List[dict]) -> None:
+        """Keep the latest epoch's samples ({src, reward, prompt}, src a small data: URL), so a
+        client that connects later (a reloaded page) can show them; an epoch without any keeps
+        the previous ones."""
+        if samples:
+            with self._lock:
+                self.samples, self.samples_epoch = list(samples), epoch
 
     # --- recording (called from the job thread) ---------------------------------------
     def record(self, event: dict) -> None:
@@ -159,6 +171,8 @@ class Job:
             }
             if with_metrics:
                 data["metrics"] = list(self.metrics)
+                data["samples"] = list(self.samples)
+                data["samples_epoch"] = self.samples_epoch
         return _json_safe(data)
 
     # --- running ---------------------------------------------------------------------------
@@ -243,6 +257,15 @@ class JobRegistry:
     def jobs(self) -> List[Job]:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: j.created)
+
+    def last_run(self, node: str, workflow: Optional[str], delivered: bool = False) -> Optional[Job]:
+        """The newest job started by node `node` of workflow `workflow` (the ids the node was
+        queued with; None where the frontend gave the workflow no id), or None. `delivered`:
+        only jobs whose node returned its outputs (what ComfyUI's cache can hold)."""
+        matches = [job for job in self.jobs()
+                   if str(job.info.get("node")) == node and job.info.get("workflow") == workflow
+                   and (job.outputs.get(DELIVERED) or not delivered)]
+        return matches[-1] if matches else None
 
     def running(self) -> List[Job]:
         return [job for job in self.jobs() if not job.done]

@@ -54,6 +54,26 @@ def prdp_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor
     return per_group.mean()
 
 
+def pair_agreement(logp: torch.Tensor, logp_ref: torch.Tensor, rewards: torch.Tensor,
+                   step_reduce: str = "mean") -> Tuple[float, int]:
+    """(fraction, pairs): how often the model's predicted preference agrees with the reward's.
+
+    PRDP's model predicts the reward difference of a pair as beta * (s_i - s_j), with
+    s = mean_t(logp - logp_ref) (see prdp_loss); over the pairs with r_i > r_j of each group,
+    count s_i > s_j as 1 and a tie as 1/2. 0.5 is chance (a LoRA equal to the base model gives
+    exactly 0.5); 1.0 means every pair is ranked as the reward ranks it. (nan, 0) without pairs.
+    """
+    logp, rewards_g = _as_groups(logp, rewards)
+    s = _reduce_steps(logp - logp_ref.reshape(logp.shape), step_reduce)       # [G, B]
+    pairs = (rewards_g[:, :, None] - rewards_g[:, None, :]) > 0
+    predicted = s[:, :, None] - s[:, None, :]
+    score = torch.where(predicted > 0, 1.0, torch.where(predicted == 0, 0.5, 0.0)).to(torch.float64)
+    count = int(pairs.sum())
+    if count == 0:
+        return float("nan"), 0
+    return float(score[pairs].sum()) / count, count
+
+
 def group_advantages(rewards: torch.Tensor, adv_clip: float = 5.0) -> torch.Tensor:
     """DDPO's per-prompt normalised reward, clipped to +-adv_clip. rewards: [G, B]."""
     mean = rewards.mean(-1, keepdim=True)

@@ -1,7 +1,10 @@
 """HTTP routes under /prdp/ on ComfyUI's server (mirrored under /api/prdp/ by ComfyUI).
 
     GET  /prdp/jobs               running and recent jobs (summaries, latest metrics)
-    GET  /prdp/jobs/{job_id}      one job with all its epoch metrics
+    GET  /prdp/jobs/{job_id}      one job with all its epoch metrics and latest samples
+    GET  /prdp/last_run?node=<id>&workflow=<id>[&delivered=1]
+                                  the newest job of that node of that workflow (as above), or 404;
+                                  delivered=1: the newest whose node returned its outputs
     POST /prdp/jobs/{job_id}/stop ask a job to stop after the current step (it saves a checkpoint)
 
 Only ids of jobs in the registry are accepted; nothing from the client is ever used as a
@@ -67,6 +70,25 @@ def get_job(job_id: str, registry: JobRegistry = JOBS) -> Tuple[int, Dict[str, A
     return 200, relative_paths(job.snapshot(with_metrics=True), server_roots())
 
 
+MAX_ID_CHARS = 64
+
+
+def last_run(node: Any, workflow: Any = None, registry: JobRegistry = JOBS,
+             delivered: bool = False) -> Tuple[int, Dict[str, Any]]:
+    """The newest job of node `node` in workflow `workflow` (both as the frontend names them;
+    only compared with what the node recorded, never used otherwise); `delivered`: the newest
+    whose node returned its outputs (the run whose outputs ComfyUI's cache replays)."""
+    for name, value in (("node", node), ("workflow", workflow)):
+        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS):
+            return 400, {"error": f"{name}: an id of 1 to {MAX_ID_CHARS} characters"}
+    if node is None:
+        return 400, {"error": "node: required (the node's id in the workflow)"}
+    job = registry.last_run(node, workflow, delivered)
+    if job is None:
+        return 404, {"error": "no run of this node is known (the server may have restarted)"}
+    return 200, relative_paths(job.snapshot(with_metrics=True), server_roots())
+
+
 def stop_job(job_id: str, registry: JobRegistry = JOBS) -> Tuple[int, Dict[str, Any]]:
     job = registry.get(job_id)
     if job is None:
@@ -90,6 +112,12 @@ def add_routes(routes, registry: JobRegistry = JOBS) -> None:
     @routes.get("/prdp/jobs/{job_id}")
     async def _get(request):
         return respond(get_job(request.match_info["job_id"], registry))
+
+    @routes.get("/prdp/last_run")
+    async def _last_run(request):
+        query = request.rel_url.query
+        return respond(last_run(query.get("node"), query.get("workflow") or None, registry,
+                                delivered=query.get("delivered") == "1"))
 
     @routes.post("/prdp/jobs/{job_id}/stop")
     async def _stop(request):

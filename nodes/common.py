@@ -45,6 +45,14 @@ def send_event(event: str, data: dict) -> None:
         pass
 
 
+def workflow_id(extra_pnginfo) -> Optional[str]:
+    """The id the frontend gave the queued workflow (its `id`, sent in extra_pnginfo), or None:
+    with the node id it names "this node of this workflow" across tabs and page reloads."""
+    workflow = extra_pnginfo.get("workflow") if isinstance(extra_pnginfo, dict) else None
+    value = workflow.get("id") if isinstance(workflow, dict) else None
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
+
+
 def comfy_device_name() -> Optional[str]:
     """ComfyUI's compute device as a string, or None outside ComfyUI."""
     management = sys.modules.get("comfy.model_management")

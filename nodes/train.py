@@ -9,11 +9,11 @@ from typing import List
 import torch
 
 from ..comfyui_prdp.config import PRESETS
-from ..comfyui_prdp.jobs import FAILED, FINISHED, JOBS, STOPPED
+from ..comfyui_prdp.jobs import DELIVERED, FAILED, FINISHED, JOBS, STOPPED
 from ..comfyui_prdp.model_families import comfy_model_family, training_size
 from ..comfyui_prdp.prompts import read_prompt_file
 from . import train_paths
-from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems
+from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems, workflow_id
 from .train_form import (DEFAULT_PRESET, DEFAULT_PROMPTS, LIMITS, MIN_SIZE, NATIVE_SIZE, PRESET_GUIDANCE,
                          build_config, config_summary, parse_prompts, validate_form)
 
@@ -114,7 +114,7 @@ class PRDPTrainLoRA:
                                         "Other models ignore it. -1 (the default): the preset's value "
                                         "(consumer-gpu-flux: 3.5), else the model's own default."),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
     RETURN_TYPES = ("MODEL", LORA_MODEL_TYPE, "IMAGE")
@@ -166,7 +166,7 @@ class PRDPTrainLoRA:
               prompts_per_epoch, images_per_prompt, steps, cfg, beta, clip_range, updates_per_epoch,
               learning_rate, lora_rank, width, height, seed, lora_name, prompt_file=train_paths.NONE,
               checkpoint_every=0, resume_from=train_paths.NONE, algorithm="prdp", flow_guidance=PRESET_GUIDANCE,
-              unique_id=None):
+              unique_id=None, extra_pnginfo=None):
         import comfy.model_management  # ComfyUI only
         import comfy.sd
 
@@ -196,7 +196,8 @@ class PRDPTrainLoRA:
         lora_path = train_paths.lora_folder() / f"{name}.safetensors"
 
         job = JOBS.create(name=name, info={**config_summary(config, len(prompt_list)),
-                                           "reward": getattr(reward_model, "name", "reward"), "node": unique_id})
+                                           "reward": getattr(reward_model, "name", "reward"), "node": unique_id,
+                                           "workflow": workflow_id(extra_pnginfo)})
         progress = ComfyProgress(job, unique_id, config.epochs)    # the dashboard's Stop works from here on
         backend = None
         try:
@@ -243,12 +244,16 @@ class PRDPTrainLoRA:
         if job.exception is not None:
             raise RuntimeError(f"PRDP training failed: {job.error}") from job.exception
         result = job.result
+        if result.epochs_done == 0:     # stopped before epoch 1 ended: no LoRA, nothing to compare
+            logger.info("PRDP: %s stopped before its first epoch finished: nothing was trained", name)
+            raise comfy.model_management.InterruptProcessingException()
 
         lora = backend.lora_model()
         model_out = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0]
         curve = image_to_tensor(reward_curve(result.metrics, title=f"{name}: reward per epoch (mean ± std)"))
         text = self._summary(result, name, config.epochs)
         logger.info("PRDP: %s", text.replace("\n", "; "))
+        job.outputs[DELIVERED] = True       # these outputs may come back from ComfyUI's cache
         return {"ui": {"text": [text]}, "result": (model_out, lora, curve)}
 
     # --- helpers -------------------------------------------------------------------------

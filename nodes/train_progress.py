@@ -5,15 +5,16 @@ The node's worker thread calls `wait_for_job`. Each job event goes to ComfyUI's 
 (whose hook raises InterruptProcessingException when the user pressed Cancel) and, as
 websocket events, to the dashboard on the node (web/prdp.js):
 
+    (every event also carries `workflow`, the id of the workflow the node was queued from)
     prdp.job     {job_id, node, name, status, epochs, phase?, message?, lora?, epochs_done?}
                  status "preparing" (Stop works from here on), "running", then a final one
                  ("finished" / "stopped" / "failed") with a one-line `message` for the user
     prdp.status  {job_id, node, phase, epoch, epochs, progress, eta_seconds}   (at most 1/s)
     prdp.epoch   {job_id, node, name, epoch, epochs, metrics, samples: [{src, reward, prompt}],
-                  eta_seconds}   samples are small JPEG data URLs of the epoch's first images
+                  warnings: [text, ...], eta_seconds}   samples are small JPEG data URLs of the epoch's first images
 
 Between events the interrupt flag is polled. On Cancel the job is asked to stop: the trainer
-drops the current step, writes a checkpoint and returns; then the exception is re-raised so
+stops before the denoiser's next block (trainer._stops_inside_model_calls), drops the current step, writes a checkpoint and returns; then the exception is re-raised so
 the node ends as interrupted. (Since ComfyUI 2025-10-13, after 0.3.64, Cancel may instead be
 raised inside the job's own model calls, which clears the flag: the backend then stops the job
 and the node re-raises, see nodes/train.py.)
@@ -110,6 +111,32 @@ def epoch_samples(event: dict) -> List[dict]:
     return samples
 
 
+# Ranges outside which the dashboard warns (README "Dashboard warnings"). kl is the summed
+# per-step KL of the sampled trajectories to the base model: runs at the presets' settings stay
+# below about 1 (cpu-smoke 1.1 after 10 epochs, world-demo 0.25; the paper's beta keeps it
+# smaller still), while a learning rate 1000x too high reaches hundreds. clip_frac is the share
+# of trained steps whose log-ratio moved past clip_range in an update: the presets' runs stay
+# under about 0.1; past one half the proximal clip binds almost everywhere, so the updates are
+# too large for clip_range (learning rate too high, or updates_per_epoch too many).
+KL_WARN_ABOVE = 10.0
+CLIP_FRAC_WARN_ABOVE = 0.5
+
+
+def metric_warnings(metrics: Optional[dict]) -> List[str]:
+    """What in an epoch's metrics is outside the sane ranges above, as lines for a person."""
+    metrics = metrics or {}
+    warnings = []
+    kl = metrics.get("kl")
+    if isinstance(kl, (int, float)) and (not math.isfinite(kl) or kl > KL_WARN_ABOVE):
+        warnings.append(f"kl {kl:.3g} > {KL_WARN_ABOVE:g}: the LoRA has moved far from the base model; "
+                        "lower learning_rate or raise beta")
+    clip = metrics.get("clip_frac")
+    if isinstance(clip, (int, float)) and (not math.isfinite(clip) or clip > CLIP_FRAC_WARN_ABOVE):
+        warnings.append(f"clip {clip:.2f} > {CLIP_FRAC_WARN_ABOVE:g}: most steps hit clip_range; lower "
+                        "learning_rate or updates_per_epoch")
+    return warnings
+
+
 class EtaClock:
     """Seconds left from the progress made since the first measured step (a resumed run starts
     at its checkpoint's fraction, so only this session's rate counts)."""
@@ -135,6 +162,8 @@ def end_message(status: str, epochs_done: Optional[int], epochs: int, error: str
     done = "?" if epochs_done is None else str(epochs_done)
     if status == FINISHED:
         return f"finished: {done} of {epochs} epochs"
+    if status == STOPPED and epochs_done == 0:
+        return f"stopped before epoch 1 of {epochs} finished: nothing was trained"
     if status == STOPPED:
         return f"stopped at epoch {done} of {epochs}"
     if status == FAILED:
@@ -166,7 +195,8 @@ class ComfyProgress:
                                 "phase": job.phase or "preparing"})
 
     def _send(self, event: str, data: dict) -> None:
-        send_event(event, {"job_id": self.job.id, "node": self.node_id, **data})
+        send_event(event, {"job_id": self.job.id, "node": self.node_id, "workflow": self.job.info.get("workflow"),
+                           **data})
 
     def preparing(self, what: str) -> None:
         """Setup before the job runs (copying the model, encoding prompts): shown as the phase."""
@@ -194,20 +224,30 @@ class ComfyProgress:
         kind = event.get("type")
         if kind == "step":
             progress = float(event.get("progress", 0))
-            self.eta_seconds = self.eta.eta(progress)
+            measured = self.eta.eta(progress)
+            self.eta_seconds = measured if measured is not None else self.eta_seconds   # else the estimate
             self.value = max(self.value, min(PROGRESS_UNITS, int(round(progress * PROGRESS_UNITS))))
             self.bar.update_absolute(self.value, PROGRESS_UNITS, self._preview())
             self._send_status()
         elif kind == "phase":
+            self._send_status(force=True)
+        elif kind == "estimate":      # before the first step: the run's cost from one model evaluation
+            epochs_left = self.total_epochs - int(event.get("epoch", 1)) + 1
+            self.eta_seconds = float(event["epoch_seconds"]) * epochs_left
             self._send_status(force=True)
         elif kind == "epoch":
             image = preview_image(event.get("preview"), preview_caption(event, self.total_epochs))
             if image is not None:
                 self.preview = image
             self.bar.update_absolute(self.value, PROGRESS_UNITS, self._preview(force=True))
+            samples = epoch_samples(event)
+            metrics = self.job.snapshot(with_metrics=False)["latest_metrics"]
+            warnings = metric_warnings(metrics)
+            self.job.keep_samples(event.get("epoch"), samples)     # shown again after a reload
+            self.job.outputs["warnings"] = warnings
             self._send("prdp.epoch", {"name": self.job.name, "epoch": event.get("epoch"), "epochs": self.total_epochs,
-                                      "metrics": self.job.snapshot(with_metrics=False)["latest_metrics"],
-                                      "samples": epoch_samples(event), "eta_seconds": self.eta_seconds})
+                                      "metrics": metrics, "samples": samples, "warnings": warnings,
+                                      "eta_seconds": self.eta_seconds})
         elif kind == "checkpoint":
             self._send("prdp.checkpoint", {"epoch": event.get("epoch")})
         elif kind == "job_end":
@@ -226,6 +266,7 @@ class ComfyProgress:
         message = end_message(status, epochs_done, self.total_epochs, self.job.error or "")
         if status != FAILED:
             message += f"; LoRA: {lora}" if lora else "; no LoRA written"
+        self.job.outputs["message"] = message        # the dashboard shows it again after a reload
         self._send("prdp.job", {"status": status, "epochs": self.total_epochs, "epochs_done": epochs_done,
                                 "lora": lora, "message": message})
 
@@ -234,7 +275,7 @@ def stop_and_wait(job: Job, log_every: float = STILL_STOPPING_LOG_SECONDS) -> No
     """Ask the job to stop (a no-op when it has ended) and block until it has ended."""
     job.request_stop()
     while not job.wait(log_every):
-        logger.warning("PRDP job %s is still stopping (it stops at its next model step)", job.id)
+        logger.warning("PRDP job %s is still stopping (it stops before the model's next block, then saves)", job.id)
 
 
 def wait_for_job(job: Job, progress: ComfyProgress, poll: float = POLL_SECONDS) -> None:
@@ -256,7 +297,7 @@ def wait_for_job(job: Job, progress: ComfyProgress, poll: float = POLL_SECONDS) 
                 management.throw_exception_if_processing_interrupted()
     except BaseException as error:
         if isinstance(error, management.InterruptProcessingException):
-            logger.info("PRDP job %s: Cancel pressed, stopping after the current step", job.id)
+            logger.info("PRDP job %s: Cancel pressed, stopping before the model's next block", job.id)
         else:
             logger.error("PRDP job %s: the node failed while waiting (%s: %s); stopping the job",
                          job.id, type(error).__name__, error)

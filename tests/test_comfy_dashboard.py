@@ -6,7 +6,10 @@ Nodes 2.0 (the Vue renderer, `Comfy.VueNodes.Enabled`) off and on:
 * "preparing: ..." is shown with Stop enabled before training starts;
 * Stop (the dashboard's button) ends the run gracefully: the prompt succeeds, a LoRA is written,
   and the node says "stopped at epoch k of n";
-* Score Images shows its text in its own widget, with the finetuned-minus-base difference.
+* Score Images shows its text in its own widget, with the finetuned-minus-base difference;
+* the finished run stays shown (curve, samples, LoRA, Score Images' text) after a page reload
+  and a workflow-tab switch, and a re-queue that ComfyUI answers from its cache says so;
+* Stop before the first epoch ends says nothing was trained and writes no LoRA.
 
 Screenshots go to the test's tmp dir and, for a person to look at, /tmp/prdp-screens/.
 Needs ComfyUI, Debian's Chromium and the playwright package (never `playwright install`).
@@ -43,6 +46,9 @@ def browser(server):
 def open_page(server, browser, vue: bool):
     """A fresh page with Nodes 2.0 set before the frontend starts (as a saved user setting)."""
     harness.http_json("POST", f"{server.base_url}/settings/Comfy.VueNodes.Enabled", vue)
+    # the workflows name download links for their models: the frontend's "missing models" dialog
+    # would cover the node (the tiny test checkpoint replaces the workflow's model)
+    harness.http_json("POST", f"{server.base_url}/settings/Comfy.Workflow.ShowMissingModelsWarning", False)
     context, page = harness.open_comfy_page(browser, server.base_url, 1500, 1300)
     page.wait_for_timeout(500)
     assert page.evaluate("() => window.app.ui.settings.getSettingValue('Comfy.VueNodes.Enabled')") is vue
@@ -185,7 +191,8 @@ def test_dashboard_shows_the_epoch_reward_samples_and_the_end(server, browser, t
         record_dashboard(page)
         record_toasts(page)
         prompt_id = harness.queue_from_page(server.base_url, page)
-        _, shown = wait_for_the_end(server, page, prompt_id, "finished", "finished: 1 of 1 epochs; LoRA: prdp/dash_",
+        _, shown = wait_for_the_end(server, page, prompt_id, "finished",
+                                    "PRDP Train LoRA: finished: 1 of 1 epochs; LoRA: prdp/dash_",
                                     tmp_path, f"{renderer}-finished")
 
         job = latest_job(server, lora_name)
@@ -195,6 +202,9 @@ def test_dashboard_shows_the_epoch_reward_samples_and_the_end(server, browser, t
         assert head.startswith("epoch 1/1  reward "), shown
         assert _numbers(head)[2] == pytest.approx(reward, rel=1e-3, abs=1e-6), (head, reward)
         assert "kl " in shown["metrics"] and "clip " in shown["metrics"]
+        agreement = job["metrics"][0]["pair_agreement"]     # the judged number, not the raw loss
+        assert f"pairs ranked as the reward ranks them {round(agreement * 100)}%" in shown["metrics"], shown
+        assert "loss" not in shown["metrics"] and job["metrics"][0]["loss"] is not None
         assert shown["points"] == 1, shown
         assert shown["samples"] and all(s["src"].startswith("data:image/jpeg;base64") for s in shown["samples"])
         assert all(_numbers(s["reward"]) for s in shown["samples"]), shown["samples"]
@@ -219,7 +229,7 @@ def test_stop_button_ends_the_run_gracefully_and_says_where(server, browser, tmp
                                timeout=300_000)
         screenshot(page, tmp_path, f"{server.comfyui_root.name}-{renderer}-running")
         page.click("[data-prdp=stop]")
-        result, shown = wait_for_the_end(server, page, prompt_id, "stopped at epoch", "PRDP stopped",
+        result, shown = wait_for_the_end(server, page, prompt_id, "stopped at epoch", "PRDP Train LoRA: stopped at",
                                          tmp_path, f"{renderer}-stopped")
         job = latest_job(server, lora_name)
         assert job["status"] == "stopped" and 1 <= len(job["metrics"]) < 40, job["status"]
@@ -227,3 +237,95 @@ def test_stop_button_ends_the_run_gracefully_and_says_where(server, browser, tmp
         written = set(server.loras_dir.rglob("*.safetensors")) - loras_before
         assert any(p.name.startswith(lora_name) for p in written), written
         assert result.outputs, "the prompt's outputs were not kept"
+
+
+def dashboard_after(page, status_start: str) -> dict:
+    """The dashboard (and Score Images' texts) once its status starts with `status_start`."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("(t) => document.querySelector('[data-prdp=status]')?.textContent.startsWith(t)",
+                               arg=status_start, timeout=60_000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"the dashboard never said {status_start!r}: {dashboard(page)}; "
+                             f"page errors {page.errors}") from None
+    shown = dashboard(page)
+    shown["scores"] = page.evaluate(
+        "() => [...document.querySelectorAll('[data-prdp=score-text]')].map(e => e.textContent)")
+    return shown
+
+
+def run_command(page, command: str) -> None:
+    page.evaluate("async (c) => { await window.app.extensionManager.command.execute(c); }", command)
+    page.wait_for_timeout(1500)
+
+
+def test_the_finished_run_stays_shown_after_reload_tab_switch_and_a_cached_requeue(server, browser, tmp_path):
+    lora_name = "dash_keep"
+    with quick_test_page(server, browser, "classic", epochs=1, lora_name=lora_name) as page:
+        stacks = []
+        page.on("pageerror", lambda error: stacks.append(error.stack or str(error)))
+        record_toasts(page)
+        prompt_id = harness.queue_from_page(server.base_url, page)
+        wait_for_the_end(server, page, prompt_id, "finished", "finished: 1 of 1 epochs", tmp_path, "keep-finished")
+        job = latest_job(server, lora_name)
+        assert job["info"]["workflow"] == page.evaluate("() => window.app.graph.id"), job["info"]
+
+        def check(shown, where):
+            assert shown["points"] == 1 and len(shown["samples"]) == len(job["samples"]) > 0, (where, shown)
+            assert shown["metrics"].startswith("epoch 1/1  reward ") and "pairs ranked" in shown["metrics"], shown
+            assert f"LoRA: {job['outputs']['lora']}" in shown["message"], (where, shown)
+            assert not shown["stopEnabled"]
+
+        page.reload(wait_until="domcontentloaded")
+        page.wait_for_function("() => { try { return window.app.graph.nodes.some(n => n.type === 'PRDPTrainLoRA'); }"
+                               " catch { return false; } }", timeout=120_000)
+        focus_train_node(page)
+        shown = dashboard_after(page, "last run: finished")
+        screenshot(page, tmp_path, f"{server.comfyui_root.name}-classic-after-reload")
+        check(shown, "after a reload")
+        assert len(shown["scores"]) == 2 and any("minus baseline" in t for t in shown["scores"]), shown["scores"]
+
+        run_command(page, "Comfy.NewBlankWorkflow")
+        assert not page.evaluate("() => window.app.graph.nodes.some(n => n.type === 'PRDPTrainLoRA')")
+        run_command(page, "Workspace.PreviousOpenedWorkflow")
+        focus_train_node(page)
+        shown = dashboard_after(page, "last run: finished")
+        screenshot(page, tmp_path, f"{server.comfyui_root.name}-classic-after-tab-switch")
+        check(shown, "after a tab switch")
+        assert any("minus baseline" in t for t in shown["scores"]), shown["scores"]
+
+        loras_before = set(server.loras_dir.rglob("*.safetensors"))
+        prompt_id = harness.queue_from_page(server.base_url, page)
+        result = harness.wait_for(server.base_url, prompt_id, timeout=120)
+        assert result.status == "success", result.describe()
+        cached = [data["nodes"] for kind, data in result.history["status"]["messages"] if kind == "execution_cached"]
+        trains = harness.nodes_of_type(result.history["prompt"][2], "PRDPTrainLoRA")
+        assert cached and set(trains) <= set(cached[0]), f"ComfyUI ran the train node again: cached {cached}"
+        shown = dashboard_after(page, "last run: finished · from ComfyUI's cache")
+        screenshot(page, tmp_path, f"{server.comfyui_root.name}-classic-cached")
+        check(shown, "after a cached re-queue")
+        assert all("from ComfyUI's cache" in t for t in shown["scores"]), shown["scores"]
+        assert set(server.loras_dir.rglob("*.safetensors")) == loras_before, "the cached run wrote a LoRA"
+        assert latest_job(server, lora_name)["id"] == job["id"], "the cached re-queue started a job"
+        ours = [stack for stack in stacks if "prdp" in stack.lower()]
+        assert not ours, ours
+
+
+def test_stop_before_the_first_epoch_ends_says_nothing_was_trained_and_writes_no_lora(server, browser, tmp_path):
+    lora_name = "dash_early"
+    with quick_test_page(server, browser, "classic", epochs=40, steps=20, lora_name=lora_name) as page:
+        loras_before = set(server.loras_dir.rglob("*.safetensors"))
+        prompt_id = harness.queue_from_page(server.base_url, page)
+        page.wait_for_function("() => !document.querySelector('[data-prdp=stop]').disabled", timeout=120_000)
+        page.click("[data-prdp=stop]")
+        result = harness.wait_for(server.base_url, prompt_id, timeout=300)
+        page.wait_for_function("() => document.querySelector('[data-prdp=message]').textContent.includes('nothing')",
+                               timeout=30_000)
+        shown = dashboard(page)
+        screenshot(page, tmp_path, f"{server.comfyui_root.name}-classic-stopped-early")
+        assert "stopped before epoch 1 of 40 finished: nothing was trained; no LoRA written" in shown["message"], shown
+        assert result.status != "success", "downstream nodes compared an untrained LoRA"
+        assert latest_job(server, lora_name)["status"] == "stopped"
+        written = {p for p in set(server.loras_dir.rglob("*.safetensors")) - loras_before if p.name.startswith(lora_name)}
+        assert not written, written

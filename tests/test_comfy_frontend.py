@@ -155,3 +155,16 @@ def test_web_extension_is_registered_without_page_errors(page):
     assert any("prdp" in name.lower() for name in names), names
     ours = [e for e in page.errors if "prdp" in e.lower() or "comfyui-prdp" in e]
     assert not ours, ours
+
+
+def test_the_template_browser_finds_a_thumbnail_for_every_workflow(server, page):
+    """The frontend lists custom-node templates by file name and asks for <name>.jpg beside each
+    (a 404 leaves an empty card and a console error)."""
+    listed = page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json())")
+    names = listed.get(harness.PACKAGE_LINK_NAME, [])
+    assert sorted(names) == sorted(p.stem for p in WORKFLOW_FILES), listed
+    for name in names:
+        status, kind = page.evaluate(
+            "async (url) => { const r = await fetch(url); return [r.status, r.headers.get('content-type')]; }",
+            f"/api/workflow_templates/{harness.PACKAGE_LINK_NAME}/{name}.jpg")
+        assert status == 200 and kind.startswith("image/jpeg"), (name, status, kind)

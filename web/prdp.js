@@ -7,6 +7,10 @@
 //   clip fraction, the latest samples with their rewards, and how the run ended (also a toast).
 // - Stop (button, and the node's context menu) = POST /prdp/jobs/<id>/stop: the job stops
 //   after the current step, saves its LoRA, and the node finishes normally (outputs kept).
+// - The last run stays shown: after a page reload or a workflow-tab switch the dashboard asks
+//   /prdp/last_run for this node of this workflow (running or ended), and Score Images takes
+//   its text from the server's history; a result that ComfyUI replays from its cache (same
+//   inputs queued again) is shown again and marked as such.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { DASHBOARD_MIN_HEIGHT, SCORE_TEXT_MIN_HEIGHT, Dashboard, formatEta, injectStyle, scoreTextElement } from "./prdp_dashboard.js";
@@ -15,11 +19,27 @@ const TRAIN = "PRDPTrainLoRA";
 const SCORE = "PRDPScoreImages";
 const ACTIVE = new Set(["preparing", "pending", "running", "stopping"]);
 const STOP_MENU_TEXT = "PRDP: stop training (keep the LoRA so far)";
+const HISTORY_ITEMS = 64;
+const CACHED_NOTE = "from ComfyUI's cache: same inputs, not run again";
+let cachedNodes = new Set();     // nodes of the running prompt that ComfyUI replays from its cache
 
-function findNode(id) {
+/** The id the frontend gives the open workflow (sent with each queued prompt), or null. */
+function workflowId() {
+  const id = app.graph?.id;
+  return typeof id === "string" && id ? id : null;
+}
+
+/** The node `id` of the open workflow; null when an event names another workflow's node. */
+function findNode(id, workflow) {
   if (id === undefined || id === null) return null;
+  if (workflow && workflowId() && workflow !== workflowId()) return null;
   const plain = String(id).split(":").pop();
   return app.graph?.getNodeById(Number(plain)) || null;
+}
+
+async function getJson(url) {
+  const response = await api.fetchApi(url);
+  return response.ok ? await response.json() : null;
 }
 
 function toast(severity, summary, detail) {
@@ -51,7 +71,7 @@ async function stopTraining(node) {
   dashboard?.setStoppable(false);
   const response = await api.fetchApi(`/prdp/jobs/${jobId}/stop`, { method: "POST" });
   if (response.ok) {
-    dashboard?.setStatus("stopping after the current step ...");
+    dashboard?.setStatus("stopping: finishing the model's current block, then saving the LoRA ...");
   } else {
     const body = await response.json().catch(() => ({}));
     dashboard?.setStatus(`stop refused: ${body.error || body.status || response.status}`);
@@ -67,7 +87,7 @@ function stopMenuItem(node) {
 }
 
 function onJob(detail) {
-  const node = findNode(detail.node);
+  const node = findNode(detail.node, detail.workflow);
   const dashboard = node && dashboardOf(node);
   if (!dashboard) return;
   node.prdpJobId = detail.job_id;
@@ -88,12 +108,11 @@ function onJob(detail) {
   dashboard.setStatus(detail.status);
   dashboard.setMessage(message, failed);
   if (detail.status === "finished") dashboard.setProgress(1);
-  toast(failed ? "error" : detail.status === "stopped" ? "warn" : "success",
-        `PRDP ${detail.status}`, message);
+  toast(failed ? "error" : detail.status === "stopped" ? "warn" : "success", "PRDP Train LoRA", message);
 }
 
 function onStatus(detail) {
-  const node = findNode(detail.node);
+  const node = findNode(detail.node, detail.workflow);
   const dashboard = node && dashboardOf(node);
   if (!dashboard) return;
   node.prdpJobId = detail.job_id;
@@ -104,7 +123,7 @@ function onStatus(detail) {
 }
 
 function onEpoch(detail) {
-  const node = findNode(detail.node);
+  const node = findNode(detail.node, detail.workflow);
   const dashboard = node && dashboardOf(node);
   if (!dashboard) return;
   node.prdpJobId = detail.job_id;
@@ -115,25 +134,70 @@ function onEpoch(detail) {
   }
 }
 
-/** After a page reload: show the runs still going (their metrics so far). */
-async function restoreRunningJobs() {
+/** Show `job` (from /prdp/jobs/<id> or /prdp/last_run) on `node`: a run still going goes on
+ *  updating from the websocket; an ended one is shown as the node's last run. */
+function showJob(node, job, note = "") {
+  const dashboard = dashboardOf(node);
+  if (!dashboard || !job) return;
+  node.prdpJobId = job.id;
+  node.prdpJobStatus = job.status;
+  dashboard.restore(job);
+  if (ACTIVE.has(job.status)) {
+    dashboard.setStatus(`${job.phase || job.status} · epoch ${job.epoch}/${job.info?.epochs}`);
+    dashboard.setStoppable(job.status !== "stopping");
+  } else {
+    dashboard.setStatus([`last run: ${job.status}`, note].filter(Boolean).join(" · "));
+    dashboard.setStoppable(false);
+  }
+}
+
+/** After a page reload or a workflow-tab switch: each train node shows its newest run (still
+ *  going or ended), each Score Images node its newest text from the server's history. */
+async function restoreLastRuns() {
+  const nodes = app.graph?.nodes || [];
+  const workflow = workflowId();
+  for (const node of nodes.filter((n) => n.type === TRAIN)) {
+    try {
+      const query = new URLSearchParams({ node: String(node.id), ...(workflow ? { workflow } : {}) });
+      const job = await getJson(`/prdp/last_run?${query}`);
+      if (job && !node.prdpJobId) showJob(node, job);
+    } catch (error) {
+      console.warn("[comfyui-prdp] could not fetch the node's last run", error);
+    }
+  }
+  const scoreNodes = nodes.filter((n) => n.type === SCORE && n.prdpScoreText?.classList.contains("prdp-muted"));
+  if (!scoreNodes.length || !workflow) return;
   try {
-    const response = await api.fetchApi("/prdp/jobs");
-    if (!response.ok) return;
-    for (const summary of (await response.json()).jobs || []) {
-      const node = ACTIVE.has(summary.status) && findNode(summary.info?.node);
-      if (!node || node.type !== TRAIN) continue;
-      const full = await (await api.fetchApi(`/prdp/jobs/${summary.id}`)).json();
-      const dashboard = dashboardOf(node);
-      node.prdpJobId = summary.id;
-      node.prdpJobStatus = summary.status;
-      dashboard.restore(full);
-      dashboard.setStatus(`${summary.phase || summary.status} · epoch ${summary.epoch}/${summary.info?.epochs}`);
-      dashboard.setProgress(summary.progress);
-      dashboard.setStoppable(summary.status !== "stopping");
+    const history = Object.values((await getJson(`/history?max_items=${HISTORY_ITEMS}`)) || {})
+      .filter((entry) => entry?.prompt?.[3]?.extra_pnginfo?.workflow?.id === workflow)
+      .sort((a, b) => b.prompt[0] - a.prompt[0]);         // newest first
+    for (const node of scoreNodes) {
+      const text = history.map((entry) => entry.outputs?.[String(node.id)]?.text).find((t) => t?.length);
+      if (text) setScoreText(node, `${text.join("\n")}\n(last run)`);
     }
   } catch (error) {
-    console.warn("[comfyui-prdp] could not list running jobs", error);
+    console.warn("[comfyui-prdp] could not read the history for Score Images", error);
+  }
+}
+
+function setScoreText(node, text) {
+  node.prdpScoreText.textContent = text;
+  node.prdpScoreText.classList.remove("prdp-muted");
+}
+
+/** Train nodes whose outputs ComfyUI takes from its cache (it does not run them, and sends
+ *  them no "executed" when nothing downstream runs): show the run whose outputs those are,
+ *  the node's newest run that returned its outputs. */
+async function showCachedRuns(nodeIds) {
+  const workflow = workflowId();
+  for (const id of nodeIds) {
+    const node = findNode(id);
+    if (node?.type !== TRAIN) continue;
+    const query = new URLSearchParams({ node: String(node.id), delivered: "1", ...(workflow ? { workflow } : {}) });
+    const job = await getJson(`/prdp/last_run?${query}`).catch(() => null);
+    const dashboard = dashboardOf(node);
+    if (job) showJob(node, job, CACHED_NOTE);
+    else dashboard?.setStatus(`${CACHED_NOTE} (the server no longer knows that run)`);
   }
 }
 
@@ -164,11 +228,11 @@ app.registerExtension({
       onExecuted?.apply(this, arguments);
       const text = message?.text?.join("\n");
       if (!text) return;
+      const cached = cachedNodes.has(String(this.id));
       if (nodeData.name === SCORE && this.prdpScoreText) {
-        this.prdpScoreText.textContent = text;
-        this.prdpScoreText.classList.remove("prdp-muted");
+        setScoreText(this, cached ? `${text}\n(${CACHED_NOTE})` : text);
       } else if (nodeData.name === TRAIN) {
-        dashboardOf(this)?.setMessage(text);
+        if (!cached) dashboardOf(this)?.setMessage(text);     // cached: see showCachedRuns
       }
     };
 
@@ -191,9 +255,15 @@ app.registerExtension({
     api.addEventListener("prdp.job", ({ detail }) => onJob(detail));
     api.addEventListener("prdp.status", ({ detail }) => onStatus(detail));
     api.addEventListener("prdp.epoch", ({ detail }) => onEpoch(detail));
+    api.addEventListener("execution_start", () => { cachedNodes = new Set(); });
+    api.addEventListener("execution_cached", ({ detail }) => {
+      cachedNodes = new Set((detail?.nodes || []).map((id) => String(id).split(":").pop()));
+      showCachedRuns([...cachedNodes]);
+    });
+    api.addEventListener("prdp.checkpoint", () => {});     // known, so the frontend logs no "unhandled message"
   },
 
   async afterConfigureGraph() {
-    await restoreRunningJobs();
+    await restoreLastRuns();
   },
 });

@@ -26,6 +26,7 @@ const CSS = `
 .prdp-samples figure { margin: 0; flex: 1 1 0; min-width: 0; text-align: center; }
 .prdp-samples img { width: 100%; height: 64px; object-fit: contain; display: block; background: #000; }
 .prdp-samples figcaption { color: #ccc; font-size: 11px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.prdp-warnings { white-space: pre-wrap; overflow-wrap: anywhere; color: #eb5; }
 .prdp-message { white-space: pre-wrap; overflow-wrap: anywhere; color: #9d9; }
 .prdp-message.prdp-failed { color: #e88; }
 .prdp-score-text { box-sizing: border-box; width: 100%; height: 100%; padding: 4px 6px; overflow: auto;
@@ -51,6 +52,22 @@ function element(tag, className, text) {
 
 export function formatNumber(value, digits = 4) {
   return typeof value === "number" && Number.isFinite(value) ? value.toPrecision(digits) : "-";
+}
+
+/** "62%" for a fraction, "-" for anything else. */
+export function formatPercent(value) {
+  return typeof value === "number" && Number.isFinite(value) ? `${Math.round(value * 100)}%` : "-";
+}
+
+/** The metrics line of one epoch. pair_agreement (PRDP): how often the model's predicted
+ *  preference between two images of a prompt matches the reward's (50% = chance); the raw
+ *  loss (a squared error in units of 1/beta, often ~1e7) only in the tooltip and metrics.jsonl. */
+export function metricsText(m, epoch, epochs) {
+  const head = `epoch ${epoch}/${epochs}  reward ${formatNumber(m.reward_mean)} ± ${formatNumber(m.reward_std)}`;
+  const judged = typeof m.pair_agreement === "number"
+    ? `pairs ranked as the reward ranks them ${formatPercent(m.pair_agreement)}`
+    : `loss ${formatNumber(m.loss, 3)}`;
+  return `${head}\nkl ${formatNumber(m.kl, 3)}  clip ${formatNumber(m.clip_frac, 3)}  ${judged}`;
 }
 
 export function formatEta(seconds) {
@@ -128,7 +145,7 @@ export class Dashboard {
     this.status.dataset.prdp = "status";
     this.stopButton = element("button", "prdp-stop", "Stop");
     this.stopButton.dataset.prdp = "stop";
-    this.stopButton.title = "Stop after the current step; the LoRA trained so far is saved and the prompt's outputs are kept";
+    this.stopButton.title = "Stop before the model's next block; the LoRA trained so far is saved and the prompt's outputs are kept";
     this.stopButton.disabled = true;
     this.stopButton.addEventListener("click", (event) => { event.stopPropagation(); onStop(); });
     head.append(this.status, this.stopButton);
@@ -143,9 +160,12 @@ export class Dashboard {
     this.samplesTitle = element("div", "prdp-samples-title", "");
     this.samples = element("div", "prdp-samples");
     this.samples.dataset.prdp = "samples";
+    this.warnings = element("div", "prdp-warnings", "");
+    this.warnings.dataset.prdp = "warnings";
     this.message = element("div", "prdp-message", "");
     this.message.dataset.prdp = "message";
-    this.root.append(head, this.bar, this.curve, this.metricsLine, this.samplesTitle, this.samples, this.message);
+    this.root.append(head, this.bar, this.curve, this.metricsLine, this.warnings, this.samplesTitle, this.samples,
+                     this.message);
     drawCurve(this.curve, [], 0);
   }
 
@@ -168,6 +188,7 @@ export class Dashboard {
     this.metricsLine.textContent = "";
     this.samplesTitle.textContent = "";
     this.samples.replaceChildren();
+    this.setWarnings([]);
     this.setMessage("");
     this.setProgress(0);
     drawCurve(this.curve, this.metrics, this.epochs);
@@ -176,6 +197,11 @@ export class Dashboard {
   setMessage(text, failed = false) {
     this.message.textContent = text || "";
     this.message.classList.toggle("prdp-failed", failed);
+  }
+
+  /** Lines saying which metric left its sane range (see nodes/train_progress.py). */
+  setWarnings(lines) {
+    this.warnings.textContent = (lines || []).map((line) => `⚠ ${line}`).join("\n");
   }
 
   statusLine(detail) {
@@ -191,10 +217,10 @@ export class Dashboard {
     this.metrics = this.metrics.filter((row) => row.epoch !== epoch).concat([{ ...m, epoch }]);
     this.metrics.sort((a, b) => a.epoch - b.epoch);
     drawCurve(this.curve, this.metrics, this.epochs);
-    this.metricsLine.textContent =
-      `epoch ${epoch}/${this.epochs}  reward ${formatNumber(m.reward_mean)} ± ${formatNumber(m.reward_std)}\n` +
-      `kl ${formatNumber(m.kl, 3)}  clip ${formatNumber(m.clip_frac, 3)}  loss ${formatNumber(m.loss, 3)}`;
+    this.metricsLine.textContent = metricsText(m, epoch, this.epochs);
+    this.metricsLine.title = `loss ${formatNumber(m.loss, 4)} (the raw PRDP objective; also in metrics.jsonl)`;
     this.metricsLine.style.whiteSpace = "pre-wrap";
+    if (detail.warnings) this.setWarnings(detail.warnings);
     if (detail.samples?.length) this.setSamples(epoch, detail.samples);
   }
 
@@ -213,10 +239,16 @@ export class Dashboard {
     }));
   }
 
-  /** Metrics of a run in progress, fetched from /prdp/jobs/<id> (after a page reload). */
+  /** A run fetched from /prdp/jobs/<id> or /prdp/last_run (after a page reload or a tab
+   *  switch): its curve, latest metrics, warnings and samples, and how it ended. */
   restore(job) {
     this.reset(job.info?.epochs);
     for (const m of job.metrics || []) this.addEpoch({ epoch: m.epoch, epochs: job.info?.epochs, metrics: m });
+    this.setWarnings(job.outputs?.warnings || []);
+    if (job.samples?.length) this.setSamples(job.samples_epoch ?? job.epoch, job.samples);
+    this.setProgress(job.progress);
+    const message = job.outputs?.message || (job.status === "failed" ? job.error : "");
+    if (message) this.setMessage(message, job.status === "failed");
   }
 }
 
