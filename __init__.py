@@ -11,15 +11,19 @@ import logging as _logging
 from .comfyui_prdp.dependencies import missing_dependencies_line as _missing_dependencies_line
 
 # a clone without `pip install -r requirements.txt`: say so in one line, not a traceback later
-_MISSING = _missing_dependencies_line()
+try:
+    _MISSING = _missing_dependencies_line()
+except Exception as _error:  # noqa: BLE001  (a check that fails must not keep the nodes from loading)
+    _MISSING = ""
+    _logging.getLogger("comfyui-prdp").warning("comfyui-prdp: could not check the requirements: %s", _error)
 if _MISSING:
     _logging.getLogger("comfyui-prdp").error(_MISSING)
 
 try:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ImportError:
-    if _MISSING:  # ComfyUI's "Cannot import ..." line then carries the same message
-        raise ImportError(_MISSING) from None
+except ImportError as _error:
+    if _MISSING:  # ComfyUI's "Cannot import ..." line then carries the same message, and the cause
+        raise ImportError(f"{_MISSING} ({type(_error).__name__}: {_error})") from None
     raise
 
 WEB_DIRECTORY = "./web"

@@ -354,7 +354,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:
-    """A preset by name with overrides applied, validated."""
+    """A preset by name with overrides applied, validated. A preset that splits each pass into
+    m minibatches keeps m when `prompts_per_epoch` is overridden and `minibatch_prompts` is not
+    (its minibatch becomes ceil(N / m) prompts), so another N keeps the off-policy steps that
+    let the proximal clip bind, instead of one step (N <= the preset's minibatch) or N steps."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return TrainConfig().replace(**PRESETS[name]).replace(**overrides).validate()
+    values = PRESETS[name]
+    if values.get("minibatch_prompts") and overrides.get("prompts_per_epoch") and \
+            overrides.get("minibatch_prompts") is None:
+        minibatches = math.ceil(values["prompts_per_epoch"] / values["minibatch_prompts"])
+        overrides = dict(overrides, minibatch_prompts=math.ceil(int(overrides["prompts_per_epoch"]) / minibatches))
+    return TrainConfig().replace(**values).replace(**overrides).validate()

@@ -63,7 +63,7 @@ def _too_old(installed: str, specifier: str) -> bool:
         return False
     try:
         return not SpecifierSet(specifier).contains(installed, prereleases=True)
-    except (InvalidSpecifier, InvalidVersion):
+    except (InvalidSpecifier, InvalidVersion, TypeError):
         return False
 
 
@@ -78,6 +78,8 @@ def unmet_requirements(requirements: Sequence[Tuple[str, str]]) -> List[str]:
             installed = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             continue  # importable without metadata (vendored, editable): accept it
+        if not isinstance(installed, str):
+            continue  # a broken dist-info without a version: nothing to compare
         if _too_old(installed, specifier):
             unmet.append(f"{distribution} {installed} (needs {specifier})")
     return unmet

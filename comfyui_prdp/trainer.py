@@ -228,7 +228,11 @@ class Trainer:
                     metrics = self.train_epoch(self.epoch)
                     self.epoch += 1
                     self.metrics.append(metrics)
-                    early_stop = self._held_out_evaluation(metrics)   # eval/... into metrics, best/
+                    try:
+                        early_stop = self._held_out_evaluation(metrics)   # eval/... into metrics, best/
+                    except StopRequested:       # the epoch trained: its line stays (without eval/...)
+                        self._faults.attempt(self._append_metrics, metrics)
+                        raise
                     self._faults.phase = f"epoch {self.epoch} metrics and checkpoint"
                     self._faults.attempt(self._append_metrics, metrics)
                     if early_stop:
@@ -322,7 +326,7 @@ class Trainer:
             "reward_std": epoch_rewards.std(unbiased=False).item(),
             "loss": update_stats["loss"],
             "clip_frac": update_stats["clip_frac"],
-            "pair_agreement": update_stats["pair_agreement"],
+
             # exact KL(p_theta_old || p_ref) of the whole trajectory (sum over steps of the
             # per-step Gaussian KL), mean over trajectories; log_ratio_mean is its one-sample
             # estimate sum_t (logp_old - logp_ref), signed
@@ -332,6 +336,8 @@ class Trainer:
             "grad_norm": update_stats["grad_norm"],
             "optimizer_steps": update_stats["optimizer_steps"],
         }
+        if math.isfinite(update_stats["pair_agreement"]):    # PRDP only (DDPO has no pairs)
+            metrics["pair_agreement"] = update_stats["pair_agreement"]
         for name in ("skipped_steps", "loss_scale"):       # float16 models only
             if name in update_stats:
                 metrics[name] = update_stats[name]
@@ -758,16 +764,19 @@ class Trainer:
         return self.dist.gather_rows(values, [n * B for n in self.dist.shard_sizes(len(batch.all_prompts))])
 
     def _announce_epoch_estimate(self, epoch: int, inputs: tuple) -> None:
-        """Before the run's first sampling: time one model evaluation of one image and announce
+        """Before the run's first sampling: time one model evaluation of one image (after an
+        untimed one that loads the model and its kernels) and announce
         what an epoch should cost (event "estimate"), so a setting whose first step alone takes
         minutes shows its cost at once rather than no ETA. One image per evaluation overestimates
         where batching helps (GPUs); gradient checkpointing's recomputation adds to training."""
         cond = index_cond(inputs[2], torch.arange(1))
         schedule = policy_for(self.config, self.backend).schedule(self.backend, self.config.steps)
         x = torch.zeros(1, *self.latent_shape, dtype=self.backend.dtype, device=self.backend.device)
-        start = time.perf_counter()
+        times = schedule.times[:1].to(self.backend.device)
         with torch.no_grad():
-            self.backend.predict(x, schedule.times[:1].to(self.backend.device), cond).reshape(-1)[0].item()
+            self.backend.predict(x, times, cond).reshape(-1)[0].item()    # warm-up: loading, kernels
+            start = time.perf_counter()
+            self.backend.predict(x, times, cond).reshape(-1)[0].item()
         seconds = time.perf_counter() - start
         evaluations = self._image_evaluations_per_epoch()
         self.callback({"type": "estimate", "epoch": epoch + 1, "seconds_per_evaluation": seconds,

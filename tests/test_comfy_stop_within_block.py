@@ -37,7 +37,7 @@ def test_stop_pressed_inside_a_unet_block_ends_the_run_before_the_next_block(sd1
 
         def press_stop(module, args):
             calls["first"] += 1
-            if calls["first"] == 2:       # call 1: the cost probe; call 2: the first sampling step
+            if calls["first"] == 3:       # calls 1-2: the cost probe (warm-up, timed); 3: the first sampling step
                 stop.set()
 
         def count_last(module, args):
@@ -53,7 +53,7 @@ def test_stop_pressed_inside_a_unet_block_ends_the_run_before_the_next_block(sd1
             for hook in hooks:
                 hook.remove()
         assert result.stopped and result.epochs_done == 0
-        assert calls == {"first": 2, "last_after_stop": 0}
+        assert calls == {"first": 3, "last_after_stop": 0}
         assert result.checkpoint_path is not None and (result.checkpoint_path / "lora.safetensors").is_file()
     finally:
         backend.release()

@@ -69,3 +69,14 @@ def test_the_consumer_presets_clip_binds_on_a_tiny_run(name):
     assert sum(pass_one) * branches == config.model_evaluations_per_epoch()["update_forward_no_grad"] > 0
     assert clip_fractions[0] == 0                      # theta == theta_old: nothing can be clipped
     assert max(clip_fractions[1:]) > 0, (name, clip_fractions)
+
+
+@pytest.mark.parametrize("name, prompts, steps", [
+    ("consumer-gpu", 2, 2), ("consumer-gpu", 8, 2), ("consumer-gpu-sdxl", 8, 2),
+    ("paper-multi-reward", 8, 4), ("paper-large", 64, 4), ("consumer-gpu-flux", 1, 1)])
+def test_another_prompt_count_keeps_the_presets_minibatches(name, prompts, steps):
+    """A workflow's prompts_per_epoch (8 in multi_reward, 2 in the quick test) would otherwise
+    fall under or far over the preset's fixed minibatch: one on-policy step, or N steps."""
+    config = preset(name, prompts_per_epoch=prompts)
+    assert config.optimizer_steps_per_epoch() == steps
+    assert preset(name, prompts_per_epoch=prompts, minibatch_prompts=prompts).optimizer_steps_per_epoch() == 1

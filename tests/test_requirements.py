@@ -143,3 +143,10 @@ def test_the_shim_really_hides_the_package(tmp_path):
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           env=hidden_packages.env_with_shim(shim))
     assert proc.stdout.split() == ["None", "[]", "missing", "peft"], proc.stdout + proc.stderr
+
+
+def test_a_distribution_without_a_version_is_not_a_crash(monkeypatch):
+    """A broken dist-info (importlib.metadata.version() gives None) must not stop ComfyUI from
+    importing the package: the requirement is taken as met, not compared."""
+    monkeypatch.setattr(dependencies.importlib.metadata, "version", lambda name: None)
+    assert dependencies.unmet_requirements([("packaging", ">=20")]) == []

@@ -74,13 +74,13 @@ def test_a_stop_takes_effect_before_the_next_block_of_the_running_evaluation(tmp
     lora_before = {k: v.clone() for k, v in backend.lora_state_dict().items()}
 
     def press_stop_once_sampling_runs(block):        # Stop pressed while block 1 computes
-        if block.calls == 2:       # (call 1: the cost probe)
+        if block.calls == 3:       # (calls 1 and 2: the cost probe's warm-up and timed evaluation)
             stop.set()
     first.on_call = press_stop_once_sampling_runs
     trainer = Trainer(backend, BrightnessReward(), PROMPTS, config(), out_dir=tmp_path, stop_event=stop)
     result = trainer.run()
     assert result.stopped and result.epochs_done == 0
-    assert (first.calls, second.calls, third.calls) == (2, 1, 1)     # block 2 of that evaluation never ran
+    assert (first.calls, second.calls, third.calls) == (3, 2, 2)     # block 2 of that evaluation never ran
     assert result.checkpoint_path is not None and (result.checkpoint_path / "lora.safetensors").is_file()
     for key, value in backend.lora_state_dict().items():     # nothing half-trained
         assert torch.equal(value, lora_before[key]), key
@@ -180,3 +180,27 @@ def test_a_stop_between_two_decoded_chunks_ends_the_run_before_the_reward(tmp_pa
     trainer = Trainer(backend, reward, PROMPTS, config(sample_batch_size=4), out_dir=tmp_path, stop_event=stop)
     result = trainer.run()
     assert result.stopped and decoded == [4] and scored == []      # the second chunk was never decoded
+
+
+def test_a_stop_during_the_held_out_evaluation_keeps_the_trained_epochs_line(tmp_path):
+    """The epoch trained before its held-out evaluation began: its metrics line is written and
+    the checkpoint holds it, though the evaluation itself was cut short."""
+    import json
+    from comfyui_prdp.heldout import HeldOutMonitor, held_out_split
+
+    backend = BlockToyBackend()
+    stop = threading.Event()
+    cfg = config(eval_every=1, eval_prompts=1, eval_seeds=1, epochs=3)
+    prompts, held_out = held_out_split(PROMPTS + ["a black cat"], cfg)
+
+    def callback(event):
+        if event["type"] == "phase" and event["phase"] == "held-out evaluation":
+            stop.set()
+    trainer = Trainer(backend, BrightnessReward(), prompts, cfg, out_dir=tmp_path, callback=callback,
+                      stop_event=stop)
+    trainer.held_out = HeldOutMonitor(held_out, cfg)
+    result = trainer.run()
+    assert result.stopped and result.epochs_done == 1
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1] and "eval/reward_mean" not in lines[0]
+    assert result.checkpoint_path is not None and result.checkpoint_path.name.startswith("epoch_00001")

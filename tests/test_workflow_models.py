@@ -109,3 +109,18 @@ def test_quick_test_note_states_its_cost_on_gpu_and_cpu():
     assert int(stated.group(2)) == evaluations["update_forward_backward"], (evaluations, note)
     assert f"{config.epochs} epochs" in note and f"{config.width} x {config.height}" in note
     assert "on a GPU" in note and "on a CPU" in note and "short epochs" not in note, note
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_every_training_workflow_takes_several_optimizer_steps_per_epoch(path):
+    """The proximal clip binds only from an epoch's second optimizer step on (issue 21.3b)."""
+    package = load_plugin_package()
+    build_config = __import__(f"{package.__name__}.nodes.train_form", fromlist=["build_config"]).build_config
+    trainers = [n for n in _nodes(path) if n["type"] == "PRDPTrainLoRA"]
+    if not trainers:
+        pytest.skip(f"{path.name} trains nothing")
+    for node in trainers:
+        values, _ = train_widget_values(package.NODE_CLASS_MAPPINGS, node)
+        config = build_config(values["preset"], **{k: v for k, v in values.items() if k != "preset"})
+        assert config.optimizer_steps_per_epoch() >= 2, (path.name, config.prompts_per_epoch,
+                                                         config.minibatch_prompts)
