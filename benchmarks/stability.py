@@ -201,7 +201,7 @@ def run_one(components: dict, reward, prompts: List[str], unseen: UnseenSet, con
     parts = dict(components, unet=copy.deepcopy(components["unet"]))   # a fresh LoRA on a fresh copy
     backend = DiffusersBackend.from_components(**parts, config=config, device=device, model_name=MODEL_NAME)
     counter = EvaluationCounter(backend)
-    trainer = Trainer(backend, reward, prompts, config)
+    trainer = Trainer(backend, reward, prompts, config, estimate_cost=False)    # every evaluation counted trains
     curve = [{"epoch": 0, "unseen_reward": base["reward"].mean().item()}]
     training, diverged_at, images = [], None, base["images"]
     last_good = backend.lora_state_dict()

@@ -137,7 +137,10 @@ class Trainer:
     def __init__(self, backend: Backend, reward, prompts: List[str], config: TrainConfig,
                  out_dir: Optional[Path] = None, callback: Optional[Callback] = None,
                  stop_event: Optional[threading.Event] = None,
-                 lora_path: Optional[Path] = None, distributed: Optional[Distributed] = None):
+                 lora_path: Optional[Path] = None, distributed: Optional[Distributed] = None,
+                 estimate_cost: bool = True):
+        """estimate_cost: time one model evaluation before the first epoch and announce the
+        epoch's cost (off where every evaluation must be training compute: benchmarks/stability.py)."""
         self.config = config.validate()
         self.dist = distributed or SINGLE
         self.dist.check_shardable(self.config.prompts_per_epoch)
@@ -169,7 +172,7 @@ class Trainer:
         #: set to a heldout.HeldOutMonitor (before run) to score held-out pairs every eval_every epochs
         self.held_out: Optional[HeldOutMonitor] = None
         self._progress_units = 0
-        self._estimated = False         # the epoch's cost is announced once per run (estimate event)
+        self._estimated = not estimate_cost     # the epoch's cost is announced once per run (estimate event)
         self._trained_steps: Optional[set] = None
         self._uncond_one = None
         self.ddpo_tracker = PerPromptStatTracker(config.ddpo_buffer_size, config.ddpo_min_count)

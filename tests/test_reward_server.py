@@ -275,9 +275,10 @@ def test_a_server_that_is_down_is_reported_before_any_work(tmp_path, capsys, mon
         create_reward(url, path="weights.safetensors")
     monkeypatch.setattr(model_loading, "load_backend", lambda *a, **k: pytest.fail("model loaded"))
     code = cli.main(["train", "--out", str(tmp_path / "run"), "--reward", url])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: reward server") and "not reachable" in err, err
-    assert err.count("\n") == 1
+    lines = capsys.readouterr().err.splitlines()
+    # the loading's progress line, then one error line
+    assert code == 2 and lines[0].startswith("loading the reward") and len(lines) == 2, lines
+    assert lines[1].startswith("error: reward server") and "not reachable" in lines[1], lines
 
 
 def test_training_through_a_server_equals_training_with_the_local_reward(serve, tmp_path):
@@ -342,7 +343,8 @@ def test_cli_trains_through_a_server_and_resume_reports_it_down(tmp_path, capsys
     record = json.loads((out / "config.json").read_text())
     assert record["reward"] == url and (out / "lora.safetensors").exists()
     code = cli.main(["train", "--out", str(out), "--resume", "--epochs", "2", "--reward", url])
-    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if not line.startswith(("note: ", "loading the reward"))]      # (progress of the loading)
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: reward server") and \
         "not reachable" in errors[0], errors
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_00001"]   # nothing written
