@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .config import PRESETS, TrainConfig, preset
-from .progress import _duration as format_seconds
+from .progress import format_duration
 from .prompts import PromptTextError, open_prompt_file
 from .stop_signals import check_stop_file, stop_requests
 
@@ -268,7 +268,7 @@ class ProgressPrinter:
                            f"loss {m['loss']:.4g}  clip {m['clip_frac']:.3f}  kl {m['kl']:.4g}  "
                            f"on-policy diff {m['onpolicy_max_diff']:.1e}")
         elif event["type"] == "estimate":
-            self.bar.write(f"estimated cost: ~{format_seconds(event['epoch_seconds'])} per epoch "
+            self.bar.write(f"estimated cost: ~{format_duration(event['epoch_seconds'])} per epoch "
                            f"({event['evaluations_per_epoch']} model evaluations of one image, "
                            f"{event['seconds_per_evaluation']:.2g} s each, measured once; batching makes it faster)")
         elif event["type"] == "checkpoint":

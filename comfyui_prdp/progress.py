@@ -37,7 +37,7 @@ def _to_stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -64,7 +64,7 @@ class PhaseProgress:
         elapsed = self.clock() - self.started
         line = f"{self.phase}: {100 * self.done / self.total:.0f} % ({self.done}/{self.total} {self.unit})"
         if 0 < self.done < self.total:
-            line += f", about {_duration(elapsed * (self.total - self.done) / self.done)} left"
+            line += f", about {format_duration(elapsed * (self.total - self.done) / self.done)} left"
         return line
 
     def update(self, done: int) -> None:
@@ -77,7 +77,7 @@ class PhaseProgress:
     def finish(self) -> None:
         """The last line: the phase is done, and how long it took."""
         self.done = self.total
-        self.listener(f"{self.phase}: done in {_duration(self.clock() - self.started)}")
+        self.listener(f"{self.phase}: done in {format_duration(self.clock() - self.started)}")
 
 
 @contextlib.contextmanager
@@ -88,4 +88,4 @@ def timed_phase(phase: str, clock: Callable[[], float] = time.monotonic) -> Iter
     started = clock()
     listener(f"{phase} ...")
     yield
-    listener(f"{phase}: done in {_duration(clock() - started)}")
+    listener(f"{phase}: done in {format_duration(clock() - started)}")
