@@ -22,16 +22,16 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "example_workflows"
 SIZE = (400, 300)
 QUALITY = 82
-START_HERE = "quick_test_jpeg"
+START_HERE = "Start here - Quick test with the JPEG reward"
 #: name -> (title, one line on what it trains)
 TITLES = {
-    "quick_test_jpeg": ("Quick test: start here", "SD1.5 · JPEG reward · no downloads"),
-    "train_and_compare": ("Train and compare", "SD1.5 · PickScore"),
-    "train_and_compare_sdxl": ("Train and compare (SDXL)", "SDXL · PickScore"),
-    "train_and_compare_sd35": ("Train and compare (SD3.5)", "SD3.5 · PickScore · flow SDE"),
-    "train_and_compare_flux": ("Train and compare (Flux)", "Flux.1-dev · PickScore · flow SDE"),
-    "multi_reward": ("Multi-reward training", "PickScore + HPSv2 + aesthetic"),
-    "compare_saved_lora": ("Compare a saved LoRA", "base vs. LoRA · PickScore"),
+    "Start here - Quick test with the JPEG reward": ("Quick test: start here", "SD1.5 · JPEG reward · no downloads"),
+    "Train and compare SD1.5 with PickScore": ("Train and compare", "SD1.5 · PickScore"),
+    "Train and compare SDXL with PickScore": ("Train and compare (SDXL)", "SDXL · PickScore"),
+    "Train and compare SD3.5 with PickScore": ("Train and compare (SD3.5)", "SD3.5 · PickScore · flow SDE"),
+    "Train and compare Flux with PickScore": ("Train and compare (Flux)", "Flux.1-dev · PickScore · flow SDE"),
+    "Multi-reward PickScore HPSv2 aesthetic": ("Multi-reward training", "PickScore + HPSv2 + aesthetic"),
+    "Compare a saved LoRA with the base": ("Compare a saved LoRA", "base vs. LoRA · PickScore"),
 }
 DEMO_NOTE = "images: PRDP on the embedded demo model, CPU run"
 

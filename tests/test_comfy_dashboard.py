@@ -27,7 +27,7 @@ import pytest
 import comfy_harness as harness
 
 SCREENS = Path(os.environ.get("PRDP_SCREENS", "/tmp/prdp-screens"))
-WORKFLOW = "quick_test_jpeg"
+WORKFLOW = "Start here - Quick test with the JPEG reward"
 RENDERERS = {"classic": False, "nodes2": True}
 
 

@@ -390,7 +390,7 @@ def t5_encoder_parameters(config: dict) -> int:
 
 
 def test_the_flux_workflow_has_no_real_server_run_because_comfyui_builds_a_full_t5_xxl():
-    """Why train_and_compare_flux.json is not run on a real server here (its graph is checked in
+    """Why the Flux workflow ("Train and compare Flux with PickScore.json") is not run on a real server here (its graph is checked in
     tests/test_nodes_validate.py, the train node on the tiny Flux above): DualCLIPLoader's flux
     type builds FluxClipModel, whose T5 is ComfyUI's T5XXLModel from the fixed t5_config_xxl.json,
     whatever the file holds. Fails, asking for that run, once ComfyUI's Flux T5 is small."""
@@ -407,7 +407,7 @@ def test_the_flux_workflow_has_no_real_server_run_because_comfyui_builds_a_full_
     config = json.loads((comfyui_root() / "comfy" / "text_encoders" / "t5_config_xxl.json").read_text())
     parameters = t5_encoder_parameters(config)
     assert parameters > 10 ** 9, f"ComfyUI's Flux T5 has {parameters} parameters: run the Flux workflow on a server"
-    pytest.skip(f"train_and_compare_flux.json on a real server: DualCLIPLoader (flux) builds Flux's T5 from "
+    pytest.skip(f"The Flux workflow on a real server: DualCLIPLoader (flux) builds Flux's T5 from "
                 f"ComfyUI's fixed t5_config_xxl.json whatever the file holds (d_model {config['d_model']}, "
                 f"{config['num_layers']} layers: {parameters / 1e9:.2f} B parameters, "
                 f"{2 * parameters / 2 ** 30:.1f} GiB in fp16 to write, load and run per prompt on these CPUs)")

@@ -116,7 +116,7 @@ def test_hand_made_graph_with_reroute_primitive_bypass_and_mute_converts_like_th
 
 
 def test_train_and_compare_queued_from_the_frontend(server, page, object_info, tmp_path):
-    name = "train_and_compare"
+    name = "Train and compare SD1.5 with PickScore"
     if name not in {p.stem for p in WORKFLOW_FILES}:
         pytest.skip(f"no example workflow named {name}.json")
     # as the template browser does: fetch the served template, then load it

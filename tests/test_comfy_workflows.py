@@ -551,10 +551,10 @@ def _base_and_finetuned_decodes(prompt: dict) -> tuple[list[str], list[str]]:
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=[p.stem for p in WORKFLOW_FILES])
 def test_example_workflow_runs_with_tiny_settings(server, object_info, path, request):
-    if path.stem == "train_and_compare_sd35":
+    if path.stem == "Train and compare SD3.5 with PickScore":
         pytest.skip("an SD3 workflow (16-channel latents), not one for the tiny SD1.5 checkpoint: it runs on a tiny "
                     "SD3 checkpoint in test_the_sd35_workflow_trains_a_flow_lora_on_a_checkpoint_comfyui_detects_as_sd3")
-    if path.stem == "train_and_compare_flux":
+    if path.stem == "Train and compare Flux with PickScore":
         pytest.skip("a Flux workflow (UNETLoader + DualCLIPLoader), not one for the tiny SD1.5 checkpoint; why no "
                     "tiny Flux runs it: tests/test_comfy_flow.py::test_the_flux_workflow_has_no_real_server_run_"
                     "because_comfyui_builds_a_full_t5_xxl")
@@ -602,8 +602,8 @@ def test_example_workflow_runs_with_tiny_settings(server, object_info, path, req
 # The SDXL and SD3.5 example workflows on checkpoints ComfyUI detects as SDXL / SD3
 # --------------------------------------------------------------------------------------
 
-SDXL_WORKFLOW = harness.REPO_ROOT / "example_workflows" / "train_and_compare_sdxl.json"
-SD35_WORKFLOW = harness.REPO_ROOT / "example_workflows" / "train_and_compare_sd35.json"
+SDXL_WORKFLOW = harness.REPO_ROOT / "example_workflows" / "Train and compare SDXL with PickScore.json"
+SD35_WORKFLOW = harness.REPO_ROOT / "example_workflows" / "Train and compare SD3.5 with PickScore.json"
 
 
 def _tiny_checkpoint_in_server(kind: str, server, tmp_path_factory) -> Path:
@@ -693,7 +693,7 @@ def _assert_changed_and_the_file_gives_the_trained_image(server, run: dict, chec
 
 
 def test_the_sdxl_workflow_trains_an_sdxl_lora_and_compares_on_an_sdxl_checkpoint(server, sdxl_checkpoint):
-    """train_and_compare_sdxl.json as shipped (SDXL checkpoint, the SDXL preset, native size,
+    """The SDXL workflow ("Train and compare SDXL with PickScore.json") as shipped (SDXL checkpoint, the SDXL preset, native size,
     1024 px comparison), run with tiny settings on a checkpoint ComfyUI detects as SDXL: the
     node trains the SDXL model (pooled + size conditioning), the LoRA is an SDXL one by its
     metadata and keys, the finetuned image differs from the base and is scored, and the file
@@ -718,7 +718,7 @@ def test_the_sdxl_workflow_trains_an_sdxl_lora_and_compares_on_an_sdxl_checkpoin
 
 
 def test_the_sd35_workflow_trains_a_flow_lora_on_a_checkpoint_comfyui_detects_as_sd3(server, sd3_checkpoint):
-    """train_and_compare_sd35.json as shipped (an SD3.5 checkpoint with its text encoders, the
+    """The SD3.5 workflow ("Train and compare SD3.5 with PickScore.json") as shipped (an SD3.5 checkpoint with its text encoders, the
     flow-SDE preset consumer-gpu-sd35, CFG, 16-channel latents), run with tiny settings on a
     checkpoint ComfyUI detects as SD3 (MMDiT, CLIP-L + CLIP-G, no T5): the node trains it as a
     flow model, the LoRA names the family and targets the MMDiT's joint blocks, the finetuned

@@ -22,9 +22,9 @@ CORE_WIDGETS = {"CheckpointLoaderSimple": 1, "CLIPTextEncode": 1, "EmptyLatentIm
                 "UNETLoader": 2, "DualCLIPLoader": 4, "VAELoader": 1, "FluxGuidance": 1, "EmptySD3LatentImage": 3}
 #: the model files each shipped workflow loads: {loader type: [widgets_values of each such node]}
 WORKFLOW_MODELS = {
-    "train_and_compare_sdxl": {"CheckpointLoaderSimple": [["sd_xl_base_1.0.safetensors"]]},
-    "train_and_compare_sd35": {"CheckpointLoaderSimple": [["sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"]]},
-    "train_and_compare_flux": {"UNETLoader": [["flux1-dev.safetensors", "default"]],
+    "Train and compare SDXL with PickScore": {"CheckpointLoaderSimple": [["sd_xl_base_1.0.safetensors"]]},
+    "Train and compare SD3.5 with PickScore": {"CheckpointLoaderSimple": [["sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"]]},
+    "Train and compare Flux with PickScore": {"UNETLoader": [["flux1-dev.safetensors", "default"]],
                                "DualCLIPLoader": [["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]],
                                "VAELoader": [["ae.safetensors"]]},
 }
@@ -243,13 +243,13 @@ def test_workflows_are_consistent_ui_graphs(nodes, path):
 
 
 def test_the_three_workflows_exist():
-    assert {p.name for p in WORKFLOWS} >= {"train_and_compare.json", "compare_saved_lora.json", "multi_reward.json"}
+    assert {p.name for p in WORKFLOWS} >= {"Train and compare SD1.5 with PickScore.json", "Compare a saved LoRA with the base.json", "Multi-reward PickScore HPSv2 aesthetic.json"}
 
 
 def test_the_flux_workflow_trains_and_compares_as_flux_dev_is_sampled(nodes):
-    """train_and_compare_flux.json: the consumer-gpu-flux preset at cfg 1 with the distilled
+    """The Flux workflow ("Train and compare Flux with PickScore.json"): the consumer-gpu-flux preset at cfg 1 with the distilled
     guidance the comparison's FluxGuidance gives, and both samplers see that guidance."""
-    workflow = json.loads((REPO_ROOT / "example_workflows" / "train_and_compare_flux.json").read_text())
+    workflow = json.loads((REPO_ROOT / "example_workflows" / "Train and compare Flux with PickScore.json").read_text())
     by_id = {n["id"]: n for n in workflow["nodes"]}
     (train,) = [n for n in workflow["nodes"] if n["type"] == "PRDPTrainLoRA"]
     (guidance,) = [n for n in workflow["nodes"] if n["type"] == "FluxGuidance"]

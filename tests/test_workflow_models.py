@@ -4,7 +4,7 @@ The frontend offers a download for a missing model when the loader node's
 ``properties.models`` holds ``{"name", "url", "directory"}`` for the file its widget names
 (it keeps the entries whose name equals a widget value; it downloads only from
 https://huggingface.co/ or civitai, names ending in .safetensors/.sft/.ckpt/.pth/.pt). And
-the LoRA that compare_saved_lora loads is one a shipped workflow writes.
+the LoRA that "Compare a saved LoRA with the base" loads is one a shipped workflow writes.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_a_file_name_has_one_source_in_every_workflow():
 
 def test_compare_saved_lora_loads_a_lora_that_a_workflow_trains():
     written = _written_loras()
-    compare = next(p for p in WORKFLOWS if p.stem == "compare_saved_lora")
+    compare = next(p for p in WORKFLOWS if p.stem == "Compare a saved LoRA with the base")
     nodes = _nodes(compare)
     loras = [_model_values(n)[0] for n in nodes if n["type"] == "LoraLoader"]
     assert loras and all(lora in written for lora in loras), (loras, sorted(written))
@@ -96,7 +96,7 @@ def test_compare_saved_lora_loads_a_lora_that_a_workflow_trains():
 def test_quick_test_note_states_its_cost_on_gpu_and_cpu():
     package = load_plugin_package()
     build_config = __import__(f"{package.__name__}.nodes.train_form", fromlist=["build_config"]).build_config
-    path = next(p for p in WORKFLOWS if p.stem == "quick_test_jpeg")
+    path = next(p for p in WORKFLOWS if p.stem == "Start here - Quick test with the JPEG reward")
     workflow_nodes = _nodes(path)
     values, _ = train_widget_values(package.NODE_CLASS_MAPPINGS,
                                     next(n for n in workflow_nodes if n["type"] == "PRDPTrainLoRA"))
