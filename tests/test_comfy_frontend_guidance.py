@@ -124,6 +124,7 @@ def reward_node_layout(page) -> list[dict]:
         reward: n.widgets.find(w => w.name === 'reward').value,
         height: (n.boundingRect ?? n.size)[3] ?? n.size[1],   // as drawn (1.2x keeps size, draws smaller)
         hidden: n.widgets.filter(w => w.hidden).map(w => w.name),
+        rows: n.widgets.filter(w => !w.hidden).map(w => w.y ?? w.last_y ?? null),
         dom: document.querySelector(`[data-node-id="${n.id}"]`)?.innerText ?? null,
     }))""", REWARD_NODE)
 
@@ -166,6 +167,11 @@ def test_load_reward_model_shows_only_the_widgets_its_reward_uses(server, browse
         (_, back) = reward_node_layout(page)
 
     assert not set(MODEL_ONLY_WIDGETS) & set(model_reward["hidden"]), model_reward
+    rows = model_reward["rows"]
+    if not vue and None not in rows:
+        # drawn one under the other: no empty row where a hidden widget (`components`) sits
+        steps = [b - a for a, b in zip(rows, rows[1:])]
+        assert max(steps) < 1.5 * min(steps), (rows, model_reward)
     assert set(MODEL_ONLY_WIDGETS) <= set(jpeg["hidden"]), jpeg
     # drawn smaller, not only flagged: both renderers size the node from its visible widgets
     assert jpeg["height"] < model_reward["height"] - 3 * 20, (jpeg, model_reward)

@@ -41,6 +41,16 @@ function setHidden(widget, hidden) {
   widget.hidden = hidden;
   widget.options = widget.options ?? {};
   widget.options.hidden = hidden;
+  // frontend 1.2x's classic canvas skips drawing a hidden widget but still lays out its row:
+  // a hidden widget asks for no height (the newer frontends skip hidden widgets in layout anyway)
+  if (hidden && !widget.prdpComputeSize) {
+    widget.prdpComputeSize = { original: widget.computeSize };
+    widget.computeSize = () => [0, -4];
+  } else if (!hidden && widget.prdpComputeSize) {
+    const { original } = widget.prdpComputeSize;
+    if (original) widget.computeSize = original; else delete widget.computeSize;
+    delete widget.prdpComputeSize;
+  }
 }
 
 /** Hide what does not apply on `node`; returns the names hidden. */
