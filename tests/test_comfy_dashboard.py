@@ -144,6 +144,19 @@ def screenshot(page, tmp_path, name: str) -> Path:
     return path
 
 
+def picture_of_the_train_node(page, name: str) -> Path:
+    """The train node alone (widgets and dashboard), as focus_train_node placed it, into SCREENS:
+    docs/images/dashboard.png is one of these, taken mid-training."""
+    box = page.evaluate("() => document.querySelector('[data-prdp=dashboard]').getBoundingClientRect().toJSON()")
+    top = 30
+    clip = {"x": max(0, box["x"] - 24), "y": top, "width": box["width"] + 48,
+            "height": box["y"] + box["height"] + 16 - top}
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    path = SCREENS / f"{name}.png"
+    page.screenshot(path=str(path), clip=clip)
+    return path
+
+
 def latest_job(server, name_prefix: str) -> dict:
     jobs = [j for j in harness.get_json(server.base_url, "/prdp/jobs")["jobs"] if j["name"].startswith(name_prefix)]
     assert jobs, "no PRDP job listed"
@@ -225,9 +238,10 @@ def test_stop_button_ends_the_run_gracefully_and_says_where(server, browser, tmp
         loras_before = set(server.loras_dir.rglob("*.safetensors"))
         record_toasts(page)
         prompt_id = harness.queue_from_page(server.base_url, page)
-        page.wait_for_function("() => document.querySelectorAll('[data-prdp=curve] circle').length >= 1",
+        page.wait_for_function("() => document.querySelectorAll('[data-prdp=curve] circle').length >= 3",
                                timeout=300_000)
         screenshot(page, tmp_path, f"{server.comfyui_root.name}-{renderer}-running")
+        picture_of_the_train_node(page, f"dashboard-{server.comfyui_root.name}-{renderer}")   # README's picture
         page.click("[data-prdp=stop]")
         result, shown = wait_for_the_end(server, page, prompt_id, "stopped at epoch", "PRDP Train LoRA: stopped at",
                                          tmp_path, f"{renderer}-stopped")
