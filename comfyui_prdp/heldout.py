@@ -15,7 +15,7 @@ below the best held-out reward so far while the training reward (mean over the e
 previous evaluation) is above the training reward at the best evaluation. After
 `early_stop_patience` diverging evaluations in a row the run stops (0: never).
 
-`best/` holds one checkpoint, `best/epoch_NNNNN/` (the format of checkpoints.py, written
+`best/` holds one checkpoint, `best/epoch_NNNNN/` (the format of runs/checkpoints.py, written
 atomically; its `lora.safetensors` is the best LoRA), and `best/best.json` naming it. A new best
 is written before the previous one is removed, and only folders that verify as checkpoints this
 package wrote are ever removed, so a crash leaves at least one best and files a user put in
@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import checkpoints
+from .runs import checkpoints
 from .config import TrainConfig
-from .lora import atomic_write
+from .lora.files import atomic_write
 from .prompts import PromptSet
 
 if TYPE_CHECKING:

@@ -23,17 +23,17 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import checkpoints
+from .runs import checkpoints
 from .backends.base import Backend
 from .advantages import PerPromptStatTracker
 from .config import TrainConfig
-from .distributed import SINGLE, Distributed
-from .lora import atomic_write, lora_metadata, save_lora, unique_path
+from .distributed.group import SINGLE, Distributed
+from .lora.files import atomic_write, lora_metadata, save_lora, unique_path
 from .objective import LOSSES, DynamicLossScale, clip_fraction, logp_gradient_weights, pair_agreement
 from .heldout import HeldOutMonitor
 from .prompts import PromptSet
 from .policies import policy_for
-from .rank_faults import RankFailed, RankFaults
+from .distributed.faults import RankFailed, RankFaults
 from .rewards.base import reward_device_bytes
 from .sampling import (Trajectories, broadcast_row, index_cond, join_trajectories, recorded_logprob, repeat_cond,
                        sample_trajectories)
@@ -663,7 +663,7 @@ class Trainer:
 
     def save_checkpoint(self, partial: bool = False) -> Optional[Path]:
         """LoRA, optimizer, RNG, epoch, metrics and extra state into
-        out_dir/checkpoints/epoch_NNNNN[_stopped]/ (format: checkpoints.py). Stopped in the
+        out_dir/checkpoints/epoch_NNNNN[_stopped]/ (format: runs/checkpoints.py). Stopped in the
         middle of an epoch, the state from the epoch's start is written."""
         if self.out_dir is None:
             return None

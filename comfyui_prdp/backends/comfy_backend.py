@@ -41,7 +41,7 @@ schedule and unit noise_scale: SD3/3.5, Flux, Lumina2/Z-Image, Qwen-Image, Chrom
 with the flow-SDE policy. Anything else (EDM, Cosmos RFlow, X0, a CONST noise_scale other than 1)
 is refused with a clear error, and so is HiDream (its encoder's Llama features are not passed).
 LoRA key names follow the architecture, never the sampling: a UNet gets kohya keys in diffusers
-naming whatever model-sampling node is upstream (comfy_lora.py).
+naming whatever model-sampling node is upstream (lora/comfy_adapter.py).
 
 Conventions (see base.py): latents are in the space the sampler works in (`process_latent_in`,
 e.g. x 0.18215 for SD1.x, scale + shift for Flux); `apply_model` returns the denoised x0 for
@@ -65,8 +65,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.utils.checkpoint
 
-from .. import comfy_lora, model_families
-from ..inference_tensors import is_inference_like, ordinary
+from ..lora import comfy_adapter as comfy_lora
+from ..models import families as model_families
+from ..models.inference_tensors import is_inference_like, ordinary
 from ..trainer import StopRequested
 from .base import Backend, Cond, block_modules
 

@@ -14,7 +14,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .. import lora_keys, model_families
+from ..lora import keys as lora_keys
+from ..models import families as model_families
 from ..config import TrainConfig
 from .base import Backend, Cond, block_modules
 

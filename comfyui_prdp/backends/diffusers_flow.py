@@ -28,7 +28,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .. import lora_keys, model_families
+from ..lora import keys as lora_keys
+from ..models import families as model_families
 from ..config import TrainConfig
 from .base import Cond
 from .diffusers_backend import (ADAPTER_NAME, DiffusersBackend, _cast, _export, _move, decode_batch_size,

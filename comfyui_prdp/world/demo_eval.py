@@ -77,7 +77,7 @@ def guard_line(stats: Dict[str, object]) -> str:
 
 
 def write_json(path: Path, record: dict) -> None:
-    from ..lora import atomic_write
+    from ..lora.files import atomic_write
 
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 

@@ -7,7 +7,7 @@ AutoencoderKL: a tiny AutoencoderKL trained for the ~1 minute the budget allows 
 colours of the objects (measured: reconstruction MSE 0.054, red decoded as purple), while the
 UNet on 8x8 positions costs what a latent model costs (a UNet on 32x32 pixels was ~10x slower
 per step on two cores). The price: this model cannot be saved as a diffusers folder or a
-single-file SD checkpoint (those tests use the texture model, embedded.py).
+single-file SD checkpoint (those tests use the texture model, models/embedded.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Dict
 
 import torch
 
-from ..embedded import CROSS_ATTENTION_DIM, TEXT_CONFIG   # the same tiny CLIP text encoder
+from ..models.embedded import CROSS_ATTENTION_DIM, TEXT_CONFIG   # the same tiny CLIP text encoder
 from .pixel_vae import PixelUnshuffleVAE
 from .render import IMAGE_SIZE
 
@@ -46,7 +46,7 @@ def build_world_pipeline(seed: int = 0, pretrained: bool = True) -> Dict[str, ob
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..tokenizer_offline import offline_clip_tokenizer
+    from ..models.tokenizer_offline import offline_clip_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embedded_pretrain import cache_dir, fixed_threads
+from ..models.embedded_pretrain import cache_dir, fixed_threads
 from ..progress import PhaseProgress
 from .grammar import Scene, split_scenes
 from .render import render_batch
@@ -120,7 +120,7 @@ def load_or_pretrain(components: dict, seed: int) -> Path:
     """Load the pretrained weights from the cache, or pretrain and cache them atomically."""
     from safetensors.torch import load_file, save_file
 
-    from ..lora import atomic_write
+    from ..lora.files import atomic_write
 
     path = cache_path(seed)
     if path.is_file():

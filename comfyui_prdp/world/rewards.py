@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from ..inference_tensors import move_ordinary
+from ..models.inference_tensors import move_ordinary
 from ..rewards.base import Reward, register_reward
 from .preference import preference_score
 

@@ -3,7 +3,7 @@
 Every rank parses the same command line and runs the same cheap checks. Rank 0 alone claims
 and plans the --out folder (lock, run record, which checkpoint to resume) and tells the other
 ranks what it decided (or the error that ends the run) as JSON; then every rank loads the model
-and trains its share (trainer.py, distributed.py); rank 0 alone prints and writes files. The
+and trains its share (trainer.py, distributed/group.py); rank 0 alone prints and writes files. The
 run folder must be on a filesystem every node sees (a resume reads the checkpoint on each rank).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import List
 
-from .distributed import (SINGLE, Distributed, DistributedError, init_from_env, launched_by_torchrun,
+from ..distributed.group import (SINGLE, Distributed, DistributedError, init_from_env, launched_by_torchrun,
                           rank_device, shutdown)
 
 
@@ -30,8 +30,8 @@ def join_ranks(args) -> Distributed:
 
 def train_ranks(args, config, prompts: List[str], dist: Distributed) -> int:
     """Plan the run on rank 0 (which holds the --out lock while it trains), then train on every rank."""
-    from . import cli
-    from .run_folder import config_from_dict
+    from .. import cli
+    from ..runs.run_folder import config_from_dict
 
     try:
         dist.check_shardable(config.prompts_per_epoch)     # every rank refuses alike, before loading

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .lora import save_lora
+from ..lora.files import save_lora
 
 MANIFEST = "prdp_checkpoint.json"
 LORA_FILE = "lora.safetensors"

@@ -313,7 +313,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 def serve(args) -> int:
     """Run the server until Ctrl-C; refused settings print one 'error: ...' line (exit 2)."""
-    from .cli import make_reward
+    from ..cli import make_reward
 
     if not 0 <= args.port <= 65535:
         raise SystemExit(f"error: --port {args.port}: use 0 to 65535")

@@ -15,10 +15,10 @@ import traceback
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .config import PRESETS, TrainConfig, preset
-from .progress import format_duration
-from .prompts import PromptTextError, open_prompt_file
-from .stop_signals import check_stop_file, stop_requests
+from ..config import PRESETS, TrainConfig, preset
+from ..progress import format_duration
+from ..prompts import PromptTextError, open_prompt_file
+from ..runs.stop_signals import check_stop_file, stop_requests
 
 DEFAULT_PROMPTS = [f"a painting of a {animal}" for animal in (
     "cat", "dog", "horse", "rabbit", "fox", "owl", "bear", "deer", "lion", "turtle", "goat", "duck")]
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. to_q,to_k,to_v,to_out.0")
     train.add_argument("--sde-window", default=None,
                        help="FIRST,STOP: only these steps are stochastic and trained, the rest deterministic (MixGRPO; approximate)")
-    from .reward_server import add_parser as add_serve_reward_parser
+    from ..rewards.server import add_parser as add_serve_reward_parser
     add_serve_reward_parser(commands)
     return parser
 
@@ -177,7 +177,7 @@ def check_out_path(out: Path) -> None:
 
 def claim_out_dir(out: Path, resume: bool):
     """The --out folder, created if new and locked for this run (a RunLock to release)."""
-    from .run_lock import FolderInUse, RunLock
+    from ..runs.run_lock import FolderInUse, RunLock
 
     if resume and not out.is_dir():
         raise SystemExit(f"error: --resume: {out} does not exist; run without --resume first")
@@ -190,9 +190,9 @@ def claim_out_dir(out: Path, resume: bool):
 
 def plan_out_dir(args, config: TrainConfig, prompts: List[str]):
     """What this run does in its (locked) --out: a ResumePlan; checkpoints are read and
-    checked here, before any model loads. See run_folder.py for the folder states."""
-    from . import run_folder
-    from .checkpoints import CheckpointError
+    checked here, before any model loads. See runs/run_folder.py for the folder states."""
+    from ..runs import run_folder
+    from ..runs.checkpoints import CheckpointError
 
     contents = run_folder.inspect(args.out)
     info = run_folder.run_info(args.base, args.reward, args.reward_spec, prompts, args.prompts)
@@ -216,9 +216,9 @@ def make_reward(args):
     """The reward --reward, --reward-spec and --reward-path name (`train` and `serve-reward`),
     its models on the trainer's --device (cuda:1 too, not the first GPU); one refused ends the
     command with one 'error: ...' line."""
-    from .rewards import create_reward
-    from .rewards.loading import default_device
-    from .rewards.remote import RewardServerError
+    from ..rewards import create_reward
+    from ..rewards.loading import default_device
+    from ..rewards.remote import RewardServerError
     kwargs = {}
     if args.reward == "weighted":
         if not args.reward_spec:
@@ -291,7 +291,7 @@ class ProgressPrinter:
 
 def train(args) -> int:
     if args.list_rewards:
-        from .rewards import available_rewards
+        from ..rewards import available_rewards
         print("\n".join(available_rewards()))
         return 0
     if args.out is None:
@@ -303,7 +303,7 @@ def train(args) -> int:
     check_base(args.base, args.base_config)
     prompts = read_prompts(args.prompts, args.prompt_field)
     if args.prompts is None and is_world_base(args.base):
-        from .world.demo_eval import demo_train_prompts
+        from ..world.demo_eval import demo_train_prompts
         prompts = demo_train_prompts()     # the world's training captions (held-out ones stay unseen)
     if not args.resume:                        # (a resumed run's own settings are checked later)
         split_held_out(args, config, prompts)  # refused here, before --out is touched
@@ -344,9 +344,9 @@ def _load_reward_and_model(args, config: TrainConfig):
     """(reward, backend) of this run; a refused one ends the command with one 'error: ...' line."""
     import torch
 
-    from .model_loading import load_backend
-    from .policies import policy_for
-    from .progress import timed_phase
+    from ..models.loading import load_backend
+    from ..policies import policy_for
+    from ..progress import timed_phase
 
     with timed_phase(f"loading the reward {args.reward!r}"):
         reward = make_reward(args)
@@ -363,18 +363,18 @@ def _load_reward_and_model(args, config: TrainConfig):
 def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist=None) -> int:
     """Load, evaluate, train (from `checkpoint`, a CheckpointData or path, when given) and
     report, in a claimed --out. `dist`: this rank of a distributed run (rank 0 reports)."""
-    from .distributed import SINGLE
-    from .plots import comparison_grid, reward_curve
-    from .rank_faults import RankFailed, RankFaults
-    from .rewards.remote import RewardServerError
-    from .trainer import Trainer
+    from ..distributed.group import SINGLE
+    from ..runs.plots import comparison_grid, reward_curve
+    from ..distributed.faults import RankFailed, RankFaults
+    from ..rewards.remote import RewardServerError
+    from ..trainer import Trainer
 
     dist = dist or SINGLE
     evaluate = not args.no_eval and dist.is_main
-    faults = RankFaults(dist)     # distributed: rank 0's evaluation error ends every rank (rank_faults.py)
+    faults = RankFaults(dist)     # distributed: rank 0's evaluation error ends every rank (distributed/faults.py)
     prompts, held_out = split_held_out(args, config, prompts)   # before any model loads
     if held_out is not None and args.eval_prompts_file:
-        from .heldout import shared_prompts
+        from ..heldout import shared_prompts
         shared = shared_prompts(prompts, held_out)
         if shared:
             print(f"note: {shared} training prompt(s) are also in {args.eval_prompts_file}: the held-out reward is "
@@ -406,14 +406,14 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     printer = ProgressPrinter(config.epochs, enabled=dist.is_main)
     trainer = Trainer(backend, reward, prompts, config, out_dir=args.out, callback=printer, distributed=dist)
     if held_out is not None:
-        from .heldout import HeldOutMonitor
+        from ..heldout import HeldOutMonitor
         trainer.held_out = HeldOutMonitor(held_out, config)
     resume_from = getattr(checkpoint, "path", checkpoint)
     start = time.perf_counter()
     try:
         with stop_requests(trainer.stop_event, interrupt=dist.enabled, stop_file=args.stop_file):
             result = trainer.run(resume_from=resume_from)
-    except RankFailed as failure:        # distributed: an error on some rank ended every rank (rank_faults.py)
+    except RankFailed as failure:        # distributed: an error on some rank ended every rank (distributed/faults.py)
         printer.bar.close()
         cause = failure.__cause__          # on the rank that failed: its own error
         if cause is not None and not isinstance(cause, (RewardServerError, PromptTextError)):
@@ -443,7 +443,7 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
     print(f"trained {result.epochs_done} epochs in {elapsed:.0f} s; LoRA: {result.lora_path}")
     if evaluate:
         after, after_images = evaluate_held_out("after training", backend, reward, row_prompts, row_seeds, config)
-        from .world.demo_eval import (GUARD_REWARD, alignment_guard, captioned_grid, guard_line, held_out_record,
+        from ..world.demo_eval import (GUARD_REWARD, alignment_guard, captioned_grid, guard_line, held_out_record,
                                       summary_lines, write_json)
         if is_world_base(args.base):
             per_prompt = len(row_seeds) // len(set(row_prompts))
@@ -470,7 +470,7 @@ def run_training(args, config: TrainConfig, prompts: List[str], checkpoint, dist
 
 
 def is_world_base(base: Optional[str]) -> bool:
-    from .world.model import MODEL_NAME
+    from ..world.model import MODEL_NAME
     return base is not None and str(base).strip() == MODEL_NAME
 
 
@@ -478,9 +478,9 @@ def held_out_set(base: Optional[str]):
     """(row prompts, row seeds) of the before/after evaluation, every image with its own seed
     (evaluation.py): for the world model, unseen captions."""
     if is_world_base(base):
-        from .world.demo_eval import eval_rows
+        from ..world.demo_eval import eval_rows
         return eval_rows()
-    from .evaluation import distinct_seed_rows
+    from ..evaluation import distinct_seed_rows
     return distinct_seed_rows(HELD_OUT_PROMPTS, HELD_OUT_IMAGES_PER_PROMPT, HELD_OUT_FIRST_SEED)
 
 
@@ -497,8 +497,8 @@ def grid_rows_shown(row_prompts: Sequence[str]) -> List[int]:
 
 def evaluate_held_out(when: str, backend, reward, row_prompts, row_seeds, config: TrainConfig, lora: bool = True):
     """(rewards, images) of the before/after evaluation, with progress lines on stderr."""
-    from .evaluation import score_rows
-    from .progress import PhaseProgress
+    from ..evaluation import score_rows
+    from ..progress import PhaseProgress
 
     batches = math.ceil(len(row_seeds) / config.sample_batch_size)
     progress = PhaseProgress(f"held-out evaluation {when} ({len(row_seeds)} images)", batches * config.steps,
@@ -514,7 +514,7 @@ def evaluate_held_out(when: str, backend, reward, row_prompts, row_seeds, config
 
 def split_held_out(args, config: TrainConfig, prompts: Sequence[str]):
     """(training prompts, heldout.HeldOutSet or None) for --eval-every (see heldout.py)."""
-    from .heldout import held_out_split
+    from ..heldout import held_out_split
 
     eval_file = read_prompts(args.eval_prompts_file, args.prompt_field) if args.eval_prompts_file else None
     if eval_file is not None and not config.eval_every:
@@ -527,7 +527,7 @@ def split_held_out(args, config: TrainConfig, prompts: Sequence[str]):
 
 def check_base(base: Optional[str], base_config: Optional[str]) -> None:
     """The cheap checks of --base and --base-config (a damaged model folder), before --out is touched."""
-    from .model_loading import ModelLoadError, check_model_folders
+    from ..models.loading import ModelLoadError, check_model_folders
 
     try:
         check_model_folders(base, base_config)
@@ -536,7 +536,7 @@ def check_base(base: Optional[str], base_config: Optional[str]) -> None:
 
 
 def check_device(device: Optional[str]) -> None:
-    from .model_loading import ModelLoadError, check_device as check
+    from ..models.loading import ModelLoadError, check_device as check
 
     try:
         check(device)
@@ -551,7 +551,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if args.command == "serve-reward":
-            from .reward_server import serve
+            from ..rewards.server import serve
             return serve(args)
         return train(args)
     except SystemExit as stop:
