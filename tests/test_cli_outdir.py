@@ -12,9 +12,10 @@ import textwrap
 import pytest
 import torch
 
-from comfyui_prdp import evaluation, model_loading
+from comfyui_prdp import evaluation
+from comfyui_prdp.models import loading as model_loading
 from comfyui_prdp import cli
-from comfyui_prdp.lora import load_lora
+from comfyui_prdp.lora.files import load_lora
 from test_checkpoints import write_pickle
 from toy_backend import BrightnessReward, ToyBackend
 

@@ -20,7 +20,7 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
 from comfyui_prdp.backends.comfy_backend import ComfyBackend, identity_weight  # noqa: E402
-from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
+from comfyui_prdp.lora.files import load_lora, save_lora  # noqa: E402
 
 HW = 64
 #: 4 transformer blocks in the tiny UNet (input, middle, 2 output) x attn1/attn2 x to_q/k/v/out.0

@@ -15,7 +15,7 @@ import_comfy()
 import folder_paths  # noqa: E402
 
 import reward_fixtures as F  # noqa: E402
-from comfyui_prdp.inference_tensors import inference_like_tensors, is_inference_like  # noqa: E402
+from comfyui_prdp.models.inference_tensors import inference_like_tensors, is_inference_like  # noqa: E402
 from comfyui_prdp.rewards.loading import clear_model_cache  # noqa: E402
 from simulated_gpu import copying_moves  # noqa: E402
 

@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from comfyui_prdp import checkpoints
+from comfyui_prdp.runs import checkpoints
 from comfyui_prdp.objective import DynamicLossScale
 from comfyui_prdp.policies.ddpm import DDPMPolicy
 from comfyui_prdp.sampling import sample_trajectories
