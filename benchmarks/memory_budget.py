@@ -331,17 +331,17 @@ def relocate(module: torch.nn.Module, device: torch.device, keep: set = frozense
 
 @contextlib.contextmanager
 def engine_moves_relocate():
-    """The CLI backends' own module moves (diffusers_backend._move: its text-encoder placement,
+    """The CLI backends' own module moves (diffusers_backend.move_module: its text-encoder placement,
     one encoder on the device at a time) done by `relocate`, which fake tensors on the meta
     stand-in support; dtypes were set by apply_cuda_dtypes already."""
     from comfyui_prdp.backends import diffusers_backend
 
-    original = diffusers_backend._move
-    diffusers_backend._move = lambda module, device, dtype: relocate(module, torch.device(device))
+    original = diffusers_backend.move_module
+    diffusers_backend.move_module = lambda module, device, dtype: relocate(module, torch.device(device))
     try:
         yield
     finally:
-        diffusers_backend._move = original
+        diffusers_backend.move_module = original
 
 
 def cast_frozen(module: torch.nn.Module, dtype: torch.dtype, keep: set) -> None:

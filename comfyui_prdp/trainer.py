@@ -23,18 +23,19 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .runs import checkpoints
-from .backends.base import Backend
 from .advantages import PerPromptStatTracker
+from .backends.base import Backend
 from .config import TrainConfig
+from .distributed.faults import RankFailed, RankFaults
 from .distributed.group import SINGLE, Distributed
+from .heldout import HeldOutMonitor
 from .lora.files import atomic_write, lora_metadata, save_lora, unique_path
 from .objective import LOSSES, DynamicLossScale, clip_fraction, logp_gradient_weights, pair_agreement
-from .heldout import HeldOutMonitor
-from .prompts import PromptSet
 from .policies import policy_for
-from .distributed.faults import RankFailed, RankFaults
+from .prompts import PromptSet
 from .rewards.base import reward_device_bytes
+from .runs import checkpoints
+from .runs.stop_signals import StopRequested
 from .sampling import (Trajectories, broadcast_row, index_cond, join_trajectories, recorded_logprob, repeat_cond,
                        sample_trajectories)
 
@@ -77,10 +78,6 @@ def micro_batches(rows: torch.Tensor, steps: torch.Tensor, sample_batch_size: in
     order = torch.argsort(group * (int(rows.max()) + 1) + rows)                # unique keys
     _, sizes = torch.unique_consecutive(group[order], return_counts=True)
     return list(order.split(sizes.tolist()))
-
-
-class StopRequested(Exception):
-    """Raised inside the loop when the stop event is set; the trainer saves and returns."""
 
 
 @dataclass
@@ -181,7 +178,7 @@ class Trainer:
                 [self.config.to_dict(), len(prompts), prompts[0], prompts[len(prompts) - 1]]))
             self.dist.broadcast_parameters(params)
 
-    def _extra_state(self) -> dict:
+    def extra_state(self) -> dict:
         """JSON-serialisable trainer state beyond weights and optimizer (saved in checkpoints)."""
         state = {"ddpo_tracker": self.ddpo_tracker.state_dict()}
         if self.loss_scale is not None:
@@ -190,7 +187,7 @@ class Trainer:
             state["held_out"] = self.held_out.state_dict()
         return state
 
-    def _load_extra_state(self, state: dict) -> None:
+    def load_extra_state(self, state: dict) -> None:
         if "ddpo_tracker" in state:
             self.ddpo_tracker.load_state_dict(state["ddpo_tracker"])
         if self.loss_scale is not None and "loss_scale" in state:
@@ -659,7 +656,7 @@ class Trainer:
         """Remember the state at this epoch boundary: a stop in the middle of the epoch
         checkpoints it, so a resume repeats the whole unfinished epoch exactly."""
         self._epoch_start = checkpoints.TrainerSnapshot.take(
-            self.epoch, self.backend.lora_state_dict(), self.optimizer.state_dict(), self._extra_state())
+            self.epoch, self.backend.lora_state_dict(), self.optimizer.state_dict(), self.extra_state())
 
     def save_checkpoint(self, partial: bool = False) -> Optional[Path]:
         """LoRA, optimizer, RNG, epoch, metrics and extra state into
@@ -670,10 +667,10 @@ class Trainer:
         snapshot = getattr(self, "_epoch_start", None)
         if snapshot is None or snapshot.epoch != self.epoch:      # at an epoch boundary
             snapshot = checkpoints.TrainerSnapshot(self.epoch, self.backend.lora_state_dict(),
-                                                   self.optimizer.state_dict(), self._extra_state(),
+                                                   self.optimizer.state_dict(), self.extra_state(),
                                                    torch.get_rng_state())
         target = checkpoints.write_checkpoint(
-            self._checkpoint_root(), self.epoch, partial, lora=snapshot.lora, lora_metadata=self._metadata(),
+            self._checkpoint_root(), self.epoch, partial, lora=snapshot.lora, lora_metadata=self.lora_file_metadata(),
             optimizer_state_dict=snapshot.optimizer, metrics=self.metrics[: self.epoch],
             config=self.config.to_dict(), extra=snapshot.extra, rng=snapshot.rng)
         self.callback({"type": "checkpoint", "epoch": self.epoch, "path": str(target)})
@@ -692,7 +689,7 @@ class Trainer:
             torch.set_rng_state(data.rng)
         self.epoch = data.epoch
         self.metrics = list(data.metrics)[: self.epoch]
-        self._load_extra_state(data.extra)
+        self.load_extra_state(data.extra)
         if rewrite_metrics and self.out_dir is not None:
             self._rewrite_metrics()
 
@@ -700,9 +697,9 @@ class Trainer:
         if self.lora_path is None:
             return None
         path = unique_path(self.lora_path)
-        return save_lora(path, self.backend.lora_state_dict(), self._metadata())
+        return save_lora(path, self.backend.lora_state_dict(), self.lora_file_metadata())
 
-    def _metadata(self) -> Dict[str, str]:
+    def lora_file_metadata(self) -> Dict[str, str]:
         return lora_metadata(self.config, self.backend, getattr(self.reward, "name", "reward"),
                              self.epoch, len(self.prompts))
 

@@ -68,7 +68,7 @@ import torch.utils.checkpoint
 from ..lora import comfy_adapter as comfy_lora
 from ..models import families as model_families
 from ..models.inference_tensors import is_inference_like, ordinary
-from ..trainer import StopRequested
+from ..runs.stop_signals import StopRequested
 from .base import Backend, Cond, block_modules
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -53,7 +53,7 @@ def alignment_guard(row_prompts: Sequence[str], row_seeds: Sequence[int], before
                     after_images: torch.Tensor) -> Dict[str, object]:
     """The world-alignment of the same before/after images (paired statistics): when a run trains
     another reward, this shows whether the images still follow their captions (reward hacking)."""
-    from .rewards import WorldAlignmentReward
+    from ..rewards.world import WorldAlignmentReward
 
     scorer = WorldAlignmentReward()
     rows = list(row_prompts)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..models.embedded_pretrain import cache_dir, fixed_threads
 from ..progress import PhaseProgress
+from .configs import TEXT_CONFIG, UNET_CONFIG
 from .grammar import Scene, split_scenes
 from .render import render_batch
 
@@ -40,8 +41,6 @@ def _schedule() -> dict:
 
 
 def cache_key(seed: int) -> str:
-    from .model import TEXT_CONFIG, UNET_CONFIG
-
     payload = json.dumps({"unet": UNET_CONFIG, "text": TEXT_CONFIG, "seed": seed,
                           "schedule": _schedule(), "torch": torch.__version__.split("+")[0]},
                          sort_keys=True, default=str)
