@@ -170,7 +170,8 @@ class PRDPTrainLoRA:
         import comfy.model_management  # ComfyUI only
         import comfy.sd
 
-        from ..comfyui_prdp.backends.comfy_backend import PROMPT_CACHE_SIZE, ComfyBackend, ModelInterrupted
+        from ..comfyui_prdp.backends.comfyui.conditioning import PROMPT_CACHE_SIZE
+        from ..comfyui_prdp.backends.comfyui.backend import ComfyBackend, ModelInterrupted
         from ..comfyui_prdp.runs.plots import image_to_tensor, reward_curve
         from ..comfyui_prdp.trainer import Trainer
         from .train_progress import ComfyProgress, stop_and_wait, wait_for_job
