@@ -561,7 +561,7 @@ class Setup:
 
 def run_epoch(meter: LiveBytes, setup: Setup, config: prdp_config.TrainConfig) -> Dict[str, int]:
     """One epoch of the trainer's phases; returns the GPU peak of each phase in bytes."""
-    from comfyui_prdp.trainer import trajectory_generators
+    from comfyui_prdp.training.batches import trajectory_generators
 
     backend, comfy, cfg = setup.backend, setup.comfy, config
     N, B = cfg.prompts_per_epoch, cfg.images_per_prompt
