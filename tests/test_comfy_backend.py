@@ -19,7 +19,8 @@ import comfy.model_sampling  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
-from comfyui_prdp.backends.comfy_backend import ComfyBackend, identity_weight  # noqa: E402
+from comfyui_prdp.backends.comfyui.backend import ComfyBackend  # noqa: E402
+from comfyui_prdp.backends.comfyui.adapters import identity_weight  # noqa: E402
 from comfyui_prdp.lora.files import load_lora, save_lora  # noqa: E402
 
 HW = 64
@@ -322,7 +323,7 @@ def test_prompts_of_different_lengths_batch_and_decode_gives_images(sd15):
 
 
 def test_training_compute_dtype_policy():
-    from comfyui_prdp.backends.comfy_backend import training_compute_dtype
+    from comfyui_prdp.backends.comfyui.memory import training_compute_dtype
 
     assert training_compute_dtype("fp16", "cpu", False) is None          # the CPU keeps ComfyUI's fp32
     assert training_compute_dtype("fp16", "cuda", True) == torch.bfloat16

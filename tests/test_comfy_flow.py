@@ -364,7 +364,7 @@ def test_the_train_node_hands_the_flow_guidance_to_the_backend(monkeypatch, comf
 
     plugin = load_plugin_package()
     node_class = plugin.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]
-    backend_module = importlib.import_module(plugin.__name__ + ".comfyui_prdp.backends.comfy_backend")
+    backend_module = importlib.import_module(plugin.__name__ + ".comfyui_prdp.backends.comfyui.backend")
 
     def seen(*args, **kwargs):
         raise BackendSeen(kwargs)

@@ -26,7 +26,8 @@ import dist_worker
 from comfyui_prdp.runs.checkpoints import read_checkpoint
 from comfyui_prdp.distributed.group import SINGLE, Distributed, DistributedError, collective_timeout, rank_device
 from comfyui_prdp.runs.stop_signals import check_stop_file, stop_requests
-from comfyui_prdp.trainer import Trainer, trajectory_generators
+from comfyui_prdp.trainer import Trainer
+from comfyui_prdp.training.batches import trajectory_generators
 from toy_backend import BrightnessReward, ToyBackend
 
 ROOT = Path(__file__).resolve().parents[1]
