@@ -426,5 +426,5 @@ def test_cancel_ends_the_node_interrupted_within_seconds_and_keeps_a_checkpoint(
     assert found, "no checkpoint after Cancel"
     state, _ = load_lora(found[0] / "lora.safetensors")
     assert len(state) == 3 * ADAPTERS
-    job = [j for j in plugin.comfyui_prdp.jobs.JOBS.jobs() if j.name == "cancelled"][-1]
+    job = [j for j in plugin.comfyui_prdp.service.jobs.JOBS.jobs() if j.name == "cancelled"][-1]
     assert job.status == "stopped" and 1 <= len(job.metrics) < 50

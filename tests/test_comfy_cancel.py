@@ -87,7 +87,7 @@ def run_node(plugin, sd15, calls, **settings):
 
 
 def job_named(plugin, name):
-    return [j for j in plugin.comfyui_prdp.jobs.JOBS.jobs() if j.name == name][-1]
+    return [j for j in plugin.comfyui_prdp.service.jobs.JOBS.jobs() if j.name == name][-1]
 
 
 def checkpoint_lora(comfy_dirs, name, folder):
