@@ -29,7 +29,7 @@ except ImportError as _error:
 WEB_DIRECTORY = "./web"
 
 try:
-    from .comfyui_prdp import routes as _routes
+    from .comfyui_prdp.service import routes as _routes
 
     _routes.register()
 except Exception as _error:  # noqa: BLE001  (the nodes must load even if the routes cannot)

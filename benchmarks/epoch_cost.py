@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comfyui_prdp.backends.diffusers_backend import DiffusersBackend  # noqa: E402
 from comfyui_prdp.config import preset  # noqa: E402
-from comfyui_prdp.embedded import build_embedded_pipeline  # noqa: E402
+from comfyui_prdp.models.embedded import build_embedded_pipeline  # noqa: E402
 from comfyui_prdp.rewards import create_reward  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
 

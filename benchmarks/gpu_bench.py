@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comfyui_prdp.config import TrainConfig, preset  # noqa: E402
-from comfyui_prdp.embedded import SCHEDULER_CONFIG  # noqa: E402
+from comfyui_prdp.models.embedded import SCHEDULER_CONFIG  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a photo of a fox", "a photo of an owl",
            "a painting of a horse", "a painting of a rabbit"]
@@ -144,7 +144,7 @@ class Model:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from comfyui_prdp.tokenizer_offline import offline_clip_tokenizer
+        from comfyui_prdp.models.tokenizer_offline import offline_clip_tokenizer
 
         # torch's own Module.to: diffusers' override warns about fp32 modules even when there are none
         cast = lambda module: torch.nn.Module.to(module, frozen_dtype)  # noqa: E731

@@ -89,7 +89,7 @@ def run_mode(args) -> int:
     import comfy.sd
 
     sys.path.insert(0, str(REPO_ROOT))
-    from comfyui_prdp.backends.comfy_backend import ComfyBackend
+    from comfyui_prdp.backends.comfyui.backend import ComfyBackend
 
     on_cpu = "--cpu" in args.flags       # only to try this script on a machine without a GPU
     if not on_cpu and (not torch.cuda.is_available() or comfy.model_management.get_torch_device().type != "cuda"):

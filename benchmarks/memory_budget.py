@@ -26,7 +26,7 @@ Modelled design (the planned CLI after issue 20; printed above the table):
 - Flux on the CLI: the frozen transformer stored in fp8 (e4m3), each layer's weight cast to
   bf16 for its forward (diffusers layerwise casting); in ComfyUI the fp8 checkpoint likewise;
 - ComfyUI's LoRA is a weight wrapper: every layer's weight is cast / copied per forward and a
-  LoRA target's weight is merged (W + up @ down), as comfy_backend.py does (mimicked here on
+  LoRA target's weight is merged (W + up @ down), as backends/comfyui does (mimicked here on
   the diffusers models: ComfyUI is not importable here);
 - CUDA autocast is not emulated: ops compute in the weights' dtype (autocast keeps norms and
   softmax in float32, a small transient extra); attention is a fused kernel (flash attention
@@ -331,17 +331,17 @@ def relocate(module: torch.nn.Module, device: torch.device, keep: set = frozense
 
 @contextlib.contextmanager
 def engine_moves_relocate():
-    """The CLI backends' own module moves (diffusers_backend._move: its text-encoder placement,
+    """The CLI backends' own module moves (diffusers_backend.move_module: its text-encoder placement,
     one encoder on the device at a time) done by `relocate`, which fake tensors on the meta
     stand-in support; dtypes were set by apply_cuda_dtypes already."""
     from comfyui_prdp.backends import diffusers_backend
 
-    original = diffusers_backend._move
-    diffusers_backend._move = lambda module, device, dtype: relocate(module, torch.device(device))
+    original = diffusers_backend.move_module
+    diffusers_backend.move_module = lambda module, device, dtype: relocate(module, torch.device(device))
     try:
         yield
     finally:
-        diffusers_backend._move = original
+        diffusers_backend.move_module = original
 
 
 def cast_frozen(module: torch.nn.Module, dtype: torch.dtype, keep: set) -> None:
@@ -445,7 +445,7 @@ def _casting_forward(layer, compute):
 
 def comfy_weight_wrappers(backend, denoiser, storage: torch.dtype, compute: torch.dtype,
                           linear_storage: Optional[torch.dtype] = None) -> None:
-    """ComfyUI's path (comfy_backend.py), mimicked on the diffusers model: every weight and
+    """ComfyUI's path (backends/comfyui), mimicked on the diffusers model: every weight and
     bias is copied per forward (ComfyUI casts with copy=True when a layer has weight wrappers,
     then the identity wrapper clones); a LoRA target's weight is merged with its factors in
     float32 (comfy.weight_adapter's LoRA diff) and cast back: W + scale * up @ down."""
@@ -490,7 +490,7 @@ class ComfyMimic:
     """What the ComfyUI backend changes around the same model calls: the denoiser unloaded
     while the text encoders / VAE run (ComfyUI's model management), the VAE in bf16 decoding
     one image at a time (ComfyUI sizes the VAE batch to the free memory), flow models keeping
-    copies of saved tensors (comfy_backend.saved_tensor_copies)."""
+    copies of saved tensors (comfyui.patches.saved_tensor_copies)."""
 
     def __init__(self, backend, denoiser, flow: bool):
         self.backend, self.denoiser, self.flow = backend, denoiser, flow
@@ -522,7 +522,7 @@ class ComfyMimic:
         return {id(p) for p in self.backend.trainable_parameters()}
 
     def grad_context(self):
-        from comfyui_prdp.backends.comfy_backend import saved_tensor_copies
+        from comfyui_prdp.backends.comfyui.patches import saved_tensor_copies
         return saved_tensor_copies() if self.flow else contextlib.nullcontext()
 
 
@@ -561,7 +561,7 @@ class Setup:
 
 def run_epoch(meter: LiveBytes, setup: Setup, config: prdp_config.TrainConfig) -> Dict[str, int]:
     """One epoch of the trainer's phases; returns the GPU peak of each phase in bytes."""
-    from comfyui_prdp.trainer import trajectory_generators
+    from comfyui_prdp.training.batches import trajectory_generators
 
     backend, comfy, cfg = setup.backend, setup.comfy, config
     N, B = cfg.prompts_per_epoch, cfg.images_per_prompt
@@ -654,7 +654,7 @@ def _denoiser(backend):
 
 def setup_case(case: Case, fake_mode, config) -> Setup:
     """Build the case's models and backend the way its host would (see the module docstring)."""
-    from comfyui_prdp.backends.comfy_backend import training_compute_dtype
+    from comfyui_prdp.backends.comfyui.memory import training_compute_dtype
     from comfyui_prdp.backends.diffusers_flow import FLOW_TARGETS
 
     family = case.builder.split("-")[0]

@@ -270,7 +270,7 @@ def check_finite(value, where: str = "results") -> None:
 
 
 def write_json(path: Path, record: dict) -> None:
-    from comfyui_prdp.lora import atomic_write
+    from comfyui_prdp.lora.files import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 
@@ -285,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train_config(chosen, args, algorithm, args.seeds[0])
     out.mkdir(parents=True, exist_ok=True)
 
-    from comfyui_prdp.model_loading import load_components
+    from comfyui_prdp.models.loading import load_components
     from comfyui_prdp.rewards import create_reward
     from stability_figure import stability_figure
 

@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 import torch
 from PIL import Image, ImageDraw
 
-from comfyui_prdp.plots import _font, to_pil
+from comfyui_prdp.runs.plots import _font, to_pil
 
 COLOURS = {"prdp": (31, 119, 180), "ddpo": (214, 39, 40), "prdp-noclip": (44, 160, 44)}
 INK, GRID = (30, 30, 30), (225, 225, 225)

@@ -15,7 +15,7 @@ below the best held-out reward so far while the training reward (mean over the e
 previous evaluation) is above the training reward at the best evaluation. After
 `early_stop_patience` diverging evaluations in a row the run stops (0: never).
 
-`best/` holds one checkpoint, `best/epoch_NNNNN/` (the format of checkpoints.py, written
+`best/` holds one checkpoint, `best/epoch_NNNNN/` (the format of runs/checkpoints.py, written
 atomically; its `lora.safetensors` is the best LoRA), and `best/best.json` naming it. A new best
 is written before the previous one is removed, and only folders that verify as checkpoints this
 package wrote are ever removed, so a crash leaves at least one best and files a user put in
@@ -34,17 +34,33 @@ import shutil
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from . import checkpoints
+from .runs import checkpoints
 from .config import TrainConfig
-from .lora import atomic_write
+from .lora.files import atomic_write
 from .prompts import PromptSet
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+
+
+class MonitoredRun(Protocol):
+    """What the monitor reads of the run it evaluates (the Trainer is one): the model, the reward
+    and the settings, the progress callback, and what a best/ checkpoint holds."""
+    config: TrainConfig
+    backend: Any
+    reward: Any
+    callback: Callable[[dict], None]
+    epoch: int
+    out_dir: Optional[Path]
+    optimizer: Any
+    metrics: List[dict]
+
+    def lora_file_metadata(self) -> Dict[str, str]: ...
+
+    def extra_state(self) -> dict: ...
+
 
 FIRST_EVAL_SEED = 1000
 #: held-out prompts split off the training set when eval_prompts is 0
@@ -131,7 +147,7 @@ class HeldOutMonitor:
         """Evaluate after epoch `epoch` (1-based)? Every `every` epochs and after the last."""
         return epoch % self.every == 0 or epoch == last_epoch
 
-    def evaluate(self, trainer: "Trainer") -> Tuple[float, float, torch.Tensor]:
+    def evaluate(self, trainer: MonitoredRun) -> Tuple[float, float, torch.Tensor]:
         """(mean, std, rewards [pairs]) of the held-out pairs with the trainer's current LoRA; its
         progress goes to the trainer's callback as phase events (the CLI bar, a node's dashboard)."""
         from .evaluation import score_rows
@@ -173,7 +189,7 @@ class HeldOutMonitor:
                 "eval/best_reward_mean": self.best["eval"], "eval/best_epoch": self.best["epoch"],
                 "eval/is_best": is_best, "eval/divergence_strikes": self.strikes}
 
-    def record(self, trainer: "Trainer", eval_mean: float, train_mean: float) -> Tuple[Dict[str, Any], Optional[Path]]:
+    def record(self, trainer: MonitoredRun, eval_mean: float, train_mean: float) -> Tuple[Dict[str, Any], Optional[Path]]:
         """observe() the trainer's epoch, then save_best() a new best: (its metrics, the best
         folder written or None). Kept only once best/ holds a new best: a failed write restores
         the state before, so it (and a checkpoint of it) never names a best best/ lacks."""
@@ -223,7 +239,7 @@ class HeldOutMonitor:
         return {"prompts": list(self.held_out.prompts), "seeds": self.held_out.rows()[1]}
 
     # --- best/ ------------------------------------------------------------------------
-    def save_best(self, trainer: "Trainer") -> Optional[Path]:
+    def save_best(self, trainer: MonitoredRun) -> Optional[Path]:
         """Write the trainer's current state as best/epoch_NNNNN (then drop older bests); None,
         writing nothing, when best.json records a higher held-out reward on the same pairs."""
         if trainer.out_dir is None:
@@ -236,9 +252,10 @@ class HeldOutMonitor:
                 and previous["eval/reward_mean"] > self.best["eval"]):
             return None      # best/ holds a better LoRA on these pairs (see adopt_saved_best): kept
         target = checkpoints.write_checkpoint(
-            root, trainer.epoch, False, lora=trainer.backend.lora_state_dict(), lora_metadata=trainer._metadata(),
-            optimizer_state_dict=trainer.optimizer.state_dict(), metrics=trainer.metrics[: trainer.epoch],
-            config=trainer.config.to_dict(), extra=trainer._extra_state(), rng=torch.get_rng_state())
+            root, trainer.epoch, False, lora=trainer.backend.lora_state_dict(),
+            lora_metadata=trainer.lora_file_metadata(), optimizer_state_dict=trainer.optimizer.state_dict(),
+            metrics=trainer.metrics[: trainer.epoch], config=trainer.config.to_dict(), extra=trainer.extra_state(),
+            rng=torch.get_rng_state())
         record = {"epoch": self.best["epoch"], "eval/reward_mean": self.best["eval"],
                   "train_reward_mean": self.best["train"], "n": self.held_out.pairs,
                   "unit": "image, each with its own seed", "checkpoint": target.name,

@@ -46,7 +46,7 @@ def reward_choices() -> List[str]:
 
 def factory_options(name: str) -> set:
     """Keyword options the reward's factory accepts (everything when it takes **kwargs)."""
-    factory = getattr(rewards.base, "_REGISTRY", {}).get(name)
+    factory = rewards.registered_factory(name)
     if factory is None:
         return set()
     try:

@@ -9,8 +9,8 @@ from typing import List
 import torch
 
 from ..comfyui_prdp.config import PRESETS
-from ..comfyui_prdp.jobs import DELIVERED, FAILED, FINISHED, JOBS, STOPPED
-from ..comfyui_prdp.model_families import comfy_model_family, training_size
+from ..comfyui_prdp.service.jobs import DELIVERED, FAILED, FINISHED, JOBS, STOPPED
+from ..comfyui_prdp.models.families import comfy_model_family, training_size
 from ..comfyui_prdp.prompts import read_prompt_file
 from . import train_paths
 from .common import CATEGORY, LORA_MODEL_TYPE, REWARD_TYPE, refuse, widget_problems, workflow_id
@@ -170,8 +170,9 @@ class PRDPTrainLoRA:
         import comfy.model_management  # ComfyUI only
         import comfy.sd
 
-        from ..comfyui_prdp.backends.comfy_backend import PROMPT_CACHE_SIZE, ComfyBackend, ModelInterrupted
-        from ..comfyui_prdp.plots import image_to_tensor, reward_curve
+        from ..comfyui_prdp.backends.comfyui.conditioning import PROMPT_CACHE_SIZE
+        from ..comfyui_prdp.backends.comfyui.backend import ComfyBackend, ModelInterrupted
+        from ..comfyui_prdp.runs.plots import image_to_tensor, reward_curve
         from ..comfyui_prdp.trainer import Trainer
         from .train_progress import ComfyProgress, stop_and_wait, wait_for_job
 
@@ -269,7 +270,7 @@ class PRDPTrainLoRA:
 
     @staticmethod
     def _new_run_dir(name: str) -> Path:
-        from ..comfyui_prdp.lora import unique_path
+        from ..comfyui_prdp.lora.files import unique_path
 
         root = train_paths.runs_folder()
         root.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from ..comfyui_prdp.config import PRESETS, TrainConfig, preset as preset_config
-from ..comfyui_prdp.model_families import NATIVE_SIZE    # width/height 0 (the default): native size
+from ..comfyui_prdp.models.families import NATIVE_SIZE    # width/height 0 (the default): native size
 from ..comfyui_prdp.prompts import PromptTextError, parse_prompt_text
 from .common import widget_problem
 

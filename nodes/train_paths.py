@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
-from ..comfyui_prdp import checkpoints
+from ..comfyui_prdp.runs import checkpoints
 from .common import folder_paths_module
 
 NONE = "none"
@@ -99,7 +99,7 @@ def check_resume_settings(checkpoint: Path, config) -> List[str]:
     """Refuse (ValueError) resuming `checkpoint` with settings that change what is trained
     (steps, images per prompt, algorithm, rank, ...), listing each difference; returns notes for
     the harmless ones (more epochs, batch sizes, precision)."""
-    from ..comfyui_prdp import run_folder
+    from ..comfyui_prdp.runs import run_folder
 
     data = checkpoints.read_checkpoint(checkpoint)
     saved = run_folder.config_from_dict(data.config, checkpoint)

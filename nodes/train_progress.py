@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..comfyui_prdp.jobs import FAILED, FINISHED, STOPPED, Job
+from ..comfyui_prdp.service.jobs import FAILED, FINISHED, STOPPED, Job
 from .common import send_event
 from .image_text import caption_above
 

@@ -100,7 +100,7 @@ def make_backend(family, **kwargs):
     """A ComfyBackend on a tiny family's model, clip and vae (rank 2, seed 0 unless given), built
     under inference mode as the node builds it in ComfyUI's worker thread."""
     import torch
-    from comfyui_prdp.backends.comfy_backend import ComfyBackend
+    from comfyui_prdp.backends.comfyui.backend import ComfyBackend
 
     with torch.inference_mode():
         return ComfyBackend(family.model, family.clip, family.vae, **{"rank": 2, "seed": 0, **kwargs})

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_prdp.config import TrainConfig
-from comfyui_prdp.distributed import Distributed, init_from_env
+from comfyui_prdp.distributed.group import Distributed, init_from_env
 from comfyui_prdp.heldout import HeldOutMonitor, held_out_split
 from comfyui_prdp.trainer import Trainer
 from toy_backend import BrightnessReward, ToyBackend

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from comfyui_prdp import cli, model_loading
+from comfyui_prdp import cli
+from comfyui_prdp.models import loading as model_loading
 from comfyui_prdp.config import preset
-from comfyui_prdp.lora import load_lora, save_lora
-from comfyui_prdp.model_loading import ModelLoadError, check_diffusers_dir
+from comfyui_prdp.lora.files import load_lora, save_lora
+from comfyui_prdp.models.loading import ModelLoadError, check_diffusers_dir
 
 FLOAT_SETTINGS = ("learning_rate", "cfg", "eta", "weight_decay", "beta", "clip_range", "grad_clip", "adam_eps",
                   "adv_clip", "timestep_fraction", "lora_alpha")

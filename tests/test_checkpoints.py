@@ -105,7 +105,7 @@ def test_a_pickle_disguised_as_a_checkpoint_file_with_a_valid_manifest_is_refuse
 # --------------------------------------------------------------------------- round trip
 def test_round_trip_restores_weights_optimizer_rng_and_extra_state_exactly(tmp_path):
     trainer = trained_run(tmp_path / "run", epochs=2)
-    trainer._extra_state = lambda: {"buffer": {"a cat": [0.25, 0.5]}}
+    trainer.extra_state = lambda: {"buffer": {"a cat": [0.25, 0.5]}}
     torch.manual_seed(123)
     rng = torch.get_rng_state()
     folder = trainer.save_checkpoint()
@@ -114,7 +114,7 @@ def test_round_trip_restores_weights_optimizer_rng_and_extra_state_exactly(tmp_p
 
     restored = fresh_trainer(tmp_path / "other")
     received = []
-    restored._load_extra_state = received.append
+    restored.load_extra_state = received.append
     torch.manual_seed(0)
     restored.load_checkpoint(folder)
     assert torch.equal(torch.get_rng_state(), rng)

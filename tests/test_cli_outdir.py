@@ -12,9 +12,11 @@ import textwrap
 import pytest
 import torch
 
-from comfyui_prdp import evaluation, model_loading
+from comfyui_prdp import evaluation
+from comfyui_prdp.models import loading as model_loading
 from comfyui_prdp import cli
-from comfyui_prdp.lora import load_lora
+from comfyui_prdp.cli import reward as cli_reward, run as cli_run
+from comfyui_prdp.lora.files import load_lora
 from test_checkpoints import write_pickle
 from toy_backend import BrightnessReward, ToyBackend
 
@@ -49,7 +51,7 @@ class Toy:
 def toy(monkeypatch):
     stub = Toy()
     monkeypatch.setattr(model_loading, "load_backend", stub.load_backend)
-    monkeypatch.setattr(cli, "make_reward", stub.make_reward)
+    monkeypatch.setattr(cli_reward, "make_reward", stub.make_reward)
     return stub
 
 
@@ -153,7 +155,7 @@ def test_ctrl_c_in_the_middle_of_an_epoch_resumes_to_the_uninterrupted_result(tm
     assert run_cli(full, *two_updates) == 0
     seen = []
 
-    class CtrlCAfterEpoch2sFirstOptimizerStep(cli.ProgressPrinter):
+    class CtrlCAfterEpoch2sFirstOptimizerStep(cli_run.ProgressPrinter):
         def __call__(self, event):
             super().__call__(event)
             if event["type"] == "step" and event["epoch"] == 2 and event["phase"] == "update":
@@ -162,7 +164,7 @@ def test_ctrl_c_in_the_middle_of_an_epoch_resumes_to_the_uninterrupted_result(tm
                     raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(cli, "ProgressPrinter", CtrlCAfterEpoch2sFirstOptimizerStep)
+        patch.setattr(cli_run, "ProgressPrinter", CtrlCAfterEpoch2sFirstOptimizerStep)
         assert run_cli(part, *two_updates) == 130
     assert "continue with --resume" in capsys.readouterr().err
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["epoch_00001_stopped"]

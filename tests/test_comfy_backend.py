@@ -19,8 +19,9 @@ import comfy.model_sampling  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
-from comfyui_prdp.backends.comfy_backend import ComfyBackend, identity_weight  # noqa: E402
-from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
+from comfyui_prdp.backends.comfyui.backend import ComfyBackend  # noqa: E402
+from comfyui_prdp.backends.comfyui.adapters import identity_weight  # noqa: E402
+from comfyui_prdp.lora.files import load_lora, save_lora  # noqa: E402
 
 HW = 64
 #: 4 transformer blocks in the tiny UNet (input, middle, 2 output) x attn1/attn2 x to_q/k/v/out.0
@@ -322,7 +323,7 @@ def test_prompts_of_different_lengths_batch_and_decode_gives_images(sd15):
 
 
 def test_training_compute_dtype_policy():
-    from comfyui_prdp.backends.comfy_backend import training_compute_dtype
+    from comfyui_prdp.backends.comfyui.memory import training_compute_dtype
 
     assert training_compute_dtype("fp16", "cpu", False) is None          # the CPU keeps ComfyUI's fp32
     assert training_compute_dtype("fp16", "cuda", True) == torch.bfloat16
@@ -425,5 +426,5 @@ def test_cancel_ends_the_node_interrupted_within_seconds_and_keeps_a_checkpoint(
     assert found, "no checkpoint after Cancel"
     state, _ = load_lora(found[0] / "lora.safetensors")
     assert len(state) == 3 * ADAPTERS
-    job = [j for j in plugin.comfyui_prdp.jobs.JOBS.jobs() if j.name == "cancelled"][-1]
+    job = [j for j in plugin.comfyui_prdp.service.jobs.JOBS.jobs() if j.name == "cancelled"][-1]
     assert job.status == "stopped" and 1 <= len(job.metrics) < 50

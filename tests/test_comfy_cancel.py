@@ -21,7 +21,7 @@ import_comfy()
 import comfy.model_management  # noqa: E402
 import comfy.utils  # noqa: E402
 
-from comfyui_prdp.lora import load_lora  # noqa: E402
+from comfyui_prdp.lora.files import load_lora  # noqa: E402
 
 TINY = dict(prompts="a cat\na dog", negative_prompt="", preset="cpu-smoke", epochs=3, prompts_per_epoch=2,
             images_per_prompt=2, steps=2, cfg=3.0, beta=0.1, clip_range=0.01, updates_per_epoch=1,
@@ -87,7 +87,7 @@ def run_node(plugin, sd15, calls, **settings):
 
 
 def job_named(plugin, name):
-    return [j for j in plugin.comfyui_prdp.jobs.JOBS.jobs() if j.name == name][-1]
+    return [j for j in plugin.comfyui_prdp.service.jobs.JOBS.jobs() if j.name == name][-1]
 
 
 def checkpoint_lora(comfy_dirs, name, folder):

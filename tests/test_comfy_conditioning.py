@@ -22,7 +22,7 @@ import comfy.sd1_clip  # noqa: E402
 
 from comfy_tiny_families import Family  # noqa: E402
 from comfy_tiny_flow import TinyQwenStandInClip, _clip, tiny_flow_family  # noqa: E402
-from comfyui_prdp.backends.comfy_backend import ComfyBackend  # noqa: E402
+from comfyui_prdp.backends.comfyui.backend import ComfyBackend  # noqa: E402
 from comfyui_prdp.config import TrainConfig  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
 from toy_backend import BrightnessReward  # noqa: E402

@@ -38,7 +38,7 @@ from comfy_tiny_families import Family  # noqa: E402
 from comfy_tiny_flow import tiny_flow_family  # noqa: E402
 from comfyui_prdp.config import TrainConfig  # noqa: E402
 from comfyui_prdp.evaluation import sample_images  # noqa: E402
-from comfyui_prdp.lora import load_lora  # noqa: E402
+from comfyui_prdp.lora.files import load_lora  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
 from toy_backend import BrightnessReward  # noqa: E402
 
@@ -364,7 +364,7 @@ def test_the_train_node_hands_the_flow_guidance_to_the_backend(monkeypatch, comf
 
     plugin = load_plugin_package()
     node_class = plugin.NODE_CLASS_MAPPINGS["PRDPTrainLoRA"]
-    backend_module = importlib.import_module(plugin.__name__ + ".comfyui_prdp.backends.comfy_backend")
+    backend_module = importlib.import_module(plugin.__name__ + ".comfyui_prdp.backends.comfyui.backend")
 
     def seen(*args, **kwargs):
         raise BackendSeen(kwargs)
@@ -436,7 +436,7 @@ def test_a_model_comfyui_evicts_from_inside_inference_mode_still_trains():
     still run. The eviction's moves copy, as on a GPU (tests/simulated_gpu.py)."""
     import comfy.model_management
 
-    from comfyui_prdp.inference_tensors import make_ordinary
+    from comfyui_prdp.models.inference_tensors import make_ordinary
     from simulated_gpu import copying_moves
 
     family = tiny_flow_family("flux", seed=11)

@@ -15,7 +15,7 @@ import_comfy()
 import folder_paths  # noqa: E402
 
 import reward_fixtures as F  # noqa: E402
-from comfyui_prdp.inference_tensors import inference_like_tensors, is_inference_like  # noqa: E402
+from comfyui_prdp.models.inference_tensors import inference_like_tensors, is_inference_like  # noqa: E402
 from comfyui_prdp.rewards.loading import clear_model_cache  # noqa: E402
 from simulated_gpu import copying_moves  # noqa: E402
 
@@ -83,7 +83,7 @@ def test_training_with_a_neural_reward_runs_two_epochs_when_moves_copy(plugin, r
 
 def tiny_backend(seed, **options):
     """A ComfyBackend on a fresh tiny SD1.5, built as the node builds it."""
-    from comfyui_prdp.backends.comfy_backend import ComfyBackend
+    from comfyui_prdp.backends.comfyui.backend import ComfyBackend
 
     with torch.inference_mode():
         model, clip, vae = load_tiny_sd15(seed=seed)
@@ -148,8 +148,8 @@ def test_before_the_reward_phase_comfyui_frees_room_for_the_reward_model(monkeyp
 
 def test_the_backend_reports_the_dtype_comfyui_computes_in(monkeypatch):
     """float16 (pre-Ampere GPUs) turns on the trainer's loss scaling."""
-    import comfyui_prdp.backends.comfy_backend as comfy_backend
-    from comfyui_prdp.trainer import computes_in_float16
+    import comfyui_prdp.backends.comfyui.backend as comfy_backend
+    from comfyui_prdp.training.update import computes_in_float16
 
     backend = tiny_backend(seed=8)
     try:

@@ -18,8 +18,8 @@ import_comfy()
 import comfy.sd  # noqa: E402
 import comfy.weight_adapter  # noqa: E402
 
-from comfyui_prdp.backends.comfy_backend import (AdapterSwitch, ComfyBackend, SwitchableAdapter,  # noqa: E402
-                                                 identity_weight)
+from comfyui_prdp.backends.comfyui.adapters import AdapterSwitch, SwitchableAdapter, identity_weight  # noqa: E402
+from comfyui_prdp.backends.comfyui.backend import ComfyBackend  # noqa: E402
 
 
 def storage(tensor: torch.Tensor) -> int:

@@ -20,7 +20,8 @@ import comfy.model_base  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
 
-from comfyui_prdp.backends.comfy_backend import ComfyBackend, flow_sigmas, sampling_kind, vp_sigmas  # noqa: E402
+from comfyui_prdp.backends.comfyui.backend import ComfyBackend  # noqa: E402
+from comfyui_prdp.backends.comfyui.sampling_kind import flow_sigmas, sampling_kind, vp_sigmas  # noqa: E402
 
 ModelType = comfy.model_base.ModelType
 #: (model config class, model type) as ComfyUI's model detection pairs them

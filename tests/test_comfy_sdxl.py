@@ -27,7 +27,7 @@ import comfy.utils  # noqa: E402
 
 from comfy_tiny_families import tiny_family  # noqa: E402
 from comfyui_prdp.config import TrainConfig  # noqa: E402
-from comfyui_prdp.lora import load_lora, save_lora  # noqa: E402
+from comfyui_prdp.lora.files import load_lora, save_lora  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
 from toy_backend import BrightnessReward  # noqa: E402
 

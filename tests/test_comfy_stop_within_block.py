@@ -11,7 +11,7 @@ from comfy_inprocess import import_comfy, in_thread, load_tiny_sd15
 import_comfy()
 
 from comfyui_prdp.backends.base import block_modules  # noqa: E402
-from comfyui_prdp.backends.comfy_backend import ComfyBackend  # noqa: E402
+from comfyui_prdp.backends.comfyui.backend import ComfyBackend  # noqa: E402
 from comfyui_prdp.config import TrainConfig  # noqa: E402
 from comfyui_prdp.trainer import Trainer  # noqa: E402
 from toy_backend import BrightnessReward  # noqa: E402

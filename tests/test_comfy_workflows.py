@@ -445,7 +445,7 @@ def test_unmatched_lora_keys_are_detected(server, object_info):
 def test_cancel_during_training_stops_and_keeps_a_checkpoint(server, object_info):
     from safetensors.torch import load_file
 
-    from comfyui_prdp.checkpoints import OPTIMIZER_FILE
+    from comfyui_prdp.runs.checkpoints import OPTIMIZER_FILE
 
     _require_nodes(object_info)
     g = UiWorkflowBuilder(object_info)

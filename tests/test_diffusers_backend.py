@@ -6,7 +6,7 @@ import torch
 from comfyui_prdp.backends.diffusers_backend import (DiffusersBackend, frozen_weight_dtype,
                                                      resolve_device)
 from comfyui_prdp.config import preset
-from comfyui_prdp.embedded import MODEL_NAME, build_embedded_pipeline
+from comfyui_prdp.models.embedded import MODEL_NAME, build_embedded_pipeline
 
 
 def make_backend(**overrides):
@@ -248,7 +248,7 @@ def test_device_and_dtype_choice():
 
 
 def test_from_pipeline_equals_from_components():
-    from comfyui_prdp.embedded import build_embedded_stable_diffusion_pipeline
+    from comfyui_prdp.models.embedded import build_embedded_stable_diffusion_pipeline
 
     a = DiffusersBackend.from_pipeline(build_embedded_stable_diffusion_pipeline(0), preset("cpu-smoke"),
                                        device="cpu", model_name="x")

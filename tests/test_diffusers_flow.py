@@ -21,10 +21,10 @@ transformers = pytest.importorskip("transformers")
 from comfyui_prdp.backends.diffusers_flow import (DiffusersFluxBackend, DiffusersSD3Backend,  # noqa: E402
                                                   FLOW_TARGETS)
 from comfyui_prdp.config import TrainConfig  # noqa: E402
-from comfyui_prdp.lora import lora_metadata, save_lora  # noqa: E402
+from comfyui_prdp.lora.files import lora_metadata, save_lora  # noqa: E402
 from comfyui_prdp.policies import policy_for  # noqa: E402
 from comfyui_prdp.sampling import index_cond, sample_trajectories  # noqa: E402
-from comfyui_prdp.tokenizer_offline import offline_clip_tokenizer  # noqa: E402
+from comfyui_prdp.models.tokenizer_offline import offline_clip_tokenizer  # noqa: E402
 from test_flow_update_exactness import literal_flow_logprob  # noqa: E402
 from test_update_exactness import literal_prdp  # noqa: E402
 from toy_backend import BrightnessReward  # noqa: E402
@@ -371,7 +371,7 @@ def test_exported_lora_loads_through_comfyuis_lora_loader_with_no_key_left(kind)
 @pytest.mark.parametrize("kind, with_t5", [("sd3", True), ("sd3", False), ("flux", True)],
                          ids=["sd3", "sd3-without-t5", "flux"])
 def test_a_saved_flow_pipeline_folder_loads_as_its_backend(kind, with_t5, tmp_path):
-    from comfyui_prdp.model_loading import load_backend
+    from comfyui_prdp.models.loading import load_backend
 
     if kind == "sd3":
         pipe, backend_class = diffusers.StableDiffusion3Pipeline(**sd3_components(with_t5=with_t5)), DiffusersSD3Backend
@@ -398,7 +398,7 @@ def test_a_saved_flow_pipeline_folder_loads_as_its_backend(kind, with_t5, tmp_pa
 def test_a_single_file_flow_checkpoint_is_refused_with_what_to_pass(keys, model_type, tmp_path):
     from safetensors.torch import save_file
 
-    from comfyui_prdp.model_loading import ModelLoadError, check_model_folders, load_backend
+    from comfyui_prdp.models.loading import ModelLoadError, check_model_folders, load_backend
 
     path = tmp_path / "flux1.safetensors"
     save_file({key: torch.zeros(shape) for key, shape in keys.items()}, str(path))
@@ -415,7 +415,7 @@ def test_a_single_file_flow_checkpoint_is_refused_with_what_to_pass(keys, model_
 def test_other_transformer_pipelines_are_refused(tmp_path):
     import json
 
-    from comfyui_prdp.model_loading import ModelLoadError, load_backend
+    from comfyui_prdp.models.loading import ModelLoadError, load_backend
 
     diffusers.FluxPipeline(**flux_components()).save_pretrained(tmp_path / "flux")
     index_file = tmp_path / "flux" / "model_index.json"
@@ -431,7 +431,7 @@ def test_other_transformer_pipelines_are_refused(tmp_path):
 
 def test_the_cli_trains_a_flux_folder_and_refuses_the_ddpm_policy_on_it(tmp_path, capsys):
     from comfyui_prdp import cli
-    from comfyui_prdp.lora import load_lora
+    from comfyui_prdp.lora.files import load_lora
 
     diffusers.FluxPipeline(**flux_components()).save_pretrained(tmp_path / "flux")
     flags = ["--base", str(tmp_path / "flux"), "--preset", "consumer-gpu-flux", "--device", "cpu", "--width", "16",
@@ -451,7 +451,7 @@ def test_the_cli_trains_a_flux_folder_and_refuses_the_ddpm_policy_on_it(tmp_path
 def test_a_cached_hub_id_of_a_flux_pipeline_loads_and_an_uncached_one_is_refused(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from comfyui_prdp.model_loading import ModelLoadError, load_backend
+    from comfyui_prdp.models.loading import ModelLoadError, load_backend
     from test_model_loading import put_in_hf_cache
 
     cache = tmp_path / "hf-cache"

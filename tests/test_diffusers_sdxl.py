@@ -11,9 +11,9 @@ transformers = pytest.importorskip("transformers")
 
 from comfyui_prdp.backends.diffusers_sdxl import DiffusersSDXLBackend  # noqa: E402
 from comfyui_prdp.config import TrainConfig  # noqa: E402
-from comfyui_prdp.lora import save_lora  # noqa: E402
-from comfyui_prdp.model_loading import load_backend  # noqa: E402
-from comfyui_prdp.tokenizer_offline import offline_clip_tokenizer  # noqa: E402
+from comfyui_prdp.lora.files import save_lora  # noqa: E402
+from comfyui_prdp.models.loading import load_backend  # noqa: E402
+from comfyui_prdp.models.tokenizer_offline import offline_clip_tokenizer  # noqa: E402
 
 CONFIG = TrainConfig(epochs=1, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1, steps=2, cfg=2.0,
                      beta=0.05, clip_range=0.05, learning_rate=0.02, lora_rank=2, width=16, height=16,

@@ -7,7 +7,7 @@ from peft import LoraConfig
 
 from comfyui_prdp.backends.diffusers_backend import DiffusersBackend
 from comfyui_prdp.config import preset
-from comfyui_prdp.embedded import build_embedded_pipeline
+from comfyui_prdp.models.embedded import build_embedded_pipeline
 
 
 def unet_eps(unet, x, t, context):

@@ -23,10 +23,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import dist_worker
-from comfyui_prdp.checkpoints import read_checkpoint
-from comfyui_prdp.distributed import SINGLE, Distributed, DistributedError, collective_timeout, rank_device
-from comfyui_prdp.stop_signals import check_stop_file, stop_requests
-from comfyui_prdp.trainer import Trainer, trajectory_generators
+from comfyui_prdp.runs.checkpoints import read_checkpoint
+from comfyui_prdp.distributed.group import SINGLE, Distributed, DistributedError, collective_timeout, rank_device
+from comfyui_prdp.runs.stop_signals import check_stop_file, stop_requests
+from comfyui_prdp.trainer import Trainer
+from comfyui_prdp.training.batches import trajectory_generators
 from toy_backend import BrightnessReward, ToyBackend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -453,7 +454,7 @@ def test_torchrun_refusals_end_every_rank_before_the_model_loads(tmp_path):
     (used / "notes.txt").write_text("mine")
     refused = torchrun_cli(["train", "--out", str(used)], tmp_path)
     assert refused.returncode != 0 and "already contains files" in refused.stderr
-    # nothing but the run lock (kept by design, see run_lock.py) is added, the user's file is untouched
+    # nothing but the run lock (kept by design, see runs/run_lock.py) is added, the user's file is untouched
     assert sorted(p.name for p in used.iterdir()) == [".prdp_run.lock", "notes.txt"]
     assert (used / "notes.txt").read_text() == "mine"
 
@@ -503,7 +504,7 @@ class FailsOnSmallBatchesAfterTheFirst(BrightnessReward):
 def test_torchrun_a_reward_error_on_one_rank_ends_both_ranks_with_a_checkpoint(tmp_path):
     """The CLI as users start it, the reward served by `serve-reward`'s server: rank 1's reward
     fails in epoch 2; both ranks end (no hang) with the error, rank 0 keeps epoch 1."""
-    from comfyui_prdp.reward_server import RewardServer
+    from comfyui_prdp.rewards.server import RewardServer
     server = RewardServer(FailsOnSmallBatchesAfterTheFirst(), "127.0.0.1", 0)
     url = server.start()
     try:
@@ -533,7 +534,7 @@ class AlwaysFails(BrightnessReward):
 def test_torchrun_an_error_in_rank_zeros_evaluation_before_training_ends_both_ranks(tmp_path):
     """Rank 0 alone evaluates before training; its error reaches rank 1 (waiting to start the
     Trainer) as the protocol's RankFailed, instead of a closed connection or a hang."""
-    from comfyui_prdp.reward_server import RewardServer
+    from comfyui_prdp.rewards.server import RewardServer
     server = RewardServer(AlwaysFails(), "127.0.0.1", 0)
     url = server.start()
     try:

@@ -116,7 +116,7 @@ def test_every_optimizer_step_equals_the_literal_flow_replay(case):
     assert torch.allclose(batch.logp_ref, logp_ref, atol=1e-5)
     rewards = batch.rewards.double().view(N, B)
     advantages = literal_advantages(rewards, cfg.ddpo_advantages)
-    from comfyui_prdp.trainer import epoch_generator
+    from comfyui_prdp.training.batches import epoch_generator
     generator = epoch_generator(cfg.seed, 0, stream=1)
     k = max(1, round(T * cfg.timestep_fraction))        # trained columns per minibatch
     if case == "prdp-sde-subsampled-steps":

@@ -23,13 +23,13 @@ transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from comfyui_prdp import model_loading  # noqa: E402
+from comfyui_prdp.models import loading as model_loading  # noqa: E402
 from comfyui_prdp.backends import diffusers_backend, diffusers_flow  # noqa: E402
 from comfyui_prdp.backends.diffusers_backend import DiffusersBackend, decode_batch_size  # noqa: E402
 from comfyui_prdp.backends.diffusers_flow import (DiffusersFluxBackend, DiffusersSD3Backend,  # noqa: E402
                                                   FP8_STORAGE, flux_needs_fp8)
 from comfyui_prdp.config import TrainConfig  # noqa: E402
-from comfyui_prdp.embedded import build_embedded_pipeline, build_embedded_stable_diffusion_pipeline  # noqa: E402
+from comfyui_prdp.models.embedded import build_embedded_pipeline, build_embedded_stable_diffusion_pipeline  # noqa: E402
 import test_diffusers_flow as flow_fixtures  # noqa: E402
 import test_diffusers_sdxl as sdxl_fixtures  # noqa: E402
 

@@ -14,11 +14,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from comfyui_prdp import checkpoints
+from comfyui_prdp.runs import checkpoints
 from comfyui_prdp.objective import DynamicLossScale
 from comfyui_prdp.policies.ddpm import DDPMPolicy
 from comfyui_prdp.sampling import sample_trajectories
-from comfyui_prdp.trainer import Trainer, micro_batches
+from comfyui_prdp.trainer import Trainer
+from comfyui_prdp.training.batches import micro_batches
 from toy_backend import BrightnessReward, ToyBackend, ToyLoRALinear
 
 from test_trainer import PROMPTS, toy_config as trainer_config  # noqa: E402
@@ -295,7 +296,7 @@ def test_an_overflowing_scale_skips_the_step_halves_and_leaves_the_lora():
     assert metrics["skipped_steps"] == 1 and metrics["optimizer_steps"] == 0 and math.isnan(metrics["grad_norm"])
     assert trainer.loss_scale.scale == 2.0 ** 59
     assert all(torch.equal(p, s) for p, s in zip(backend.trainable_parameters(), start))
-    assert trainer._extra_state()["loss_scale"] == {"scale": 2.0 ** 59, "good_steps": 0}
+    assert trainer.extra_state()["loss_scale"] == {"scale": 2.0 ** 59, "good_steps": 0}
 
 
 def test_the_loss_scale_grows_after_good_steps_and_gives_up_at_its_minimum():
@@ -318,7 +319,7 @@ def test_float32_and_bfloat16_models_get_no_loss_scale():
     bf16 = ToyBackend()
     bf16.dtype = torch.bfloat16
     trainer = Trainer(bf16, BrightnessReward(), PROMPTS, toy_config())
-    assert trainer.loss_scale is None and "loss_scale" not in trainer._extra_state()
+    assert trainer.loss_scale is None and "loss_scale" not in trainer.extra_state()
     declared = ToyBackend()
     declared.compute_dtype = torch.float16     # a host that takes float32 inputs and computes in float16
     assert Trainer(declared, BrightnessReward(), PROMPTS, toy_config()).loss_scale is not None

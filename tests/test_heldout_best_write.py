@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from comfyui_prdp import checkpoints, heldout
+from comfyui_prdp.runs import checkpoints
+from comfyui_prdp import heldout
 from comfyui_prdp.heldout import BEST_RECORD, best_checkpoint
 from test_heldout_eval import eval_config, scheduled_trainer
 

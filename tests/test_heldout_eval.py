@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_prdp import checkpoints, cli, model_loading
+from comfyui_prdp.runs import checkpoints
+from comfyui_prdp import cli
+from comfyui_prdp.models import loading as model_loading
 from comfyui_prdp.evaluation import SEED_STRIDE, score_rows
 from comfyui_prdp.heldout import (BEST_RECORD, FIRST_EVAL_SEED, HeldOutMonitor, HeldOutSet, best_checkpoint,
                                   held_out_split)
-from comfyui_prdp.lora import load_lora
-from comfyui_prdp.plots import HELD_OUT, reward_curve
+from comfyui_prdp.lora.files import load_lora
+from comfyui_prdp.runs.plots import HELD_OUT, reward_curve
 from comfyui_prdp.prompts import PromptSet, open_prompt_file
 from comfyui_prdp.trainer import Trainer
 from test_trainer import toy_config

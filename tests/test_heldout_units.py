@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from comfyui_prdp import cli
+from comfyui_prdp.cli.run import held_out_set
 from comfyui_prdp.evaluation import distinct_seed_rows, grid_rows, paired_statistics
 from comfyui_prdp.world.demo_eval import eval_rows
 from test_cli_outdir import run_cli, toy  # noqa: F401  (fixture)
@@ -68,7 +69,7 @@ def test_images_with_their_own_seeds_are_each_a_unit():
 
 
 def test_every_evaluation_gives_each_image_its_own_seed():
-    prompts, seeds = cli.held_out_set(None)              # the texture demo's before/after evaluation
+    prompts, seeds = held_out_set(None)              # the texture demo's before/after evaluation
     assert len(prompts) == len(seeds) == 64 and len(set(seeds)) == 64 and len(set(prompts)) == 4
     prompts, seeds = eval_rows()                         # the world demo's unseen captions
     assert len(set(seeds)) == len(seeds) == len(prompts) >= 32

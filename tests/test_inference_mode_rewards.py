@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import reward_fixtures as F
-from comfyui_prdp.inference_tensors import inference_like_tensors, make_ordinary
+from comfyui_prdp.models.inference_tensors import inference_like_tensors, make_ordinary
 from comfyui_prdp.rewards import create_reward
 from comfyui_prdp.rewards.combined import WeightedReward
 from comfyui_prdp.rewards.loading import clear_model_cache

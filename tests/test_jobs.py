@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from comfyui_prdp import routes
+from comfyui_prdp.service import routes
 from comfyui_prdp.config import TrainConfig
-from comfyui_prdp.jobs import FAILED, FINISHED, STOPPED, JobRegistry
+from comfyui_prdp.service.jobs import FAILED, FINISHED, STOPPED, JobRegistry
 from comfyui_prdp.trainer import Trainer
 from toy_backend import BrightnessReward, ToyBackend
 

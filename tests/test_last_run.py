@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from comfy_inprocess import PACKAGE_NAME, load_plugin_package
-from comfyui_prdp import routes
-from comfyui_prdp.jobs import DELIVERED, JobRegistry
+from comfyui_prdp.service import routes
+from comfyui_prdp.service.jobs import DELIVERED, JobRegistry
 from comfyui_prdp.objective import pair_agreement
 from comfyui_prdp.trainer import Trainer
 from test_trainer import PROMPTS, toy_config

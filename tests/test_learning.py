@@ -6,7 +6,7 @@ import torch
 from comfyui_prdp.backends.diffusers_backend import DiffusersBackend
 from comfyui_prdp.cli import DEFAULT_PROMPTS
 from comfyui_prdp.config import preset
-from comfyui_prdp.embedded import build_embedded_pipeline
+from comfyui_prdp.models.embedded import build_embedded_pipeline
 from comfyui_prdp.evaluation import evaluate_reward
 from comfyui_prdp.rewards import create_reward
 from comfyui_prdp.trainer import Trainer

@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 
-from comfyui_prdp import lora_keys
+from comfyui_prdp.lora import keys as lora_keys
 from comfyui_prdp.backends.diffusers_backend import DiffusersBackend
 from comfyui_prdp.config import preset
-from comfyui_prdp.embedded import (MODEL_NAME, build_embedded_pipeline,
+from comfyui_prdp.models.embedded import (MODEL_NAME, build_embedded_pipeline,
                                    build_embedded_stable_diffusion_pipeline)
-from comfyui_prdp.lora import load_lora, lora_metadata, save_lora
+from comfyui_prdp.lora.files import load_lora, lora_metadata, save_lora
 
 EXTENDED_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                     "conv1", "conv2", "time_emb_proj"]

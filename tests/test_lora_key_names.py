@@ -8,7 +8,7 @@ first double block's image qkv.
 """
 import torch
 
-from comfyui_prdp import comfy_lora, lora_keys
+from comfyui_prdp.lora import comfy_adapter as comfy_lora, keys as lora_keys
 
 UNET_LDM = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 UNET_DIFFUSERS = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -2,9 +2,9 @@
 kohya `ss_*` metadata naming the base family, and the SDXL consumer preset."""
 import pytest
 
-from comfyui_prdp import model_families as mf
+from comfyui_prdp.models import families as mf
 from comfyui_prdp.config import TrainConfig, preset
-from comfyui_prdp.lora import lora_metadata
+from comfyui_prdp.lora.files import lora_metadata
 
 
 @pytest.mark.parametrize("config_name, v_pred, size, version", [

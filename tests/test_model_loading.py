@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_prdp.config import preset
-from comfyui_prdp.embedded import MODEL_NAME, build_embedded_stable_diffusion_pipeline
-from comfyui_prdp.model_loading import ModelLoadError, load_backend, single_file_model_type
+from comfyui_prdp.models.embedded import MODEL_NAME, build_embedded_stable_diffusion_pipeline
+from comfyui_prdp.models.loading import ModelLoadError, load_backend, single_file_model_type
 
 
 @pytest.fixture(autouse=True)
@@ -237,7 +237,7 @@ def test_a_single_file_sdxl_checkpoint_without_its_config_is_refused(tmp_path):
 def test_single_file_v_pred_and_ztsnr_markers_set_the_schedule(markers, prediction, zero_snr, tmp_path,
                                                                 saved_model, empty_hf_cache):
     from safetensors.torch import load_file
-    from comfyui_prdp.embedded import build_embedded_stable_diffusion_pipeline as build
+    from comfyui_prdp.models.embedded import build_embedded_stable_diffusion_pipeline as build
 
     path = write_ldm_checkpoint(build(0), tmp_path / "tiny.safetensors")
     state = load_file(str(path))

@@ -2,9 +2,10 @@
 models, loading the model and the reward, the held-out evaluation before training (CLI lines on
 stderr) and during training (phase events: the CLI bar and a node's dashboard phase text). The
 pretrainings run a few steps here; every step sends a line (EVERY_SECONDS = 0)."""
-from comfyui_prdp import cli, embedded_pretrain, progress
-from comfyui_prdp.embedded import UNET_CONFIG, build_embedded_pipeline
-from comfyui_prdp.jobs import Job
+from comfyui_prdp import cli, progress
+from comfyui_prdp.models import embedded_pretrain
+from comfyui_prdp.models.embedded import UNET_CONFIG, build_embedded_pipeline
+from comfyui_prdp.service.jobs import Job
 from comfyui_prdp.progress import PhaseProgress, phase_listener
 from test_cli_outdir import run_cli, toy  # noqa: F401  (fixture)
 from test_heldout_eval import eval_config, trainer_with_held_out

@@ -1,7 +1,7 @@
 """The reward curve's x axis names several epochs, not only the first and the last."""
 import pytest
 
-from comfyui_prdp.plots import epoch_ticks, reward_curve
+from comfyui_prdp.runs.plots import epoch_ticks, reward_curve
 
 
 @pytest.mark.parametrize("first,last,expected", [

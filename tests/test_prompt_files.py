@@ -8,7 +8,8 @@ import tracemalloc
 
 import pytest
 
-from comfyui_prdp import cli, model_loading
+from comfyui_prdp import cli
+from comfyui_prdp.models import loading as model_loading
 from comfyui_prdp.prompts import PromptSet, PromptTextError, open_prompt_file, read_prompt_file
 from comfyui_prdp.trainer import Trainer
 from test_trainer import toy_config

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from comfyui_prdp import cli
+from comfyui_prdp.cli.reward import make_reward
 from comfyui_prdp.backends.diffusers_backend import resolve_device as trainer_device
 from comfyui_prdp.rewards import clear_model_cache
 from comfyui_prdp.rewards.loading import default_device, resolve_device
@@ -30,7 +31,7 @@ def two_gpus(monkeypatch):
 
 def cli_reward(*flags: str):
     args = cli.build_parser().parse_args(["train", "--out", "unused", *flags])
-    return args, cli.make_reward(args)
+    return args, make_reward(args)
 
 
 @pytest.mark.parametrize("device", ["cuda:1", "cpu", "cuda:0", None])

@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_prdp import cli, model_loading
-from comfyui_prdp.lora import load_lora
-from comfyui_prdp.reward_server import RewardServer
+from comfyui_prdp import cli
+from comfyui_prdp.models import loading as model_loading
+from comfyui_prdp.lora.files import load_lora
+from comfyui_prdp.rewards.server import RewardServer
 from comfyui_prdp.rewards import create_reward
 from comfyui_prdp.rewards.remote import RemoteReward, RewardServerError
 from comfyui_prdp.trainer import Trainer

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import reward_fixtures as F
-from comfyui_prdp.rewards import RewardModelNotFoundError, create_reward
-from comfyui_prdp.rewards.base import _REGISTRY
+from comfyui_prdp.rewards import RewardModelNotFoundError, create_reward, registered_factory
 from comfyui_prdp.rewards.loading import RewardOptions, reward_factory
 
 SHARED = [("model_dir", None), ("allow_download", None), ("device", None), ("dtype", None),
@@ -31,7 +30,7 @@ OWN = {
 
 @pytest.mark.parametrize("name", sorted(OWN))
 def test_factory_signature_is_unchanged(name):
-    parameters = list(inspect.signature(_REGISTRY[name]).parameters.values())
+    parameters = list(inspect.signature(registered_factory(name)).parameters.values())
     got = [(p.name, p.kind, p.default) for p in parameters]
     keyword = inspect.Parameter.KEYWORD_ONLY
     expected = ([("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, None)]
@@ -49,7 +48,7 @@ def test_shared_options_reach_the_reward():
     reward = create_reward("pickscore", model_dir=folder, allow_download=False, device="cpu",
                            dtype="bf16", batch_size=3)
     assert (reward.device, reward.dtype, reward.batch_size) == (torch.device("cpu"), torch.bfloat16, 3)
-    hps = _REGISTRY["hpsv2.1"](str(folder / "HPS_v2.1_compressed.pt"), arch=F.TINY_OPEN_CLIP,
+    hps = registered_factory("hpsv2.1")(str(folder / "HPS_v2.1_compressed.pt"), arch=F.TINY_OPEN_CLIP,
                                device="cpu", batch_size=2)
     assert (hps.name, hps.batch_size, hps.dtype) == ("hpsv2.1", 2, torch.float32)
     with pytest.raises(ValueError, match="batch_size=0"):

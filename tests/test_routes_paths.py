@@ -3,8 +3,8 @@ import json
 import sys
 import types
 
-from comfyui_prdp.jobs import JobRegistry
-from comfyui_prdp.routes import get_job, list_jobs
+from comfyui_prdp.service.jobs import JobRegistry
+from comfyui_prdp.service.routes import get_job, list_jobs
 
 
 def test_job_listing_names_folders_relative_to_comfyui(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ from torch import nn
 
 from comfyui_prdp.backends.base import block_modules
 from comfyui_prdp.config import TrainConfig
-from comfyui_prdp.trainer import StopRequested, Trainer
+from comfyui_prdp.runs.stop_signals import StopRequested
+from comfyui_prdp.trainer import Trainer
 from toy_backend import BrightnessReward, ToyBackend
 
 PROMPTS = ["a red apple", "a blue sky", "a green field", "a white cloud"]

@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 SimpleTokenizer = pytest.importorskip("open_clip.tokenizer").SimpleTokenizer
 
-from comfyui_prdp import tokenizer_offline  # noqa: E402
+from comfyui_prdp.models import tokenizer_offline  # noqa: E402
 
 PROMPTS = [
     "a photo of a cat",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_prdp.config import TrainConfig
-from comfyui_prdp.lora import load_lora
+from comfyui_prdp.lora.files import load_lora
 from comfyui_prdp.objective import ddpo_loss, prdp_loss
 from comfyui_prdp.sampling import transition_logprob
 from comfyui_prdp.trainer import Trainer, latest_checkpoint

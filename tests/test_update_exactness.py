@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from comfyui_prdp.config import TrainConfig
-from comfyui_prdp.trainer import Trainer, epoch_generator
+from comfyui_prdp.trainer import Trainer
+from comfyui_prdp.training.batches import epoch_generator
 from toy_backend import BrightnessReward, ToyBackend
 
 PROMPTS = ["a red apple", "a blue sky", "a green field"]
@@ -83,7 +84,7 @@ def literal_advantages(rewards, mode):
 def config(**overrides):
     # The seed fixes the sampled trajectories, and the checks need trajectories where every
     # minibatch has a nonzero gradient and some clipped (exactly zero) weights: with per-trajectory
-    # noise (trainer.trajectory_generators) seed 7 gives them in every case; seeds 2-6 each miss
+    # noise (training.batches.trajectory_generators) seed 7 gives them in every case; seeds 2-6 each miss
     # one case (a zero-gradient minibatch, no clipped weight, or float32 noise past the tolerance).
     base = dict(epochs=1, prompts_per_epoch=2, images_per_prompt=3, updates_per_epoch=2, minibatch_prompts=1,
                 steps=5, cfg=3.0, eta=0.8, width=32, height=32, beta=0.05, clip_range=2e-3,

@@ -14,7 +14,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .. import lora_keys, model_families
+from ..lora import keys as lora_keys
+from ..models import families as model_families
 from ..config import TrainConfig
 from .base import Backend, Cond, block_modules
 
@@ -89,8 +90,8 @@ class DiffusersBackend(Backend):
             module.eval()
         self._add_lora(config)
         lora_in_float32(self.trainable_parameters())
-        _move(unet, self.device, self.dtype, keep=self.trainable_parameters())   # LoRA weights stay float32
-        _move(vae, self.device, torch.float32)   # the VAE is small; float32 avoids fp16 overflow
+        move_module(unet, self.device, self.dtype, keep=self.trainable_parameters())   # LoRA weights stay float32
+        move_module(vae, self.device, torch.float32)   # the VAE is small; float32 avoids fp16 overflow
         self._place_text_encoders(self.text_encoder_home)
         self.set_gradient_checkpointing(config.gradient_checkpointing)
         self._adapters_off = False
@@ -162,7 +163,7 @@ class DiffusersBackend(Backend):
 
     def _place_text_encoders(self, device: torch.device) -> None:
         for encoder in self.text_encoder_modules():
-            _move(encoder, device, self._encoder_dtype(encoder))
+            move_module(encoder, device, self._encoder_dtype(encoder))
 
     @contextlib.contextmanager
     def text_encoders_on_device(self) -> Iterator[None]:
@@ -180,9 +181,9 @@ class DiffusersBackend(Backend):
                 return
             while resident:
                 gone = resident.pop()
-                _move(gone, self.text_encoder_home, self._encoder_dtype(gone))
+                move_module(gone, self.text_encoder_home, self._encoder_dtype(gone))
             resident.append(encoder)         # before the move: one that fails half-way is sent home too
-            _move(encoder, self.device, self._encoder_dtype(encoder))
+            move_module(encoder, self.device, self._encoder_dtype(encoder))
 
         hooks = [encoder.register_forward_pre_hook(bring, prepend=True) for encoder in self.text_encoder_modules()]
         try:
@@ -191,7 +192,7 @@ class DiffusersBackend(Backend):
             for hook in hooks:
                 hook.remove()
             for gone in resident:
-                _move(gone, self.text_encoder_home, self._encoder_dtype(gone))
+                move_module(gone, self.text_encoder_home, self._encoder_dtype(gone))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -307,8 +308,8 @@ class DiffusersBackend(Backend):
         for module_name, layer in self._lora_layers.items():
             down = layer.lora_A[ADAPTER_NAME].weight
             up = layer.lora_B[ADAPTER_NAME].weight
-            state[lora_keys.kohya_key(module_name, lora_keys.DOWN)] = _export(down)
-            state[lora_keys.kohya_key(module_name, lora_keys.UP)] = _export(up)
+            state[lora_keys.kohya_key(module_name, lora_keys.DOWN)] = export_tensor(down)
+            state[lora_keys.kohya_key(module_name, lora_keys.UP)] = export_tensor(up)
             state[lora_keys.kohya_key(module_name, lora_keys.ALPHA)] = torch.tensor(
                 float(layer.lora_alpha[ADAPTER_NAME]), dtype=torch.float32)
         return state
@@ -377,16 +378,16 @@ def _active_user_adapters(unet) -> List[str]:
     return []
 
 
-def _move(module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype],
+def move_module(module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype],
           keep: Sequence[torch.nn.Parameter] = ()) -> None:
     """Cast `module`'s floating-point weights to `dtype` where they are, then move it to `device`:
     cast first, so a half-precision model never exists on the GPU in float32. Parameters in `keep`
     (the LoRA) keep their dtype; dtype None moves without casting."""
-    _cast(module, dtype, keep)
+    cast_module(module, dtype, keep)
     module.to(device)
 
 
-def _cast(module: torch.nn.Module, dtype: Optional[torch.dtype], keep: Sequence[torch.nn.Parameter] = ()) -> None:
+def cast_module(module: torch.nn.Module, dtype: Optional[torch.dtype], keep: Sequence[torch.nn.Parameter] = ()) -> None:
     """`module`'s floating-point weights in `dtype`, in place and where they are, except `keep`'s."""
     kept = {id(p): (p, p.data) for p in keep}
     if dtype is None or all(p.dtype == dtype for p in module.parameters()
@@ -397,5 +398,5 @@ def _cast(module: torch.nn.Module, dtype: Optional[torch.dtype], keep: Sequence[
         parameter.data = data
 
 
-def _export(tensor: torch.Tensor) -> torch.Tensor:
+def export_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", torch.float32).contiguous().clone()

@@ -28,11 +28,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .. import lora_keys, model_families
+from ..lora import keys as lora_keys
+from ..models import families as model_families
 from ..config import TrainConfig
 from .base import Cond
-from .diffusers_backend import (ADAPTER_NAME, DiffusersBackend, _cast, _export, _move, decode_batch_size,
-                                frozen_weight_dtype, lora_in_float32, resolve_device)
+from .diffusers_backend import (ADAPTER_NAME, DiffusersBackend, cast_module, decode_batch_size, export_tensor,
+                                frozen_weight_dtype, lora_in_float32, move_module, resolve_device)
 
 #: the UNet default of TrainConfig.lora_targets; on a flow transformer it becomes FLOW_TARGETS
 UNET_DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -128,13 +129,13 @@ class DiffusersFlowBackend(DiffusersBackend):
             module.eval()
         self._add_lora(config.replace(lora_targets=flow_targets(config.lora_targets)))
         lora_in_float32(self.trainable_parameters())
-        _cast(transformer, self.dtype, keep=self.trainable_parameters())    # LoRA weights stay float32
+        cast_module(transformer, self.dtype, keep=self.trainable_parameters())    # LoRA weights stay float32
         #: the frozen base's storage dtype (float8 stores the Linear weights in 1 byte, see store_base_in_fp8)
         self.base_storage_dtype = self.dtype
         if fp8_base:
             self.store_base_in_fp8()
         transformer.to(self.device)
-        _move(vae, self.device, torch.float32)
+        move_module(vae, self.device, torch.float32)
         self._place_text_encoders(self.text_encoder_home)
         self.set_gradient_checkpointing(config.gradient_checkpointing)
         self._adapters_off = False
@@ -247,9 +248,9 @@ class DiffusersFlowBackend(DiffusersBackend):
         state: Dict[str, torch.Tensor] = {}
         for module_name, layer in self._lora_layers.items():
             scale = float(layer.scaling[ADAPTER_NAME])
-            state[lora_keys.peft_key(module_name, lora_keys.PEFT_DOWN)] = _export(layer.lora_A[ADAPTER_NAME].weight)
+            state[lora_keys.peft_key(module_name, lora_keys.PEFT_DOWN)] = export_tensor(layer.lora_A[ADAPTER_NAME].weight)
             up = layer.lora_B[ADAPTER_NAME].weight.detach().double() * scale
-            state[lora_keys.peft_key(module_name, lora_keys.PEFT_UP)] = _export(up)
+            state[lora_keys.peft_key(module_name, lora_keys.PEFT_UP)] = export_tensor(up)
         return state
 
     @torch.no_grad()

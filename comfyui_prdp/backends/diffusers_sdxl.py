@@ -16,7 +16,7 @@ from typing import List, Union
 
 import torch
 
-from .. import model_families
+from ..models import families as model_families
 from ..config import TrainConfig
 from .base import Cond
 from .diffusers_backend import DiffusersBackend

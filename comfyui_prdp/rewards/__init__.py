@@ -2,15 +2,16 @@
 
 Registered names: aesthetic, pickscore, hpsv2, hpsv2.1, clipscore, imagereward,
 jpeg-compressibility, jpeg-incompressibility, weighted, and the miniature world's world-alignment and
-world-preference (comfyui_prdp/world/rewards.py). Importing this package is cheap: the
+world-preference (comfyui_prdp/rewards/world.py). Importing this package is cheap: the
 model libraries (open_clip, transformers) are imported only when a model is loaded.
 """
 import sys as _sys
 
-from .base import Reward, available_rewards, create_reward, register_reward
+from .base import Reward
+from .registry import available_rewards, create_reward, register_reward, registered_factory
 from . import jpeg  # noqa: F401  (registers the JPEG rewards)
 from . import aesthetic, clipscore, hps, imagereward, pickscore  # noqa: F401  (register them)
-from ..world import rewards as _world_rewards  # noqa: F401,E402  (registers world-alignment, world-preference)
+from . import world  # noqa: F401  (registers world-alignment, world-preference)
 from .combined import WeightedReward, paper_multi_reward
 from .loading import RewardModelFileError, clear_model_cache
 from .model_files import RewardModelNotFoundError, register_comfy_folder
@@ -19,7 +20,7 @@ if "folder_paths" in _sys.modules:  # inside ComfyUI: make models/reward_models 
     register_comfy_folder()
 
 __all__ = [
-    "Reward", "available_rewards", "create_reward", "register_reward", "WeightedReward",
+    "Reward", "available_rewards", "create_reward", "register_reward", "registered_factory", "WeightedReward",
     "paper_multi_reward", "RewardModelFileError", "RewardModelNotFoundError",
     "clear_model_cache", "register_comfy_folder",
 ]

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .base import register_reward
+from .registry import register_reward
 from .clip_backbones import load_transformers_clip
 from .loading import (
     RewardModelFileError, RewardOptions, cached_model, freeze, load_weights_into,

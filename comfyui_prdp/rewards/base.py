@@ -110,26 +110,3 @@ def _checking_output(method: Callable, check: Callable[[Reward, Any, int], None]
 
 Reward.score_with_components = _checking_output(Reward.score_with_components,
                                                 _check_score_with_components)
-
-_REGISTRY: Dict[str, Callable[..., Reward]] = {}
-
-
-def register_reward(name: str, factory: Callable[..., Reward]) -> None:
-    _REGISTRY[name] = factory
-
-
-def available_rewards() -> List[str]:
-    return sorted(_REGISTRY)
-
-
-def create_reward(name: str, **kwargs) -> Reward:
-    """Build a reward by registry name, or by a reward server's URL (http://..., rewards/remote.py);
-    unknown names get an error listing the known ones."""
-    if isinstance(name, str) and name.lower().startswith(("http://", "https://")):
-        from .remote import create_remote_reward
-        return create_remote_reward(name, **kwargs)
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown reward {name!r}; choose one of: {', '.join(available_rewards())}"
-        )
-    return _REGISTRY[name](**kwargs)

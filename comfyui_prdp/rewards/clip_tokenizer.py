@@ -61,6 +61,6 @@ def build_hf_clip_tokenizer():
     """A transformers CLIPTokenizer built from open_clip's bundled BPE vocabulary (no download),
     on transformers 4.x and 5.x alike (tokenizer_offline). It reproduces open_clip's ids;
     `save_pretrained(folder)` next to a CLIPModel makes the folder self-contained."""
-    from ..tokenizer_offline import offline_clip_tokenizer
+    from ..models.tokenizer_offline import offline_clip_tokenizer
 
     return offline_clip_tokenizer()

@@ -12,7 +12,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .aesthetic import OPENAI_CLIP_L14
-from .base import register_reward
+from .registry import register_reward
 from .clip_backbones import ClipBackbone, load_open_clip, load_transformers_clip
 from .loading import RewardOptions, reward_factory
 from .model_files import ModelFiles

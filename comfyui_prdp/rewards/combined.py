@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .base import Reward, create_reward, register_reward
+from .base import Reward
+from .registry import create_reward, register_reward
 from .model_files import RewardModelNotFoundError
 
 #: the multi-reward weights of Deng et al. (2024), Table 4

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .aesthetic import AestheticMLP
-from .base import register_reward
+from .registry import register_reward
 from .blip import (
     BlipTextEncoder, BlipVisionTransformer, text_config_from_state, vision_config_from_state,
 )

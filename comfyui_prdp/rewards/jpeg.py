@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import Reward, register_reward
+from .base import Reward
+from .registry import register_reward
 
 JPEG_QUALITY = 95
 

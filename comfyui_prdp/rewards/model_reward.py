@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ..inference_tensors import move_ordinary
+from ..models.inference_tensors import move_ordinary
 from .base import Reward
 from .clip_preprocess import check_images
 from .loading import DEFAULT_BATCH_SIZE, DtypeLike, resolve_device, resolve_dtype

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..embedded_pretrain import cache_dir, fixed_threads
+from ..models.embedded_pretrain import cache_dir, fixed_threads
 from .grammar import ATTRIBUTES, Scene, all_scenes
 from .render import IMAGE_SIZE, render_batch
 
@@ -169,7 +169,7 @@ def load_or_train_alignment(seed: int = 0) -> AlignmentModel:
     """The trained scorer from the cache, or trained now and cached atomically."""
     from safetensors.torch import load_file, save_file
 
-    from ..lora import atomic_write
+    from ..lora.files import atomic_write
 
     path = cache_path(seed)
     with torch.random.fork_rng(devices=[]):

@@ -53,7 +53,7 @@ def alignment_guard(row_prompts: Sequence[str], row_seeds: Sequence[int], before
                     after_images: torch.Tensor) -> Dict[str, object]:
     """The world-alignment of the same before/after images (paired statistics): when a run trains
     another reward, this shows whether the images still follow their captions (reward hacking)."""
-    from .rewards import WorldAlignmentReward
+    from ..rewards.world import WorldAlignmentReward
 
     scorer = WorldAlignmentReward()
     rows = list(row_prompts)
@@ -77,7 +77,7 @@ def guard_line(stats: Dict[str, object]) -> str:
 
 
 def write_json(path: Path, record: dict) -> None:
-    from ..lora import atomic_write
+    from ..lora.files import atomic_write
 
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
 

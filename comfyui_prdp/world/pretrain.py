@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embedded_pretrain import cache_dir, fixed_threads
+from ..models.embedded_pretrain import cache_dir, fixed_threads
 from ..progress import PhaseProgress
+from .configs import TEXT_CONFIG, UNET_CONFIG
 from .grammar import Scene, split_scenes
 from .render import render_batch
 
@@ -40,8 +41,6 @@ def _schedule() -> dict:
 
 
 def cache_key(seed: int) -> str:
-    from .model import TEXT_CONFIG, UNET_CONFIG
-
     payload = json.dumps({"unet": UNET_CONFIG, "text": TEXT_CONFIG, "seed": seed,
                           "schedule": _schedule(), "torch": torch.__version__.split("+")[0]},
                          sort_keys=True, default=str)
@@ -120,7 +119,7 @@ def load_or_pretrain(components: dict, seed: int) -> Path:
     """Load the pretrained weights from the cache, or pretrain and cache them atomically."""
     from safetensors.torch import load_file, save_file
 
-    from ..lora import atomic_write
+    from ..lora.files import atomic_write
 
     path = cache_path(seed)
     if path.is_file():

@@ -3,7 +3,7 @@
 Every rank parses the same command line and runs the same cheap checks. Rank 0 alone claims
 and plans the --out folder (lock, run record, which checkpoint to resume) and tells the other
 ranks what it decided (or the error that ends the run) as JSON; then every rank loads the model
-and trains its share (trainer.py, distributed.py); rank 0 alone prints and writes files. The
+and trains its share (trainer.py, distributed/group.py); rank 0 alone prints and writes files. The
 run folder must be on a filesystem every node sees (a resume reads the checkpoint on each rank).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import List
 
-from .distributed import (SINGLE, Distributed, DistributedError, init_from_env, launched_by_torchrun,
+from ..distributed.group import (SINGLE, Distributed, DistributedError, init_from_env, launched_by_torchrun,
                           rank_device, shutdown)
 
 
@@ -30,8 +30,9 @@ def join_ranks(args) -> Distributed:
 
 def train_ranks(args, config, prompts: List[str], dist: Distributed) -> int:
     """Plan the run on rank 0 (which holds the --out lock while it trains), then train on every rank."""
-    from . import cli
-    from .run_folder import config_from_dict
+    from ..runs.run_folder import config_from_dict
+    from .outdir import claim_out_dir, plan_out_dir
+    from .run import run_training
 
     try:
         dist.check_shardable(config.prompts_per_epoch)     # every rank refuses alike, before loading
@@ -41,8 +42,8 @@ def train_ranks(args, config, prompts: List[str], dist: Distributed) -> int:
     lock, decision = None, None
     if dist.is_main:
         try:
-            lock = cli.claim_out_dir(args.out, args.resume)
-            plan = cli.plan_out_dir(args, config, prompts)
+            lock = claim_out_dir(args.out, args.resume)
+            plan = plan_out_dir(args, config, prompts)
             checkpoint = plan.checkpoint.path if plan.checkpoint is not None else None
             decision = {"finished": plan.finished, "config": plan.config.to_dict(),
                         "checkpoint": str(checkpoint) if checkpoint is not None else None}
@@ -60,7 +61,7 @@ def train_ranks(args, config, prompts: List[str], dist: Distributed) -> int:
             return 0
         planned = config_from_dict(decision["config"], args.out)
         checkpoint = Path(decision["checkpoint"]) if decision["checkpoint"] else None
-        return cli.run_training(args, planned, prompts, checkpoint, dist=dist)
+        return run_training(args, planned, prompts, checkpoint, dist=dist)
     finally:
         if lock is not None:
             lock.release()

@@ -18,9 +18,7 @@ Every problem raises `CheckpointError` with one line naming the file, the proble
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -31,30 +29,22 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .lora import save_lora
+from ..lora.files import save_lora
+from .checkpoint_files import (FORMAT, OPTIMIZER_KEYS, CheckpointError, check_file, file_sha256, group_optimizer_state,
+                               is_count, json_safe, non_finite_paths, parse_state, parse_tensors, read_json,
+                               require_finite, verified_bytes)
 
 MANIFEST = "prdp_checkpoint.json"
 LORA_FILE = "lora.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 LEGACY_PICKLE = "trainer_state.pt"
-FORMAT = "comfyui-prdp-checkpoint"
 VERSION = 1
 DATA_FILES = (LORA_FILE, OPTIMIZER_FILE, STATE_FILE)
 RNG_KEY = "rng.torch"
-OPTIMIZER_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
-REQUIRED_OPTIMIZER_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
-MAX_JSON_BYTES = 256 * 2 ** 20
 NAME_PATTERN = re.compile(r"^epoch_(\d{5,})(_stopped)?(_\d{5})?\Z")
-_STATE_KEY = re.compile(r"^state\.(\d+)\.([a-z_]+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, foreign or does not fit this run."""
 
 
 @dataclass
@@ -88,7 +78,7 @@ class TrainerSnapshot:
             return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
         optimizer = {"state": {i: {k: copy(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()},
                      "param_groups": [dict(g) for g in optimizer_state["param_groups"]]}
-        return cls(epoch, {k: copy(v) for k, v in lora.items()}, optimizer, _json_safe(dict(extra)),
+        return cls(epoch, {k: copy(v) for k, v in lora.items()}, optimizer, json_safe(dict(extra)),
                    torch.get_rng_state())
 
 
@@ -103,14 +93,14 @@ def write_checkpoint(root: Path, epoch: int, partial: bool, lora: Mapping[str, t
     tensors = optimizer_tensors(optimizer_state_dict)
     if rng is not None:
         tensors[RNG_KEY] = rng.detach().to("cpu", torch.uint8).contiguous()
-    _require_finite(lora, LORA_FILE)
-    _require_finite(tensors, OPTIMIZER_FILE)
+    require_finite(lora, LORA_FILE)
+    require_finite(tensors, OPTIMIZER_FILE)
     state = {"format": FORMAT, "version": VERSION, "epoch": int(epoch), "partial": bool(partial),
-             "metrics": list(metrics), "config": _json_safe(config),
-             "optimizer_groups": [_json_safe({k: v for k, v in g.items() if k != "params"})
+             "metrics": list(metrics), "config": json_safe(config),
+             "optimizer_groups": [json_safe({k: v for k, v in g.items() if k != "params"})
                                   for g in optimizer_state_dict.get("param_groups", [])],
-             "extra": _json_safe(dict(extra or {}))}
-    bad = _non_finite_paths({"config": state["config"], "extra": state["extra"]})
+             "extra": json_safe(dict(extra or {}))}
+    bad = non_finite_paths({"config": state["config"], "extra": state["extra"]})
     if bad:
         raise CheckpointError(f"not writing a checkpoint: non-finite value at {bad[0]}")
     text = json.dumps(state, indent=1)
@@ -124,7 +114,7 @@ def write_checkpoint(root: Path, epoch: int, partial: bool, lora: Mapping[str, t
         save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": FORMAT})
         (staging / STATE_FILE).write_text(text, encoding="utf-8")
         manifest = {"format": FORMAT, "version": VERSION, "epoch": int(epoch), "partial": bool(partial),
-                    "files": {f: {"size": (staging / f).stat().st_size, "sha256": _sha256(staging / f)}
+                    "files": {f: {"size": (staging / f).stat().st_size, "sha256": file_sha256(staging / f)}
                               for f in DATA_FILES}}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         return _rename_to_free_name(staging, root, name)
@@ -167,13 +157,13 @@ def read_checkpoint(path: Path) -> CheckpointData:
     is read once; its bytes are checked against the manifest and parsed from that same copy."""
     folder = resolve_checkpoint_folder(Path(path))
     manifest = verify_manifest(folder, check_hashes=False)
-    blobs = {name: _verified_bytes(folder / name, manifest["files"][name]) for name in DATA_FILES}
-    state = _parse_state(blobs[STATE_FILE], folder / STATE_FILE)
+    blobs = {name: verified_bytes(folder / name, manifest["files"][name]) for name in DATA_FILES}
+    state = parse_state(blobs[STATE_FILE], folder / STATE_FILE)
     if state["epoch"] != manifest["epoch"]:
         raise CheckpointError(f"{folder / STATE_FILE}: epoch {state['epoch']} differs from the manifest's "
                               f"{manifest['epoch']}; the checkpoint is inconsistent, use another one")
-    lora = _parse_tensors(blobs[LORA_FILE], folder / LORA_FILE)
-    tensors = _parse_tensors(blobs[OPTIMIZER_FILE], folder / OPTIMIZER_FILE)
+    lora = parse_tensors(blobs[LORA_FILE], folder / LORA_FILE)
+    tensors = parse_tensors(blobs[OPTIMIZER_FILE], folder / OPTIMIZER_FILE)
     rng = tensors.pop(RNG_KEY, None)
     if rng is not None and (rng.dtype != torch.uint8 or rng.dim() != 1
                             or rng.numel() != torch.get_rng_state().numel()):
@@ -181,7 +171,7 @@ def read_checkpoint(path: Path) -> CheckpointData:
                               f"(dtype {rng.dtype}, shape {tuple(rng.shape)}); the checkpoint is damaged")
     return CheckpointData(path=folder, epoch=state["epoch"], partial=state["partial"], metrics=state["metrics"],
                           config=state["config"], lora=lora,
-                          optimizer_state=_group_optimizer_state(tensors, folder / OPTIMIZER_FILE),
+                          optimizer_state=group_optimizer_state(tensors, folder / OPTIMIZER_FILE),
                           rng=rng, extra=state["extra"])
 
 
@@ -257,10 +247,10 @@ def verify_manifest(folder: Path, check_hashes: bool = True) -> dict:
                               "package wrote")
     if not stat.S_ISREG(os.lstat(manifest_path).st_mode):
         raise CheckpointError(f"{manifest_path} is not a regular file; pick a checkpoint this package wrote")
-    manifest = _read_json(manifest_path, limit=1 << 16)
+    manifest = read_json(manifest_path, limit=1 << 16)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(files, dict)
-            or set(files) != set(DATA_FILES) or not _is_count(manifest.get("epoch"))
+            or set(files) != set(DATA_FILES) or not is_count(manifest.get("epoch"))
             or not isinstance(manifest.get("partial"), bool)):
         raise CheckpointError(f"{manifest_path} is not a comfyui-prdp checkpoint manifest; "
                               "pick a checkpoint this package wrote")
@@ -269,10 +259,10 @@ def verify_manifest(folder: Path, check_hashes: bool = True) -> dict:
                               f"supported (this version reads {VERSION}); use the comfyui-prdp that wrote it")
     for name in DATA_FILES:
         entry = files[name]
-        if (not isinstance(entry, dict) or not _is_count(entry.get("size"))
+        if (not isinstance(entry, dict) or not is_count(entry.get("size"))
                 or not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
             raise CheckpointError(f"{manifest_path}: the entry for {name} is malformed; the checkpoint is damaged")
-        _check_file(folder / name, entry, check_hashes)
+        check_file(folder / name, entry, check_hashes)
     return manifest
 
 
@@ -330,160 +320,3 @@ def align_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
                     state[name] = value.to(device=param.device, dtype=dtype)
                     moved += 1
     return moved
-
-
-# ----------------------------------------------------------------------------- helpers
-def _check_file(path: Path, entry: dict, check_hash: bool) -> None:
-    try:
-        info = os.lstat(path)
-    except OSError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, use another one") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{path} is not a regular file; the checkpoint is damaged, use another one")
-    if info.st_size != entry["size"]:
-        raise CheckpointError(f"{path} has {info.st_size} bytes, the manifest says {entry['size']}: the file "
-                              "is truncated or changed; use another checkpoint")
-    if check_hash and _cached_sha256(path, info) != entry["sha256"]:
-        raise CheckpointError(f"{path} does not match the sha256 in its manifest: the file is damaged or "
-                              "changed; use another checkpoint")
-
-
-_HASH_CACHE: Dict[tuple, str] = {}
-
-
-def _cached_sha256(path: Path, info: os.stat_result) -> str:
-    """sha256 of a file, remembered per (path, inode, size, mtime) so listings stay cheap."""
-    key = (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
-    digest = _HASH_CACHE.get(key)
-    if digest is None:
-        digest = _sha256(path)
-        if len(_HASH_CACHE) > 4096:
-            _HASH_CACHE.clear()
-        _HASH_CACHE[key] = digest
-    return digest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _verified_bytes(path: Path, entry: dict) -> bytes:
-    _check_file(path, entry, check_hash=False)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(entry["size"] + 1)
-    except OSError as error:
-        raise CheckpointError(f"{path} cannot be read ({error.strerror}); use another checkpoint") from None
-    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path} does not match the size and sha256 in its manifest: the file is "
-                              "damaged or changed; use another checkpoint")
-    return data
-
-
-def _parse_json(data: bytes, path: Path, limit: int = MAX_JSON_BYTES):
-    if len(data) > limit:
-        raise CheckpointError(f"{path} is {len(data)} bytes, more than a checkpoint file can be ({limit}); "
-                              "use another checkpoint")
-    if not data.strip():
-        raise CheckpointError(f"{path} is empty; the checkpoint is damaged, use another one")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is damaged, "
-                              "use another one") from None
-
-
-def _read_json(path: Path, limit: int):
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(limit + 1)
-    except OSError as error:
-        raise CheckpointError(f"{path} cannot be read ({error.strerror}); use another checkpoint") from None
-    return _parse_json(data, path, limit)
-
-
-def _parse_state(data: bytes, path: Path) -> dict:
-    state = _parse_json(data, path)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a comfyui-prdp trainer state; use a checkpoint this package wrote")
-    problems = []
-    if not _is_count(state.get("epoch")):
-        problems.append(f"epoch {state.get('epoch')!r} is not an integer >= 0")
-    if not isinstance(state.get("partial"), bool):
-        problems.append("partial is not true/false")
-    metrics = state.get("metrics")
-    if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
-        problems.append("metrics is not a list of objects")
-    if not isinstance(state.get("config"), dict):
-        problems.append("config is not an object")
-    if not isinstance(state.get("extra", {}), dict):
-        problems.append("extra is not an object")
-    if not problems:
-        bad = _non_finite_paths({"config": state["config"], "extra": state.get("extra", {})})
-        if bad:
-            problems.append(f"{bad[0]} is not a finite number")
-    if problems:
-        raise CheckpointError(f"{path}: {problems[0]}; the checkpoint is damaged, use another one")
-    state.setdefault("extra", {})
-    return state
-
-
-def _parse_tensors(data: bytes, path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        tensors = load_safetensors_bytes(data)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0]}); "
-                              "the checkpoint is damaged, use another one") from None
-    for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"{path}: {key} holds non-finite values (NaN or inf); use an earlier checkpoint")
-    return tensors
-
-
-def _group_optimizer_state(tensors: Mapping[str, torch.Tensor], path: Path) -> Dict[int, Dict[str, torch.Tensor]]:
-    grouped: Dict[int, Dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        match = _STATE_KEY.match(key)
-        if not match or match.group(2) not in OPTIMIZER_KEYS or not value.is_floating_point():
-            raise CheckpointError(f"{path}: unexpected entry {key!r} ({value.dtype}); only AdamW state "
-                                  "(state.<i>.step/exp_avg/exp_avg_sq) belongs there; the checkpoint is damaged")
-        grouped.setdefault(int(match.group(1)), {})[match.group(2)] = value
-    for index, per_param in grouped.items():
-        missing = REQUIRED_OPTIMIZER_KEYS - set(per_param)
-        step = per_param.get("step")
-        if missing:
-            raise CheckpointError(f"{path}: parameter {index} lacks {', '.join(sorted(missing))}; "
-                                  "the checkpoint is damaged, use another one")
-        if step.numel() != 1 or step.item() < 0:
-            raise CheckpointError(f"{path}: state.{index}.step is not a single count >= 0; the checkpoint is damaged")
-    return grouped
-
-
-def _require_finite(tensors: Mapping[str, torch.Tensor], file: str) -> None:
-    for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"not writing a checkpoint: {file} entry {key} holds NaN or inf "
-                                  "(training diverged: lower the learning rate); the last good checkpoint is kept")
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _json_safe(value):
-    """JSON-ready copy: tuples become lists; anything not JSON-serialisable raises."""
-    return json.loads(json.dumps(value))
-
-
-def _non_finite_paths(value, prefix: str = "") -> List[str]:
-    if isinstance(value, float):
-        return [] if math.isfinite(value) else [prefix or "value"]
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _non_finite_paths(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in _non_finite_paths(v, f"{prefix}[{i}]")]
-    return []

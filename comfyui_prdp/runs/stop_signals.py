@@ -64,3 +64,8 @@ def stop_requests(event: threading.Event, *, interrupt: bool = False,
             watcher.join()
         for kind, previous in restore:
             signal.signal(kind, previous)
+
+
+class StopRequested(Exception):
+    """Raised inside the loop (or a backend's model call) when the stop event is set; the trainer
+    saves and returns."""

@@ -22,8 +22,8 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .backends.diffusers_backend import DiffusersBackend, frozen_weight_dtype, resolve_device
-from .config import TrainConfig
+from ..backends.diffusers_backend import DiffusersBackend, frozen_weight_dtype, resolve_device
+from ..config import TrainConfig
 from .embedded import MODEL_NAME as EMBEDDED_NAME, build_embedded_pipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -62,7 +62,7 @@ def load_backend(base: Optional[str], config: TrainConfig, device: Union[str, to
     if components.get("transformer") is not None:
         return flow_backend(components, config, device=device, model_name=name)
     if components.get("text_encoder_2") is not None:
-        from .backends.diffusers_sdxl import DiffusersSDXLBackend
+        from ..backends.diffusers_sdxl import DiffusersSDXLBackend
 
         return DiffusersSDXLBackend(**components, config=config, device=device, model_name=name)
     components = {key: components[key] for key in COMPONENTS}
@@ -71,7 +71,7 @@ def load_backend(base: Optional[str], config: TrainConfig, device: Union[str, to
 
 def flow_backend(components: Dict[str, object], config: TrainConfig, device=None, model_name: str = "unknown"):
     """The SD3 or Flux backend for a flow pipeline's components (by the transformer's class)."""
-    from .backends.diffusers_flow import DiffusersFluxBackend, DiffusersSD3Backend
+    from ..backends.diffusers_flow import DiffusersFluxBackend, DiffusersSD3Backend
 
     kind = type(components["transformer"]).__name__
     if kind == "SD3Transformer2DModel":
@@ -137,7 +137,7 @@ def load_components(base: Optional[str], base_config: Optional[str] = None,
     if base is None or str(base).strip() in ("", EMBEDDED_NAME):
         return build_embedded_pipeline(0), EMBEDDED_NAME
     if str(base).strip() == "embedded-world":    # the miniature world's model (comfyui_prdp/world)
-        from .world.model import MODEL_NAME as WORLD_NAME, build_world_pipeline
+        from ..world.model import MODEL_NAME as WORLD_NAME, build_world_pipeline
         return build_world_pipeline(0), WORLD_NAME
     base = str(base)
     path = Path(base).expanduser()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
-from .distributed import Distributed, DistributedError
+from .group import Distributed, DistributedError
 
 #: the longest error message a rank sends (UTF-8 bytes; longer ones are cut)
 MESSAGE_BYTES = 2000

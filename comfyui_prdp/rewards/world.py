@@ -7,9 +7,10 @@ from typing import List, Optional
 
 import torch
 
-from ..inference_tensors import move_ordinary
-from ..rewards.base import Reward, register_reward
-from .preference import preference_score
+from ..models.inference_tensors import move_ordinary
+from .base import Reward
+from .registry import register_reward
+from ..world.preference import preference_score
 
 
 class WorldAlignmentReward(Reward):
@@ -19,7 +20,7 @@ class WorldAlignmentReward(Reward):
     differentiable = True
 
     def __init__(self, seed: int = 0, device: Optional[str] = None):
-        from .alignment import load_or_train_alignment
+        from ..world.alignment import load_or_train_alignment
 
         self.model = load_or_train_alignment(seed)
         self.device = torch.device(device or "cpu")

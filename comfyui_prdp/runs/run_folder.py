@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import checkpoints
-from .config import TrainConfig
-from .lora import atomic_write
-from .prompts import prompts_sha256
+from ..config import TrainConfig
+from ..lora.files import atomic_write
+from ..prompts import prompts_sha256
 from .run_lock import LOCK_FILE
 
 RUN_RECORD = "config.json"

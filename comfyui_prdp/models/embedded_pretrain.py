@@ -69,7 +69,7 @@ def pretrain_unet(unet, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, l
 
 
 def _pretrain_unet(unet, text_encoder, tokenizer, alphas_cumprod, latent_shape, seed: int, steps: int) -> None:
-    from .progress import PhaseProgress
+    from ..progress import PhaseProgress
 
     generator = torch.Generator().manual_seed(seed + 12345)
     ids = tokenizer(PRETRAIN_PROMPTS, padding="max_length", max_length=tokenizer.model_max_length,
@@ -113,7 +113,7 @@ def load_or_pretrain(components: dict, unet_config: dict, latent_shape, seed: in
     """Load the pretrained UNet weights from the cache, or pretrain and cache them atomically."""
     from safetensors.torch import load_file, save_file
 
-    from .lora import atomic_write
+    from ..lora.files import atomic_write
 
     path = cache_dir() / f"embedded-unet-{cache_key(unet_config, seed, steps)}.safetensors"
     unet = components["unet"]

@@ -9,7 +9,7 @@ state, so any rank could write a checkpoint; rank 0 alone writes files.
 
 Messages between ranks are tensors (JSON text as bytes where a value is not numeric): nothing
 is ever unpickled. An error on one rank reaches the others as a flag in these collectives
-(rank_faults.py), so no rank is left waiting in one.
+(faults.py), so no rank is left waiting in one.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""LoRA weights: safetensors files, key naming across formats, the ComfyUI model adapter."""

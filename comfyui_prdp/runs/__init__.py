@@ -1,0 +1,1 @@
+"""A training run on disk: checkpoints, the run folder and its lock, stop requests, plots."""

@@ -1,0 +1,1 @@
+"""The training service inside ComfyUI: background jobs and the HTTP routes."""
