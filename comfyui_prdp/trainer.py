@@ -148,6 +148,7 @@ class Trainer(EpochSampling, PolicyUpdate, TrainingState, RunControl, ProgressEv
                     self._faults.check(self.dist.any(self._faults.failed))
         except StopRequested:
             stopped = True
+            self.return_to_epoch_start()      # keep only finished epochs (the checkpoint's state)
         except RankFailed as failure:     # every rank alike; rank 0 keeps the last finished epoch
             self._checkpoint_after_failure(failure)
             raise

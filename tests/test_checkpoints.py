@@ -148,6 +148,13 @@ def test_a_stop_in_the_middle_of_an_epoch_resumes_to_the_uninterrupted_result(tm
     part.optimizer.step = step_then_stop_in_epoch_2
     stopped = part.run()
     assert stopped.stopped and stopped.checkpoint_path.name == "epoch_00001_stopped"
+    # the LoRA kept (and the trainer's own) is the finished epoch's, as in the checkpoint: the
+    # half-done epoch's step is undone, not saved as "stopped at epoch 1"
+    assert stopped.epochs_done == 1 and stopped.lora_path is not None
+    kept = load_file(str(stopped.lora_path))
+    in_checkpoint = load_file(str(stopped.checkpoint_path / "lora.safetensors"))
+    assert kept.keys() == in_checkpoint.keys()
+    assert all(torch.equal(kept[k], in_checkpoint[k]) for k in kept)
     resumed = Trainer(ToyBackend(), BrightnessReward(), PROMPTS, toy_config(epochs=3), out_dir=tmp_path / "part")
     result = resumed.run(resume_from=stopped.checkpoint_path)
     assert result.epochs_done == 3

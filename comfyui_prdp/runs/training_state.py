@@ -45,6 +45,18 @@ class TrainingState:
         self._epoch_start = checkpoints.TrainerSnapshot.take(
             self.epoch, self.backend.lora_state_dict(), self.optimizer.state_dict(), self.extra_state())
 
+    def return_to_epoch_start(self) -> bool:
+        """After a stop inside an unfinished epoch, put the LoRA and the optimizer back to that
+        epoch's start: the LoRA kept, the MODEL a ComfyUI node returns, the checkpoint and
+        "stopped at epoch k" then all describe the same k finished epochs. True when an unfinished
+        epoch's steps were undone."""
+        snapshot = getattr(self, "_epoch_start", None)
+        if snapshot is None or snapshot.epoch != self.epoch:
+            return False
+        self.backend.load_lora_state_dict(snapshot.lora)
+        self.optimizer.load_state_dict(snapshot.optimizer)
+        return True
+
     def save_checkpoint(self, partial: bool = False) -> Optional[Path]:
         """LoRA, optimizer, RNG, epoch, metrics and extra state into
         out_dir/checkpoints/epoch_NNNNN[_stopped]/ (format: runs/checkpoints.py). Stopped in the
