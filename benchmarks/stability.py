@@ -321,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def summary_table(rows: List[dict]) -> List[str]:
-    """A markdown table of the runs (the README's "Stability in miniature" has one)."""
+    """A markdown table of the runs (docs/research.md's "Stability in miniature" has one)."""
     lines = ["| algorithm | prompts | seed | unseen reward before -> after | paired t | seed diversity | "
              "distance from base | retrieval | roughness | diverged |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -7,7 +7,7 @@ the trajectory's log-prob (trained steps only). It prints the mean cosine betwee
 estimates (near 0: each epoch's update is mostly noise; it estimates the squared cosine of one
 estimate with the true gradient) and their cosine with the pathwise gradient (the reward
 back-propagated through the sampler, averaged over as many images: an estimate of the true
-gradient). README, "Why the world demo does not learn yet".
+gradient). docs/research.md, "Why the world demo does not learn yet".
 
     python benchmarks/world_gradient_snr.py --reward world-alignment --captions 32 --estimates 4
 """

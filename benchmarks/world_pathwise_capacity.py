@@ -5,7 +5,7 @@ AlignProp/DRaFT: x_{t-1} = mean_theta(x_t) + std * noise with fixed noise, decod
 differentiated end to end), on 16 random training captions per step, and prints the reward of 8
 unseen captions x 4 fixed seeds (the demo's evaluation set) every 10 steps: paired t and gain in
 units of the per-image std, as the demo prints them. Compare with PRDP on the same reward
-(`run_demo.sh --world --reward ...`): README, "Why the world demo does not learn yet".
+(`run_demo.sh --world --reward ...`): docs/research.md, "Why the world demo does not learn yet".
 
 This is a diagnostic, not a trainer of this package (PRDP and DDPO are).
 

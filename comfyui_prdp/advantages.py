@@ -1,5 +1,5 @@
 """DDPO's advantages as its authors compute them: per-prompt reward statistics tracked across
-epochs (spec section 6).
+epochs (docs/algorithm.md section 6).
 
 Each prompt keeps a buffer of its last `buffer_size` rewards. While a prompt's buffer holds
 fewer than `min_count`, its rewards are normalised with the statistics of the whole epoch's

@@ -42,7 +42,7 @@ class TrainConfig:
     # FluxGuidance node writes it (train them with cfg 1); None = ComfyUI's default (3.5 for Flux)
     flow_guidance: Optional[float] = None
     # objective
-    algorithm: str = "prdp"             # "prdp" or "ddpo" (the baseline of spec section 6)
+    algorithm: str = "prdp"             # "prdp" or "ddpo" (the baseline: docs/algorithm.md section 6)
     beta: float = 3e-5
     clip_range: float = 1e-4            # eps: per-step clip of the log-ratio (PRDP) / ratio (DDPO)
     step_reduce: str = "mean"           # [choice] mean over steps (Appendix G) or sum
@@ -297,7 +297,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # LoRA off, during sampling) + 160 update forward (pass 1 of the second minibatch) + 320
     # forward+backward = 1120, i.e. 2 prompts x 4 images x 20 steps x 2 CFG branches per phase
     # (one prompt for pass 1). Peak GPU memory at real size (benchmarks/memory_budget.py,
-    # fake tensors; README "On one GPU"): CLI 8.65 GB (the float32 decode of one 1024 px image
+    # fake tensors; docs/gpu.md "On one GPU"): CLI 8.65 GB (the float32 decode of one 1024 px image
     # beside the fp16 UNet), ComfyUI 6.70 GB, with 0.5 GB of CUDA context: 12 GB cards fit
     "consumer-gpu-sdxl": dict(epochs=50, updates_per_epoch=1, minibatch_prompts=1, prompts_per_epoch=2,
                               images_per_prompt=4,
@@ -340,7 +340,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                       beta=0.05, clip_range=0.05, steps=8, cfg=3.0, learning_rate=0.02,
                       lora_rank=4, width=64, height=64, sample_batch_size=16, train_batch_size=16),
     # the miniature world (--base embedded-world, 32 px) on two CPU cores: the best measured
-    # setting, which does NOT yet raise unseen-prompt alignment clear of noise (README). One
+    # setting, which does NOT yet raise unseen-prompt alignment clear of noise (docs/research.md). One
     # update per epoch (on-policy: beta only scales the gradient, which Adam normalises, and the
     # clip never binds) costs ~40 % of cpu-smoke's four, so 12 epochs x 8 prompts fit the time.
     # The LoRA is on self-attention only: on the earlier split (held-out shape-colour pairs) the

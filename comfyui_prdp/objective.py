@@ -1,4 +1,4 @@
-"""The PRDP objective (spec section 2), the DDPO baseline (section 6), and the exact per-step
+"""The PRDP objective (docs/algorithm.md section 2), the DDPO baseline (section 6), and the exact per-step
 gradient weights that let the trainer back-propagate one micro-batch at a time.
 
 Shapes: logp, logp_old, logp_ref are [..., B, T]; rewards [..., B]. Leading dims are prompt

@@ -1,4 +1,4 @@
-"""The online loop (Algorithm 1 of the paper, spec section 3).
+"""The online loop (Algorithm 1 of the paper, docs/algorithm.md section 3).
 
 Each epoch: draw N prompts; sample B trajectories each with the current weights (theta_old),
 recording latents and log-probs, and the base model's log-probs (adapters disabled) at the

@@ -6,7 +6,7 @@
 # world model (captioned 32 px scenes) on the world-alignment reward, evaluated on captions it
 # never saw. First use pretrains the world model and its scorer (cached in $PRDP_CACHE_DIR, else
 # ~/.cache/comfyui-prdp). Settings: the world-demo preset (config.py). PRDP does not yet raise
-# unseen-prompt alignment clear of noise there (README: "Why the world demo does not learn yet"),
+# unseen-prompt alignment clear of noise there (docs/research.md: "Why the world demo does not learn yet"),
 # so it is not the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."

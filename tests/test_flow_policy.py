@@ -1,6 +1,6 @@
-"""The flow-SDE policy (policies/flow_sde.py) against docs flow-spec.md, written out here.
+"""The flow-SDE policy (policies/flow_sde.py) against docs/algorithm.md section 1.2, written out here.
 
-Every expected value is computed from the spec's equations in float64 in this file: the
+Every expected value is computed from those equations in float64 in this file: the
 Flow-GRPO SDE step (std at sigma = 1 with sigmas[1] in the denominator), the CPS step, the
 Gaussian log-density reduced over latent elements, the deterministic (ODE) last step and the
 ODE steps outside an SDE window.

@@ -2,7 +2,7 @@
 
 Like test_update_exactness.py for DDPM: one epoch with K=2 updates and minibatches smaller than
 N (pass 1 off-policy, the on-policy skip), replayed with this file's own flow-SDE/CPS
-log-densities (float64, from the flow-spec equations) and the literal PRDP pair loss / DDPO
+log-densities (float64, from docs/algorithm.md section 1.2's equations) and the literal PRDP pair loss / DDPO
 surrogate of test_update_exactness, full autograd over the trained steps only (the deterministic
 last step and ODE steps outside an SDE window have no log-prob and are not trained; with
 timestep_fraction < 1, only each minibatch's drawn steps, the gradient scaled by T / k).

@@ -8,7 +8,7 @@ from comfyui_prdp.objective import clip_fraction, ddpo_loss, logp_gradient_weigh
 
 
 def loop_prdp(logp, logp_old, logp_ref, rewards, beta, eps):
-    """Literal spec section 2, one prompt group at a time, with Python loops."""
+    """Literal docs/algorithm.md section 2, one prompt group at a time, with Python loops."""
     group_losses = []
     for g in range(len(logp)):
         B, T = len(logp[g]), len(logp[g][0])

@@ -1,4 +1,4 @@
-"""The loss's per-step weights are exact at the paper's beta/eps (spec section 2, float64).
+"""The loss's per-step weights are exact at the paper's beta/eps (docs/algorithm.md section 2.2, float64).
 
 The reference is autograd of a literal Python pair loop in float64, built element by element,
 so it shares no code with objective.py.

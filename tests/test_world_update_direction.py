@@ -9,7 +9,7 @@ correlation turns negative and this fails.
 
 This checks the direction of the update on the world, on the batch it was computed from. It is
 NOT a held-out learning test: on this world PRDP does not yet raise the reward of unseen prompts
-clear of noise (README, "Why the world demo does not learn yet").
+clear of noise (docs/research.md, "Why the world demo does not learn yet").
 
 Measured (seed 0, lr 1e-3): correlation +0.70 (world-preference), +0.80 (world-alignment);
 flipped: -0.94 and -0.80.

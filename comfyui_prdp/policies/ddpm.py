@@ -1,4 +1,4 @@
-"""DDPM as DDIM with eta > 0, in variance-preserving form (spec section 1).
+"""DDPM as DDIM with eta > 0, in variance-preserving form (docs/algorithm.md section 1.1).
 
 x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with a_t = alphas_cumprod[t] and t an integer training
 timestep. The transition from t to t_prev is Gaussian with

@@ -1,6 +1,6 @@
 """Flow matching as a stochastic policy: Flow-GRPO's SDE, its CPS variant, an SDE window.
 
-Conventions (docs flow-spec.md): x_sigma = (1 - sigma) x0 + sigma noise, sigma from 1 (noise) to
+Conventions (docs/algorithm.md section 1.2): x_sigma = (1 - sigma) x0 + sigma noise, sigma from 1 (noise) to
 0 (data), velocity v = noise - x0. Step i goes from sigma = sigmas[i] to sigma' = sigmas[i+1],
 dt = sigma' - sigma < 0. The schedule is the backend's (`Backend.flow_sigmas`: the model's own
 shift). With noise level a:
