@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 import torch
 from PIL import Image, ImageDraw
 
-from comfyui_prdp.runs.plots import _font, to_pil
+from comfyui_prdp.runs.plots import label_font, to_pil
 
 COLOURS = {"prdp": (31, 119, 180), "ddpo": (214, 39, 40), "prdp-noclip": (44, 160, 44)}
 INK, GRID = (30, 30, 30), (225, 225, 225)
@@ -19,7 +19,7 @@ GRID_PROMPTS = 4
 def curve_panel(rows: Sequence[dict], title: str, low: float, high: float) -> Image.Image:
     image = Image.new("RGB", (PANEL_W, PANEL_H), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    font = _font(12)
+    font = label_font(12)
     left, right, top, bottom = 60, PANEL_W - 15, 30, PANEL_H - 40
     draw.text((left, 8), title, fill=INK, font=font)
     draw.rectangle([left, top, right, bottom], outline=INK)
@@ -57,7 +57,7 @@ def sample_grid(samples: Sequence[Tuple[str, torch.Tensor]], base_images: torch.
     image = Image.new("RGB", (max(LABEL_W + columns * CELL + 10, 2 * PANEL_W), header + len(rows) * (CELL + 4)),
                       (250, 250, 250))
     draw = ImageDraw.Draw(image)
-    font = _font(11)
+    font = label_font(11)
     draw.text((4, 2), f"samples on unseen prompts, {len(unseen.seeds)} seeds each, left to right:", fill=INK, font=font)
     for k, prompt in enumerate(shown):
         draw.text((14, 2 + 16 * (k + 1)), f"{k + 1}. {prompt}", fill=INK, font=font)

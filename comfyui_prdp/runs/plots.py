@@ -14,7 +14,7 @@ BAND = (198, 219, 239)
 HELD_OUT = (214, 96, 39)
 
 
-def _font(size: int = 12):
+def label_font(size: int = 12):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:   # Pillow < 10.1
@@ -27,7 +27,7 @@ def reward_curve(metrics: Sequence[dict], width: int = 640, height: int = 360,
     (`eval/reward_mean`, heldout.py) as a second line where epochs have one."""
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    font = _font(13)
+    font = label_font(13)
     left, right, top, bottom = 70, width - 20, 35, height - 45
     draw.text((left, 10), title, fill=INK, font=font)
     draw.rectangle([left, top, right, bottom], outline=INK)
@@ -110,7 +110,7 @@ def comparison_grid(rows: List[torch.Tensor], row_labels: List[str],
     label_width, caption = 90, 16
     grid = Image.new("RGB", (label_width + columns * cell, len(rows) * (cell + caption)), BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    font = _font(12)
+    font = label_font(12)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         top = r * (cell + caption)
         draw.text((5, top + cell // 2 - 6), label, fill=INK, font=font)
