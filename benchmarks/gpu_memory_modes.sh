@@ -40,7 +40,7 @@ echo "memory_modes: ComfyUI $comfy, work folder $work"
 
 checkpoint="$work/prdp_tiny_sd15.safetensors"
 if [ ! -f "$checkpoint" ]; then
-    "$python" "$repo/tests/comfy_harness.py" build-tiny-sd15 "$checkpoint" --comfyui-root "$comfy"
+    "$python" "$repo/tests/support/harness_tiny_sd15.py" build-tiny-sd15 "$checkpoint" --comfyui-root "$comfy"
 fi
 
 total_gb="$("$python" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)')"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints the ComfyUI source trees the tests use, colon-separated (empty when none):
 # $COMFYUI_ROOTS as given, else $COMFYUI_ROOT, else every tree at ~/ComfyUI and ~/ComfyUI-*.
-# Used by scripts/test.sh and scripts/setup_comfyui.sh (tests/comfy_harness.py reads the result).
+# Used by scripts/test.sh and scripts/setup_comfyui.sh (tests/support/harness_trees.py reads the result).
 set -euo pipefail
 if [ -n "${COMFYUI_ROOTS:-}" ]; then
     echo "$COMFYUI_ROOTS"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Debian's Chromium for the frontend test (tests/test_comfy_frontend.py), which
+# Install Debian's Chromium for the frontend test (tests/comfy/server/test_comfy_frontend.py), which
 # drives it through the `playwright` Python package (never `playwright install`: no
 # browser downloads). Does nothing when /usr/bin/chromium exists; a failure (no apt, no
 # root, no network) is reported and tolerated: the test then skips with the reason.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make every ComfyUI source tree the tests use runnable from one Python environment, for the
-# tests against a real ComfyUI server (tests/test_comfy_*.py). Idempotent; never replaces torch.
+# tests against a real ComfyUI server (tests/comfy/server/). Idempotent; never replaces torch.
 #
 # Trees (scripts/comfyui_trees.sh): $COMFYUI_ROOTS (colon-separated), else $COMFYUI_ROOT, else
 # every tree at ~/ComfyUI and ~/ComfyUI-*. A listed folder that is no ComfyUI tree is reported and

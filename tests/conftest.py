@@ -1,66 +1,42 @@
-"""Shared pytest setup: the repo root and tests/ are importable; tests run on the CPU.
+"""Shared pytest setup for every tier: the repository root and tests/support/ are importable,
+tests run on the CPU and offline.
 
-``comfyui_tree`` is the ComfyUI source tree a real-server test runs against, one module-scoped
-parameter per tree of ``comfy_harness.find_comfyui_trees()`` (COMFYUI_ROOTS, else COMFYUI_ROOT,
-else ~/ComfyUI), with test ids naming its version (``[comfyui-0.3.64]``); a missing tree is a
-parameter skipped with the reason. pytest runs a module's tests tree by tree, so one server is
-up at a time.
+The tiers are folders (tests/README.md): unit/ (the fast default of scripts/test.sh),
+integration/, distributed/, comfy/inprocess/ and comfy/server/. The shared helpers live in
+support/ (the ComfyUI harness, tiny models, toy backends). A few test modules reuse another
+module's helpers (``from test_trainer import toy_config``), so every tier folder is importable
+too; test module names stay unique across the tiers.
 
-Tests that import ComfyUI into this process get the ``comfy_inprocess`` marker (see
-comfy_inprocess.py): those of a module holding ComfyUI's ``comfy`` package in its namespace,
-besides any marked by hand.
+The repository root is also a ComfyUI custom-node package (its ``__init__.py`` registers the
+nodes). pytest would collect it as a test package and import it under the checkout folder's
+name, which fails when that name is not a Python identifier (``comfyui-prdp``, ``wt-tiers``):
+``_RootIsNotATestPackage`` keeps it a plain directory.
 """
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TIERS = ("unit", "integration", "distributed", "comfy/inprocess", "comfy/server")
+
+for path in (ROOT, TESTS / "support", *(TESTS / tier for tier in TIERS)):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import comfy_harness  # noqa: E402  (needs tests/ on sys.path)
 
-INPROCESS_MARK = "comfy_inprocess"
-
-
-def _tree_params():
-    trees = comfy_harness.find_comfyui_trees()
-    return [pytest.param(tree, id=name, marks=() if tree.root else pytest.mark.skip(reason=tree.problem))
-            for tree, name in zip(trees, comfy_harness.tree_ids(trees))]
-
-
-@pytest.fixture(scope="module", params=_tree_params())
-def comfyui_tree(request) -> "comfy_harness.ComfyTree":
-    return request.param
+class _RootIsNotATestPackage:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path == ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", f"{INPROCESS_MARK}: imports ComfyUI into the pytest process "
-                                       "(runs against one tree per process)")
-
-
-def _holds_comfy(module) -> bool:
-    return any(isinstance(value, types.ModuleType) and value.__name__.split(".")[0] == "comfy"
-               for value in vars(module).values())
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = getattr(item, "module", None)
-        if module is not None and _holds_comfy(module):
-            item.add_marker(INPROCESS_MARK)
-
-
-def pytest_report_header(config):
-    trees = comfy_harness.find_comfyui_trees()
-    listed = ", ".join(f"{name} ({tree.root})" if tree.root else f"{name} ({tree.problem})"
-                       for tree, name in zip(trees, comfy_harness.tree_ids(trees)))
-    first = next((f"{name}" for tree, name in zip(trees, comfy_harness.tree_ids(trees)) if tree.root), "none")
-    return [f"ComfyUI trees for server tests: {listed}", f"ComfyUI tree for in-process tests: {first}"]
+    config.pluginmanager.register(_RootIsNotATestPackage(), "prdp-root-is-not-a-test-package")
