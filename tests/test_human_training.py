@@ -3,7 +3,6 @@ HTTP routes: a scripted chooser gives the same LoRA as the rule written as a rew
 Stop while waiting ends at once with a checkpoint; preferences.jsonl is kept across stop and
 resume, and the unanswered ballot is asked again. Medium tier (toy trainer, a few seconds)."""
 import json
-import threading
 import time
 
 import torch
