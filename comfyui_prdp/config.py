@@ -335,6 +335,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                               cfg=4.5, learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, width=512, height=512,
                               sample_batch_size=2, train_batch_size=1, mixed_precision="bf16",
                               gradient_checkpointing=True),
+    # --- the human reward (issue 24): a person answers each epoch's ballot, so an epoch is few
+    # prompts x few images (2 x 4: 2 best/worst clicks), few steps (images in seconds), K = 4
+    # updates on the same answers (the proximal clip makes the most of each costly judgement) and
+    # a checkpoint every epoch (a person's answers are never lost to a crash). beta for rewards
+    # of human scale (best 1, worst -1; consumer-gpu's 3e-5 is for PickScore x 10 differences).
+    "human-quick": dict(epochs=20, updates_per_epoch=4, prompts_per_epoch=2, images_per_prompt=4,
+                        beta=1e-4, clip_range=1e-4, steps=12, cfg=5.0, learning_rate=3e-4,
+                        lora_rank=8, width=512, height=512, sample_batch_size=4, train_batch_size=4,
+                        mixed_precision="fp16", gradient_checkpointing=True, checkpoint_every=1),
+    # --- end human-quick
     # two CPU cores, the embedded tiny model: minutes, not hours
     "cpu-smoke": dict(epochs=10, updates_per_epoch=4, prompts_per_epoch=4, images_per_prompt=4,
                       beta=0.05, clip_range=0.05, steps=8, cfg=3.0, learning_rate=0.02,

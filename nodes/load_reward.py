@@ -38,8 +38,12 @@ def weight_files() -> List[str]:
         return []
 
 
+#: rewards with a node of their own (not loaded by name here): human -> PRDP Human Choice Reward
+OWN_NODE = ("human",)
+
+
 def reward_choices() -> List[str]:
-    names = rewards.available_rewards()
+    names = [name for name in rewards.available_rewards() if name not in OWN_NODE]
     preferred = "pickscore" if "pickscore" in names else names[0]
     return [preferred] + [n for n in names if n != preferred]
 
@@ -156,7 +160,9 @@ class PRDPLoadRewardModel:
                 problems.append(f"server_url: {error}")
             refuse(TITLE, problems)
             return True          # the server's reward: the other widgets are not used
-        if reward is not None and reward not in names:
+        if reward in OWN_NODE:      # the human reward: its own node (nodes/human_reward.py)
+            problems.append(f"{reward!r} is not loaded here: use the node 'PRDP Human Choice Reward'")
+        elif reward is not None and reward not in names:
             problems.append(f"unknown reward {reward!r}; choose one of: {', '.join(names)}")
         if weights not in (AUTO_WEIGHTS, None):
             if reward in PROMPT_FREE:

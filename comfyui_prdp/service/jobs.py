@@ -79,6 +79,8 @@ class Job:
         self.samples: List[dict] = []          # the latest epoch's small sample images (JSON-safe dicts)
         self.samples_epoch: Optional[int] = None
         self.stop_event = threading.Event()
+        #: the human reward's ballot box (rewards/human/ballots.py) when the job asks a person, else None
+        self.ballot_box: Optional[Any] = None
         self._done = threading.Event()
         self._events: "queue.Queue[dict]" = queue.Queue(maxsize=EVENT_QUEUE_SIZE)
         self._lock = threading.Lock()

@@ -6,6 +6,7 @@
                                   the newest job of that node of that workflow (as above), or 404;
                                   delivered=1: the newest whose node returned its outputs
     POST /prdp/jobs/{job_id}/stop ask a job to stop after the current step (it saves a checkpoint)
+    GET/POST /prdp/jobs/{job_id}/ballot...  the human reward's ballots (service/ballot_routes.py)
 
 Only ids of jobs in the registry are accepted; nothing from the client is ever used as a
 path. The handlers are plain functions of the registry (testable without ComfyUI);
@@ -122,6 +123,10 @@ def add_routes(routes, registry: JobRegistry = JOBS) -> None:
     @routes.post("/prdp/jobs/{job_id}/stop")
     async def _stop(request):
         return respond(stop_job(request.match_info["job_id"], registry))
+
+    # --- the human reward's ballots (issue 24): service/ballot_routes.py ---
+    from .ballot_routes import add_ballot_routes
+    add_ballot_routes(routes, registry)
 
 
 def register() -> bool:
