@@ -15,7 +15,7 @@ import ast
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PKG = "comfyui_prdp"
 MAX_LINES = 450
 LOOP_MODULES = (f"{PKG}.trainer", f"{PKG}.training")
