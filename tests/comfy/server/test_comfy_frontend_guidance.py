@@ -103,6 +103,8 @@ def test_a_missing_model_is_offered_for_download(server, browser, renderer, comf
         # frontend 1.2x: the dialog's Download is a link to the workflow's URL
         assert model["url"] in report, report[-2000:]
 
+    if renderer != "classic":
+        return      # the control below does not depend on the renderer: once per tree
     # control: the same workflow without the `models` list names the file but offers nothing
     bare = copy.deepcopy(workflow)
     for node in bare["nodes"]:
