@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from comfyui_prdp.rewards.base import Reward
+
 from comfyui_prdp.service.routes import add_routes
 
 
@@ -71,7 +73,7 @@ def darkest_best(means: List[float]) -> dict:
     return {"best": best, "worst": worst}
 
 
-class RuleReward:
+class RuleReward(Reward):
     """The rule as a reward function: per prompt group of B, best 1, worst -1, others 0."""
     name = "darkest-best"
 
@@ -86,15 +88,6 @@ class RuleReward:
             out[k + choice["best"]], out[k + choice["worst"]] = 1.0, -1.0
         return out
 
-    def score_with_components(self, images, prompts):
-        value = self.score(images, prompts)
-        return value, {self.name: value}
-
-    def prepare(self):
-        pass
-
-    def offload(self):
-        pass
 
 
 def png_mean(data: bytes) -> float:

@@ -7,23 +7,13 @@ import time
 
 import torch
 
-from comfyui_prdp.config import TrainConfig
 from comfyui_prdp.rewards.human import HumanReward, read_preferences
 from comfyui_prdp.service.jobs import STOPPED, JobRegistry
 from comfyui_prdp.trainer import Trainer, latest_checkpoint
 from human_helpers import RuleReward, Server, chooser, request, wait_for_ballot
 from toy_backend import ToyBackend
 
-PROMPTS = ["a red apple", "a blue sky", "a green field", "a white cloud", "a black cat"]
-
-
-def toy_config(**overrides):
-    base = dict(epochs=3, prompts_per_epoch=2, images_per_prompt=4, updates_per_epoch=2, steps=5, cfg=3.0,
-                width=32, height=32, beta=0.05, clip_range=0.05, learning_rate=0.02, sample_batch_size=4,
-                train_batch_size=7, lora_rank=4, seed=1)
-    base.update(overrides)
-    return TrainConfig().replace(**base)
-
+from test_trainer import PROMPTS, toy_config   # the trainer tests' toy settings
 
 def human_job(registry, run_dir, config, resume_from=None, reward=None):
     """A job running the toy trainer with the human reward attached (as the train node does)."""
