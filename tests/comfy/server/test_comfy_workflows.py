@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import time
 from pathlib import Path
@@ -561,8 +562,9 @@ def test_example_workflow_runs_with_tiny_settings(server, object_info, path, req
         trained_lora = trained["loras"][0].relative_to(server.loras_dir).as_posix()
     if any(prompt[n]["inputs"].get("reward") == "weighted" for n in harness.nodes_of_type(prompt, "PRDPLoadRewardModel")):
         request.getfixturevalue("tiny_reward_models")
-    prompt = tiny_workflow_overrides(prompt, object_info, f"harness_{path.stem}", trained_lora)
-    probes = add_image_probes(prompt, path.stem)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)    # the workflow's title, as a LoRA name the node takes
+    prompt = tiny_workflow_overrides(prompt, object_info, f"harness_{name}", trained_lora)
+    probes = add_image_probes(prompt, name)
     trains = harness.nodes_of_type(prompt, "PRDPTrainLoRA")
     before = _lora_files(server)
     started = time.monotonic()
@@ -572,7 +574,7 @@ def test_example_workflow_runs_with_tiny_settings(server, object_info, path, req
 
     if trains:
         new = sorted(p.name for p in _lora_files(server) - before)
-        assert len(new) == len(trains) and all(n.startswith(f"harness_{path.stem}") for n in new), new
+        assert len(new) == len(trains) and all(n.startswith(f"harness_{name}") for n in new), new
     images = probe_images(server, result, probes)
     for b in base:
         for t in tuned:
