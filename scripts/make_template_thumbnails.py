@@ -41,7 +41,7 @@ DEMO_NOTE = "images: PRDP on the embedded demo model, CPU run"
 #: name -> (a screenshot taken by the tests, its note): shown instead of the demo's images
 PICTURES = {
     HUMAN: (REPO / "docs" / "images" / "ballot-classic.png",
-            "the dashboard's ballot (tests/comfy/server/test_comfy_human_choice.py)"),
+            "the dashboard's ballot (from the tests, tiny model)"),
 }
 
 

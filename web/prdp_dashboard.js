@@ -498,7 +498,7 @@ export class BallotPanel {
       return dot;
     }));
     this.help.textContent = state.mode === "rank"
-      ? `click the best image first, then the next best ... (click again to unrank); ranking ${state.count - 1} ranks the last too. Keys: 1-${state.count} rank, Enter done, S skip, ⌫ undo`
+      ? `click the best image first, then the next best ... (click again to unrank); ${state.count === 2 ? "one click ranks both" : `ranking ${state.count - 1} ranks the last too`}. Keys: 1-${state.count} rank, Enter done, S skip, ⌫ undo`
       : `mark the best and the worst (first click best, then worst). Keys: 1-${state.count} mark, Enter done, S skip, ⌫ undo`;
     this.onChange("render");
   }

@@ -202,7 +202,8 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
         job = latest_job(server, lora_name)
         assert job["status"] == "stopped" and job["metrics"] == [], job["status"]
         assert job["outputs"]["message"].startswith("stopped before epoch 1 of 2 finished"), job["outputs"]
-        assert job["checkpoints"] and all(Path(p).exists() for p in job["checkpoints"]), job["checkpoints"]
+        # the trainer names it relative to ComfyUI's base folder (output/prdp_runs/...)
+        assert job["checkpoints"] and all((server.base_dir / p).exists() for p in job["checkpoints"]), job["checkpoints"]
         written = {p for p in set(server.loras_dir.rglob("*.safetensors")) - loras_before if p.name.startswith(lora_name)}
         assert not written, written
     finally:
