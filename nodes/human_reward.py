@@ -1,6 +1,6 @@
 """PRDP Human Choice Reward: the reward is a person's choice among each epoch's images, made in
-PRDP Train LoRA's dashboard (engine: comfyui_prdp/rewards/human/). Register it in
-nodes/__init__.py as "PRDPHumanChoiceReward"."""
+PRDP Train LoRA's dashboard (engine: comfyui_prdp/rewards/human/; the ballot panel:
+web/prdp_dashboard.js, web/prdp_ballot.js). PRDP Train LoRA attaches it to its run."""
 from __future__ import annotations
 
 from ..comfyui_prdp.rewards.human import ON_TIMEOUT, HumanReward

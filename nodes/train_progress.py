@@ -9,7 +9,10 @@ websocket events, to the dashboard on the node (web/prdp.js):
     prdp.job     {job_id, node, name, status, epochs, phase?, message?, lora?, epochs_done?}
                  status "preparing" (Stop works from here on), "running", then a final one
                  ("finished" / "stopped" / "failed") with a one-line `message` for the user
-    prdp.status  {job_id, node, phase, epoch, epochs, progress, eta_seconds}   (at most 1/s)
+    prdp.status  {job_id, node, phase, epoch, epochs, progress, eta_seconds, eta_paused, ballot}   (at most 1/s)
+                 ballot: the id of the human reward's open ballot (GET /prdp/jobs/<job>/ballot), else
+                 null; while one waits the phase reads "waiting for your choice (N of N prompts left)"
+                 and the ETA is paused (the wait does not count as training time)
     prdp.epoch   {job_id, node, name, epoch, epochs, metrics, samples: [{src, reward, prompt}],
                   warnings: [text, ...], eta_seconds}   samples are small JPEG data URLs of the epoch's first images
 
@@ -28,6 +31,7 @@ import base64
 import io
 import logging
 import math
+import re
 import time
 from typing import List, Optional
 
@@ -49,6 +53,7 @@ THUMBNAIL_QUALITY = 85
 STATUS_EVERY_SECONDS = 1.0      # prdp.status (phase, progress, ETA) at most this often
 POLL_SECONDS = 0.1
 STILL_STOPPING_LOG_SECONDS = 30.0
+WAITING_PHASE = re.compile(r"waiting for your choice \((\d+) prompts?\)")
 PROMPT_CHARS_SHOWN = 120
 
 
@@ -139,13 +144,32 @@ def metric_warnings(metrics: Optional[dict]) -> List[str]:
 
 class EtaClock:
     """Seconds left from the progress made since the first measured step (a resumed run starts
-    at its checkpoint's fraction, so only this session's rate counts)."""
+    at its checkpoint's fraction, so only this session's rate counts). Time between pause() and
+    resume() (a person choosing) is not counted."""
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.start: Optional[tuple] = None
+        self.paused_at: Optional[float] = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+    def pause(self) -> None:
+        if self.paused_at is None:
+            self.paused_at = self.clock()
+
+    def resume(self) -> None:
+        if self.paused_at is None:
+            return
+        waited, self.paused_at = self.clock() - self.paused_at, None
+        if self.start is not None:
+            self.start = (self.start[0] + waited, self.start[1])
 
     def eta(self, progress: float) -> Optional[float]:
+        if self.paused_at is not None:
+            return None
         now = self.clock()
         if self.start is None:
             self.start = (now, progress)
@@ -191,6 +215,7 @@ class ComfyProgress:
         self.status_sent = -math.inf
         self.preview = None
         self.preview_sent = 0.0
+        self.ballot: Optional[str] = None      # the human reward's open ballot, while it waits
         self._send("prdp.job", {"name": job.name, "status": "preparing", "epochs": total_epochs,
                                 "phase": job.phase or "preparing"})
 
@@ -218,11 +243,43 @@ class ComfyProgress:
         snapshot = self.job.snapshot(with_metrics=False)
         self._send("prdp.status", {"phase": snapshot["phase"], "epoch": snapshot["epoch"],
                                    "epochs": self.total_epochs, "progress": snapshot["progress"],
-                                   "status": snapshot["status"], "eta_seconds": self.eta_seconds})
+                                   "status": snapshot["status"], "eta_seconds": self.eta_seconds,
+                                   "eta_paused": self.eta.paused, "ballot": self.ballot})
+
+    def _open_ballot(self) -> Optional[str]:
+        """The id of the ballot that waits for an answer now (the human reward), else None."""
+        box = getattr(self.job, "ballot_box", None)
+        described = box.describe() if box is not None else None
+        return described["id"] if described else None
+
+    def _follow_ballot(self, event: dict) -> None:
+        """A ballot opened: pause the ETA and tell the dashboard (its id). Once it is answered
+        (or closed, or the run stops) the next event resumes the ETA and says so at once."""
+        kind = event.get("type")
+        if kind == "ballot":
+            self.ballot = self._open_ballot() or event.get("ballot")
+            self.eta.pause()
+            return
+        if self.ballot is None:
+            return
+        if kind == "phase":
+            waiting = WAITING_PHASE.fullmatch(str(event.get("phase", "")))
+            if waiting and self._open_ballot() == self.ballot:
+                count = int(waiting.group(1))
+                self.job.set_phase(f"waiting for your choice ({count} of {count} prompt"
+                                   f"{'s' if count != 1 else ''} left)")
+                return
+        if kind == "job_end" or self._open_ballot() != self.ballot:
+            self.ballot = None
+            self.eta.resume()
+            self.status_sent = -math.inf      # the next status goes out now: the panel closes
 
     def forward(self, event: dict) -> None:
         kind = event.get("type")
-        if kind == "step":
+        self._follow_ballot(event)
+        if kind == "ballot":
+            self._send_status(force=True)
+        elif kind == "step":
             progress = float(event.get("progress", 0))
             measured = self.eta.eta(progress)
             self.eta_seconds = measured if measured is not None else self.eta_seconds   # else the estimate

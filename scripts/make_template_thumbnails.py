@@ -5,9 +5,11 @@ Each thumbnail is the workflow's title over a real result of this engine from a 
 before/after images of unseen prompts and the reward per epoch from a miniature-world demo run
 (`bash scripts/run_demo.sh --world`, a run folder with before_after.png and metrics.jsonl). It is
 not the output of the workflow's own model (SD1.5, SDXL, SD3.5 and Flux do not train on a CPU
-in reasonable time), and the thumbnail says so.
+in reasonable time), and the thumbnail says so. A workflow in PICTURES shows a screenshot of
+this package's UI instead (the human reward's ballot: what that workflow is about).
 
     .venv/bin/python scripts/make_template_thumbnails.py runs/demo-YYYYMMDD-HHMMSS
+    .venv/bin/python scripts/make_template_thumbnails.py --only "Teach by choosing - your picks as the reward"
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ WORKFLOWS = REPO / "example_workflows"
 SIZE = (400, 300)
 QUALITY = 82
 START_HERE = "Start here - Quick test with the JPEG reward"
+HUMAN = "Teach by choosing - your picks as the reward"
 #: name -> (title, one line on what it trains)
 TITLES = {
     "Start here - Quick test with the JPEG reward": ("Quick test: start here", "SD1.5 · JPEG reward · no downloads"),
@@ -32,8 +35,14 @@ TITLES = {
     "Train and compare Flux with PickScore": ("Train and compare (Flux)", "Flux.1-dev · PickScore · flow SDE"),
     "Multi-reward PickScore HPSv2 aesthetic": ("Multi-reward training", "PickScore + HPSv2 + aesthetic"),
     "Compare a saved LoRA with the base": ("Compare a saved LoRA", "base vs. LoRA · PickScore"),
+    HUMAN: ("Teach it your taste", "SD1.5 · your choices are the reward · no downloads"),
 }
 DEMO_NOTE = "images: PRDP on the embedded demo model, CPU run"
+#: name -> (a screenshot taken by the tests, its note): shown instead of the demo's images
+PICTURES = {
+    HUMAN: (REPO / "docs" / "images" / "ballot-classic.png",
+            "the dashboard's ballot (from the tests, tiny model)"),
+}
 
 
 def font(size: int) -> ImageFont.ImageFont:
@@ -69,7 +78,17 @@ def reward_curve(run: Path, box: tuple) -> Image.Image:
     return plot
 
 
-def thumbnail(name: str, run: Path) -> Image.Image:
+def picture_card(card: Image.Image, draw: ImageDraw.ImageDraw, name: str) -> Image.Image:
+    """The screenshot of PICTURES[name], fitted below the title, and its note."""
+    path, note = PICTURES[name]
+    picture = Image.open(path).convert("RGB")
+    picture.thumbnail((SIZE[0] - 16, SIZE[1] - 62 - 22), Image.Resampling.LANCZOS)
+    card.paste(picture, ((SIZE[0] - picture.width) // 2, 62))
+    draw.text((8, SIZE[1] - 16), note, fill=(150, 150, 150), font=font(10))
+    return card
+
+
+def thumbnail(name: str, run: Path | None) -> Image.Image:
     title, subtitle = TITLES[name]
     card = Image.new("RGB", SIZE, (24, 24, 24))
     draw = ImageDraw.Draw(card)
@@ -77,6 +96,8 @@ def thumbnail(name: str, run: Path) -> Image.Image:
         draw.rectangle((0, 0, SIZE[0], 6), fill=(92, 204, 153))
     draw.text((8, 10), title, fill=(255, 255, 255), font=font(22))
     draw.text((8, 40), subtitle, fill=(170, 210, 190), font=font(13))
+    if name in PICTURES:
+        return picture_card(card, draw, name)
     images = demo_images(run)
     card.paste(images, ((SIZE[0] - images.width) // 2, 62))
     top = 62 + images.height + 4
@@ -88,17 +109,30 @@ def thumbnail(name: str, run: Path) -> Image.Image:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a world-demo run folder (before_after.png, metrics.jsonl)")
+    parser.add_argument("run", type=Path, nargs="?",
+                        help="a world-demo run folder (before_after.png, metrics.jsonl); not needed when every "
+                             "workflow drawn (--only) shows a picture (PICTURES)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="draw only this workflow's thumbnail (repeatable); default: every workflow")
     args = parser.parse_args(argv)
-    missing = [f for f in ("before_after.png", "metrics.jsonl") if not (args.run / f).is_file()]
-    if missing:
-        print(f"{args.run}: no {', '.join(missing)}; run `bash scripts/run_demo.sh --world` and pass its "
-              "runs/demo-* folder", file=sys.stderr)
-        return 2
     names = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
-    unknown = [name for name in names if name not in TITLES]
+    unknown = [name for name in names + args.only if name not in TITLES]
     if unknown:
         print(f"no title for {unknown}: add them to TITLES", file=sys.stderr)
+        return 2
+    names = [name for name in names if not args.only or name in args.only]
+    needs_run = [name for name in names if name not in PICTURES]
+    if needs_run:
+        missing = ["a run folder"] if args.run is None else [
+            f for f in ("before_after.png", "metrics.jsonl") if not (args.run / f).is_file()]
+        if missing:
+            print(f"{args.run or 'no run given'}: no {', '.join(missing)}; run `bash scripts/run_demo.sh --world` "
+                  "and pass its runs/demo-* folder", file=sys.stderr)
+            return 2
+    pictures = [str(PICTURES[name][0]) for name in names if name in PICTURES and not PICTURES[name][0].is_file()]
+    if pictures:
+        print(f"no {', '.join(pictures)}: take it with tests/comfy/server/test_comfy_human_choice.py "
+              "(/tmp/prdp-screens/) and copy it there", file=sys.stderr)
         return 2
     for name in names:
         target = WORKFLOWS / f"{name}.jpg"

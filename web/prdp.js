@@ -7,13 +7,17 @@
 //   clip fraction, the latest samples with their rewards, and how the run ended (also a toast).
 // - Stop (button, and the node's context menu) = POST /prdp/jobs/<id>/stop: the job stops
 //   after the current step, saves its LoRA, and the node finishes normally (outputs kept).
+// - Teach by choosing (the human reward): while prdp.status names an open `ballot`, the dashboard
+//   shows it (GET /prdp/jobs/<id>/ballot: prompts and the URLs of their images) as a panel; the
+//   person's answers go back in one POST to the ballot's answer_url (web/prdp_ballot.js keeps
+//   the state; the node grows to show the images large enough to judge).
 // - The last run stays shown: after a page reload or a workflow-tab switch the dashboard asks
 //   /prdp/last_run for this node of this workflow (running or ended), and Score Images takes
 //   its text from the server's history; a result that ComfyUI replays from its cache (same
 //   inputs queued again) is shown again and marked as such.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { DASHBOARD_MIN_HEIGHT, SCORE_TEXT_MIN_HEIGHT, Dashboard, formatEta, injectStyle, scoreTextElement } from "./prdp_dashboard.js";
+import { BALLOT_MIN_WIDTH, SCORE_TEXT_MIN_HEIGHT, Dashboard, formatEta, injectStyle, scoreTextElement } from "./prdp_dashboard.js";
 
 const TRAIN = "PRDPTrainLoRA";
 const SCORE = "PRDPScoreImages";
@@ -50,7 +54,7 @@ function toast(severity, summary, detail) {
 
 function addDomWidget(node, name, element, minHeight) {
   const widget = node.addDOMWidget(name, name, element, {
-    serialize: false, hideOnZoom: false, getMinHeight: () => minHeight,
+    serialize: false, hideOnZoom: false, getMinHeight: typeof minHeight === "function" ? minHeight : () => minHeight,
   });
   widget.serialize = false;     // not part of widgets_values (saved workflows keep their order)
   return widget;
@@ -58,10 +62,52 @@ function addDomWidget(node, name, element, minHeight) {
 
 function dashboardOf(node) {
   if (!node.prdpDashboard && node.addDOMWidget) {
-    node.prdpDashboard = new Dashboard(() => stopTraining(node));
-    addDomWidget(node, "prdp_dashboard", node.prdpDashboard.root, DASHBOARD_MIN_HEIGHT);
+    node.prdpDashboard = new Dashboard(() => stopTraining(node), {
+      send: (url, body) => sendAnswers(url, body),
+      refresh: () => loadBallot(node),
+      resolve: (url) => api.apiURL(url),
+      onChange: (what) => { if (what === "shown") growNode(node); },
+    });
+    addDomWidget(node, "prdp_dashboard", node.prdpDashboard.root, () => node.prdpDashboard.minHeight());
   }
   return node.prdpDashboard;
+}
+
+/** Make room for the ballot: the node at least BALLOT_MIN_WIDTH wide and as tall as its widgets
+ *  (the dashboard's minimum height grows while a ballot is shown). */
+function growNode(node) {
+  const [width, height] = node.size;
+  const needed = node.computeSize?.([Math.max(width, BALLOT_MIN_WIDTH), height]);
+  node.setSize?.([Math.max(width, BALLOT_MIN_WIDTH), Math.max(height, needed?.[1] ?? height)]);
+  node.setDirtyCanvas?.(true, true);
+  app.graph?.setDirtyCanvas?.(true, true);
+}
+
+/** POST the answers (one per prompt) to the ballot's answer_url: {ok, error}. */
+async function sendAnswers(url, body) {
+  const response = await api.fetchApi(url, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (response.ok) return { ok: true };
+  const answer = await response.json().catch(() => ({}));
+  return { ok: false, status: response.status, error: `${answer.error || response.statusText} (HTTP ${response.status})` };
+}
+
+/** Ask the route for the node's open ballot and show it (or take the panel away: none waits). */
+async function loadBallot(node) {
+  const dashboard = dashboardOf(node);
+  const jobId = node.prdpJobId;
+  if (!dashboard || !jobId || node.prdpBallotLoading) return;
+  node.prdpBallotLoading = true;
+  try {
+    const ballot = await getJson(`/prdp/jobs/${jobId}/ballot`);
+    if (node.prdpJobId !== jobId) return;
+    if (ballot?.id !== dashboard.ballot.id || !ballot) dashboard.showBallot(ballot || null);
+  } catch (error) {
+    console.warn("[comfyui-prdp] could not fetch the ballot", error);
+  } finally {
+    node.prdpBallotLoading = false;
+  }
 }
 
 async function stopTraining(node) {
@@ -103,6 +149,7 @@ function onJob(detail) {
     return;
   }
   dashboard.setStoppable(false);
+  dashboard.showBallot(null);
   const failed = detail.status === "failed";
   const message = detail.message || detail.status;
   dashboard.setStatus(detail.status);
@@ -117,6 +164,8 @@ function onStatus(detail) {
   if (!dashboard) return;
   node.prdpJobId = detail.job_id;
   if (detail.status) node.prdpJobStatus = detail.status;
+  if (detail.ballot && detail.ballot !== dashboard.ballot.id) loadBallot(node);
+  else if (!detail.ballot && dashboard.choosing && !dashboard.ballot.sending) dashboard.showBallot(null);
   if (node.prdpJobStatus !== "stopping") dashboard.setStatus(dashboard.statusLine(detail));
   dashboard.setProgress(detail.progress);
   dashboard.setStoppable(ACTIVE.has(node.prdpJobStatus) && node.prdpJobStatus !== "stopping");
@@ -145,6 +194,7 @@ function showJob(node, job, note = "") {
   if (ACTIVE.has(job.status)) {
     dashboard.setStatus(`${job.phase || job.status} · epoch ${job.epoch}/${job.info?.epochs}`);
     dashboard.setStoppable(job.status !== "stopping");
+    if (job.info?.reward === "human") loadBallot(node);      // a ballot may wait for an answer
   } else {
     dashboard.setStatus([`last run: ${job.status}`, note].filter(Boolean).join(" · "));
     dashboard.setStoppable(false);

@@ -1,11 +1,16 @@
 // comfyui-prdp: the live training dashboard (plain DOM, no canvas drawing), shown in a DOM
 // widget so it works in the classic canvas and in the Nodes 2.0 (Vue) renderer alike.
 // This module only builds and updates elements; web/prdp.js wires it to the nodes and events.
+// While the human reward waits for a person, the dashboard shows its ballot (BallotPanel): each
+// prompt's images, marked by clicks or keys (state: web/prdp_ballot.js).
+import { BallotState } from "./prdp_ballot.js";
 
 const STYLE_ID = "prdp-dashboard-style";
 const SVG = "http://www.w3.org/2000/svg";
 export const DASHBOARD_MIN_HEIGHT = 380;
 export const SCORE_TEXT_MIN_HEIGHT = 76;
+export const BALLOT_MIN_HEIGHT = 640;
+export const BALLOT_MIN_WIDTH = 520;
 
 const CSS = `
 .prdp-dash { box-sizing: border-box; width: 100%; height: 100%; display: flex; flex-direction: column;
@@ -33,6 +38,44 @@ const CSS = `
   white-space: pre-wrap; overflow-wrap: anywhere; font: 12px/1.35 ui-monospace, monospace; color: #ddd;
   background: #1b1b1b; border-radius: 6px; }
 .prdp-muted { color: #888; }
+.prdp-dash.prdp-choosing > .prdp-curve, .prdp-dash.prdp-choosing > .prdp-metrics,
+.prdp-dash.prdp-choosing > .prdp-samples-title, .prdp-dash.prdp-choosing > .prdp-samples { display: none; }
+.prdp-ballot { display: flex; flex-direction: column; gap: 5px; flex: 1 1 auto; min-height: 0; overflow: auto;
+  padding: 6px; border: 1px solid #4a9; border-radius: 6px; background: #202622; outline: none; }
+.prdp-ballot:focus { border-color: #8fd; box-shadow: 0 0 0 1px #8fd; }
+.prdp-ballot[hidden] { display: none; }
+.prdp-ballot-head { display: flex; align-items: center; gap: 6px; flex-wrap: wrap; }
+.prdp-ballot-title { flex: 1; color: #cfe; font-weight: bold; }
+.prdp-ballot button { font: inherit; padding: 2px 8px; border-radius: 4px; border: 1px solid #666; color: #eee;
+  background: #333; cursor: pointer; }
+.prdp-ballot button.prdp-on { border-color: #8fd; background: #2d5548; }
+.prdp-ballot button.prdp-primary { border-color: #5c9; background: #2d6a50; }
+.prdp-ballot-prompt { font-size: 13px; color: #fff; white-space: normal; overflow-wrap: anywhere; }
+.prdp-ballot-images { display: grid; gap: 6px; }
+.prdp-ballot-images figure { position: relative; margin: 0; min-width: 0; cursor: pointer; border: 3px solid transparent;
+  border-radius: 5px; background: #000; }
+.prdp-ballot-images figure.prdp-ranked { border-color: #5c9; }
+.prdp-ballot-images figure.prdp-best { border-color: #5c9; }
+.prdp-ballot-images figure.prdp-worst { border-color: #d66; }
+.prdp-ballot-images img { display: block; width: 100%; aspect-ratio: 1 / 1; object-fit: contain; image-rendering: auto; }
+.prdp-ballot-badge { position: absolute; top: 3px; left: 3px; min-width: 18px; padding: 1px 5px; border-radius: 9px;
+  background: rgba(0,0,0,0.75); color: #fff; font-weight: bold; text-align: center; }
+.prdp-ballot-badge.prdp-mark { background: #2d6a50; }
+.prdp-ballot-badge.prdp-worst-mark { background: #8a2a2a; }
+.prdp-ballot-images .prdp-zoom { position: absolute; top: 3px; right: 3px; padding: 0 5px; }
+.prdp-ballot-roles { position: absolute; bottom: 3px; left: 3px; right: 3px; display: flex; gap: 3px; justify-content: center; }
+.prdp-ballot-actions { display: flex; gap: 6px; flex-wrap: wrap; align-items: center; }
+.prdp-ballot-dots { display: flex; gap: 4px; margin-left: auto; }
+.prdp-ballot-dots span { width: 10px; height: 10px; border-radius: 5px; background: #555; cursor: pointer; }
+.prdp-ballot-dots span.prdp-done { background: #5c9; }
+.prdp-ballot-dots span.prdp-current { outline: 2px solid #fff; }
+.prdp-ballot-help { color: #999; font-size: 11px; white-space: normal; }
+.prdp-ballot-error { color: #e88; white-space: pre-wrap; overflow-wrap: anywhere; }
+.prdp-overlay { position: fixed; inset: 0; z-index: 100000; background: rgba(0,0,0,0.88); display: flex;
+  flex-direction: column; align-items: center; justify-content: center; gap: 8px; cursor: zoom-out;
+  font: 13px/1.4 ui-monospace, monospace; color: #eee; }
+.prdp-overlay img { max-width: 92vw; max-height: 84vh; min-width: min(512px, 92vw); object-fit: contain;
+  image-rendering: pixelated; background: #000; }
 `;
 
 export function injectStyle() {
@@ -135,7 +178,7 @@ export function drawCurve(target, metrics, totalEpochs) {
 
 /** The dashboard of one PRDP Train LoRA node: build once, then feed it events. */
 export class Dashboard {
-  constructor(onStop) {
+  constructor(onStop, ballot = {}) {
     this.metrics = [];
     this.epochs = 0;
     this.root = element("div", "prdp-dash");
@@ -164,10 +207,38 @@ export class Dashboard {
     this.warnings.dataset.prdp = "warnings";
     this.message = element("div", "prdp-message", "");
     this.message.dataset.prdp = "message";
-    this.root.append(head, this.bar, this.curve, this.metricsLine, this.warnings, this.samplesTitle, this.samples,
-                     this.message);
+    this.ballot = new BallotPanel({ ...ballot, onChange: (what) => this.ballotChanged(what) });
+    this.root.append(head, this.bar, this.ballot.root, this.curve, this.metricsLine, this.warnings, this.samplesTitle,
+                     this.samples, this.message);
+    this.onBallotChange = ballot.onChange || (() => {});
     drawCurve(this.curve, [], 0);
   }
+
+  /** The human reward's open ballot (the route's JSON), or null: the panel shows or goes. */
+  showBallot(ballot) {
+    if (ballot) this.ballot.show(ballot);
+    else this.ballot.hide();
+    this.root.classList.toggle("prdp-choosing", !!ballot);
+    this.onBallotChange(ballot ? "shown" : "hidden");
+  }
+
+  get choosing() { return !this.ballot.root.hidden; }
+
+  ballotChanged(what, text) {
+    if (what === "refused") {
+      this.setMessage(text, true);       // stays when the ballot goes (answered elsewhere)
+    } else if (what === "sent") {
+      this.setMessage("");
+      this.root.classList.remove("prdp-choosing");
+      this.setStatus("choices sent: training goes on ...");
+    } else if (this.ballot.state) {
+      this.setStatus(`${this.ballot.state.phaseText()} · ETA paused`);
+    }
+    this.onBallotChange(what);
+  }
+
+  /** The dashboard's minimum height in the node: taller while a ballot is shown. */
+  minHeight() { return this.choosing ? BALLOT_MIN_HEIGHT : DASHBOARD_MIN_HEIGHT; }
 
   setStoppable(enabled) { this.stopButton.disabled = !enabled; }
 
@@ -183,6 +254,7 @@ export class Dashboard {
 
   /** A new run: forget the previous run's curve, samples and message. */
   reset(epochs) {
+    this.showBallot(null);
     this.metrics = [];
     this.epochs = epochs || 0;
     this.metricsLine.textContent = "";
@@ -206,7 +278,9 @@ export class Dashboard {
 
   statusLine(detail) {
     const epoch = detail.epoch ? `epoch ${detail.epoch}/${detail.epochs || this.epochs}` : "";
-    const parts = [detail.phase || detail.status || "", epoch, formatEta(detail.eta_seconds)].filter(Boolean);
+    const phase = this.ballot.state ? this.ballot.state.phaseText() : detail.phase || detail.status || "";
+    const eta = detail.eta_paused ? "ETA paused" : formatEta(detail.eta_seconds);
+    const parts = [phase, epoch, eta].filter(Boolean);
     return parts.join(" · ");
   }
 
@@ -249,6 +323,221 @@ export class Dashboard {
     this.setProgress(job.progress);
     const message = job.outputs?.message || (job.status === "failed" ? job.error : "");
     if (message) this.setMessage(message, job.status === "failed");
+  }
+}
+
+function button(text, title, onClick, prdp) {
+  const node = element("button", "", text);
+  node.type = "button";
+  if (title) node.title = title;
+  if (prdp) node.dataset.prdp = prdp;
+  node.addEventListener("click", (event) => { event.stopPropagation(); onClick(event); });
+  return node;
+}
+
+/** One image of the ballot large, over the page; a click or Esc closes it. */
+export function showEnlarged(src, caption) {
+  closeEnlarged();
+  const overlay = element("div", "prdp-overlay");
+  overlay.dataset.prdp = "overlay";
+  const image = element("img");
+  image.src = src;
+  image.alt = caption;
+  overlay.append(image, element("div", "", `${caption}  (click or Esc to close)`));
+  const close = () => closeEnlarged();
+  overlay.addEventListener("click", (event) => { event.stopPropagation(); close(); });
+  overlay.prdpKeys = (event) => {
+    if (event.key === "Escape") { event.preventDefault(); event.stopPropagation(); close(); }
+  };
+  document.addEventListener("keydown", overlay.prdpKeys, true);
+  document.body.appendChild(overlay);
+  return overlay;
+}
+
+export function closeEnlarged() {
+  for (const overlay of document.querySelectorAll("[data-prdp=overlay]")) {
+    document.removeEventListener("keydown", overlay.prdpKeys, true);
+    overlay.remove();
+  }
+}
+
+/** Columns of the image grid: large enough to judge inside the node (4 images: 2 x 2). */
+export function ballotColumns(count) {
+  return count <= 2 ? count : count === 4 ? 2 : 3;
+}
+
+/** The human reward's ballot inside the dashboard. `send(url, body)` posts the answers and
+ *  resolves to {ok, error}; `refresh()` asks the route for the open ballot again; `resolve(url)`
+ *  turns a URL the route gave into one for <img> (the API prefix, nothing else). */
+export class BallotPanel {
+  constructor({ send, refresh, resolve, onChange }) {
+    this.send = send;
+    this.refresh = refresh;
+    this.resolve = resolve || ((url) => url);
+    this.onChange = onChange || (() => {});
+    this.state = null;
+    this.sending = false;
+    this.root = element("div", "prdp-ballot");
+    this.root.dataset.prdp = "ballot";
+    this.root.tabIndex = 0;
+    this.root.hidden = true;
+    const head = element("div", "prdp-ballot-head");
+    this.title = element("div", "prdp-ballot-title", "");
+    this.title.dataset.prdp = "ballot-title";
+    this.rankMode = button("rank by clicks", "each click gives the next rank: best first (click again to unrank)",
+                           () => this.setMode("rank"), "ballot-mode-rank");
+    this.bestWorstMode = button("best / worst", "mark only the best and the worst image",
+                                () => this.setMode("bestworst"), "ballot-mode-bestworst");
+    head.append(this.title, this.rankMode, this.bestWorstMode);
+    this.prompt = element("div", "prdp-ballot-prompt", "");
+    this.prompt.dataset.prdp = "ballot-prompt";
+    this.images = element("div", "prdp-ballot-images");
+    this.images.dataset.prdp = "ballot-images";
+    const actions = element("div", "prdp-ballot-actions");
+    this.done = button("Done with this prompt (Enter)", "take this prompt's marks and go to the next prompt",
+                       () => this.act(() => this.state.submitPrompt()), "ballot-done");
+    this.done.classList.add("prdp-primary");
+    this.skipButton = button("Skip (S)", "no preference: this prompt gives PRDP no pairs",
+                             () => this.act(() => this.state.skip()), "ballot-skip");
+    this.undoButton = button("Undo (⌫)", "take back the last click, answer or skip",
+                             () => this.act(() => (this.state.undo() ? "" : "nothing to undo")), "ballot-undo");
+    this.dots = element("div", "prdp-ballot-dots");
+    actions.append(this.done, this.skipButton, this.undoButton, this.dots);
+    this.help = element("div", "prdp-ballot-help", "");
+    this.error = element("div", "prdp-ballot-error", "");
+    this.error.dataset.prdp = "ballot-error";
+    this.root.append(head, this.prompt, this.images, actions, this.help, this.error);
+    this.root.addEventListener("keydown", (event) => this.onKey(event));
+    this.root.addEventListener("pointerdown", () => this.root.focus({ preventScroll: true }));
+  }
+
+  get id() { return this.state?.id ?? null; }
+
+  show(ballot) {
+    if (this.state?.id === ballot.id) return;
+    this.state = new BallotState(ballot, this.state?.mode);
+    this.sending = false;
+    this.error.textContent = "";
+    this.root.hidden = false;
+    this.render();
+  }
+
+  hide() {
+    this.state = null;
+    this.sending = false;
+    this.root.hidden = true;
+    this.images.replaceChildren();
+    closeEnlarged();
+  }
+
+  setMode(mode) {
+    if (!this.state) return;
+    this.state.setMode(mode);
+    this.render();
+  }
+
+  /** Run one change of the state; show its message; post when every prompt has its answer. */
+  act(change) {
+    if (!this.state || this.sending) return;
+    const problem = change();
+    this.error.textContent = problem || "";
+    this.render();
+    if (!problem && this.state.complete()) this.submit();
+  }
+
+  onKey(event) {
+    if (!this.state || event.ctrlKey || event.metaKey || event.altKey) return;
+    if (this.sending) { event.preventDefault(); event.stopPropagation(); return; }
+    let result = { handled: false };
+    this.act(() => { result = this.state.key(event.key); return result.error; });
+    if (result.handled) { event.preventDefault(); event.stopPropagation(); }
+  }
+
+  async submit() {
+    const state = this.state;
+    this.sending = true;
+    this.title.textContent = "sending your choices ...";
+    let outcome;
+    try {
+      outcome = await this.send(state.answerUrl, state.body());
+    } catch (error) {
+      outcome = { ok: false, error: String(error?.message || error) };
+    }
+    if (this.state !== state) return;          // another ballot came meanwhile
+    this.sending = false;
+    if (outcome.ok) {
+      this.hide();
+      this.onChange("sent");
+      return;
+    }
+    const refused = `your choices were not taken: ${outcome.error || "the server refused them"}`;
+    this.error.textContent = refused;
+    this.render();
+    this.onChange("refused", refused);
+    await this.refresh(outcome);        // the ballot again, or none (answered elsewhere: 409)
+  }
+
+  render() {
+    const state = this.state;
+    if (!state) return;
+    const k = state.current;
+    this.title.textContent = `${state.phaseText()} · prompt ${k + 1} of ${state.prompts.length}`;
+    this.rankMode.classList.toggle("prdp-on", state.mode === "rank");
+    this.bestWorstMode.classList.toggle("prdp-on", state.mode === "bestworst");
+    const answered = state.answers[k];
+    this.prompt.textContent = `“${state.prompts[k]}”` + (answered?.skip ? "  (skipped)" : answered ? "  (answered)" : "");
+    const labels = state.labels(k);
+    this.images.style.gridTemplateColumns = `repeat(${ballotColumns(state.count)}, minmax(0, 1fr))`;
+    this.images.replaceChildren(...(state.images[k] || []).map((url, i) => this.figure(url, i, labels[i])));
+    this.dots.replaceChildren(...state.prompts.map((text, index) => {
+      const dot = element("span");
+      dot.title = `prompt ${index + 1}: ${text}`;
+      dot.classList.toggle("prdp-done", state.answers[index] !== null);
+      dot.classList.toggle("prdp-current", index === k);
+      dot.addEventListener("click", (event) => { event.stopPropagation(); state.go(index); this.render(); });
+      return dot;
+    }));
+    this.help.textContent = state.mode === "rank"
+      ? `click the best image first, then the next best ... (click again to unrank); ${state.count === 2 ? "one click ranks both" : `ranking ${state.count - 1} ranks the last too`}. Keys: 1-${state.count} rank, Enter done, S skip, ⌫ undo`
+      : `mark the best and the worst (first click best, then worst). Keys: 1-${state.count} mark, Enter done, S skip, ⌫ undo`;
+    this.onChange("render");
+  }
+
+  figure(url, i, label) {
+    const state = this.state;
+    const figure = element("figure");
+    figure.dataset.prdp = "ballot-image";
+    figure.dataset.index = String(i);
+    const src = this.resolve(url);
+    const image = element("img");
+    image.src = src;
+    image.alt = `image ${i + 1}`;
+    image.draggable = false;
+    const caption = `image ${i + 1} of “${state.prompts[state.current]}”`;
+    figure.title = `${caption}: click to ${state.mode === "rank" ? "rank it next (again: unrank)" : "mark it"}`;
+    const badge = element("div", "prdp-ballot-badge", String(i + 1));
+    if (state.mode === "rank" && label) {
+      badge.textContent = `#${label}`;
+      badge.classList.add("prdp-mark");
+      figure.classList.add("prdp-ranked");
+    } else if (label === "best" || label === "worst") {
+      badge.textContent = `${i + 1} ${label}`;
+      badge.classList.add(label === "best" ? "prdp-mark" : "prdp-worst-mark");
+      figure.classList.add(`prdp-${label}`);
+    }
+    badge.dataset.prdp = "ballot-badge";
+    const zoom = button("⤢", "enlarge (Esc closes)", () => showEnlarged(src, caption), "ballot-zoom");
+    zoom.classList.add("prdp-zoom");
+    figure.append(image, badge, zoom);
+    if (state.mode === "bestworst") {
+      const roles = element("div", "prdp-ballot-roles");
+      roles.append(button("best", "the best image", () => this.act(() => state.mark("best", i))),
+                   button("worst", "the worst image", () => this.act(() => state.mark("worst", i))));
+      figure.append(roles);
+    }
+    figure.addEventListener("click", (event) => { event.stopPropagation(); this.act(() => state.pick(i)); });
+    figure.addEventListener("dblclick", (event) => { event.stopPropagation(); showEnlarged(src, caption); });
+    return figure;
   }
 }
 

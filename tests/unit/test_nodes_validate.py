@@ -14,6 +14,7 @@ NAMES = {
     "PRDPTrainLoRA": "PRDP Train LoRA",
     "PRDPApplyLoRA": "Apply LoRA (PRDP)",
     "PRDPScoreImages": "Score Images (PRDP)",
+    "PRDPHumanChoiceReward": "PRDP Human Choice Reward",
 }
 #: widget counts of the core nodes the workflows use (ComfyUI 0.3.6x; seed adds its control)
 CORE_WIDGETS = {"CheckpointLoaderSimple": 1, "CLIPTextEncode": 1, "EmptyLatentImage": 3, "KSampler": 7,
@@ -67,7 +68,7 @@ def test_importing_the_package_outside_comfyui_imports_no_comfyui_module():
             "'comfy_extras', 'execution')); print(len(p.NODE_CLASS_MAPPINGS), bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "4 []", out.stdout
+    assert out.stdout.strip() == "5 []", out.stdout
 
 
 def test_every_input_has_a_tooltip_and_nodes_are_in_the_prdp_category(nodes):

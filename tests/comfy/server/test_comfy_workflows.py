@@ -544,6 +544,9 @@ def test_example_workflow_runs_with_tiny_settings(server, object_info, path, req
     if path.stem == "Train and compare SD3.5 with PickScore":
         pytest.skip("an SD3 workflow (16-channel latents), not one for the tiny SD1.5 checkpoint: it runs on a tiny "
                     "SD3 checkpoint in test_the_sd35_workflow_trains_a_flow_lora_on_a_checkpoint_comfyui_detects_as_sd3")
+    if path.stem == "Teach by choosing - your picks as the reward":
+        pytest.skip("asks a person to choose after each epoch: it runs to its end, answered in the dashboard by "
+                    "clicks and keys, in test_comfy_human_choice.py::test_choosing_in_the_dashboard_trains_to_the_end")
     if path.stem == "Train and compare Flux with PickScore":
         pytest.skip("a Flux workflow (UNETLoader + DualCLIPLoader), not one for the tiny SD1.5 checkpoint; why no "
                     "tiny Flux runs it: tests/comfy/inprocess/test_comfy_flow.py::test_the_flux_workflow_has_no_real_server_run_"

@@ -1,0 +1,212 @@
+"""Teach by choosing (issue 24) in the real ComfyUI frontend, headless Chromium, classic canvas
+and Nodes 2.0: the shipped workflow "Teach by choosing - your picks as the reward" with tiny
+settings (2 prompts x 2 images, 2 steps, 64 px):
+
+* after epoch 1's sampling the dashboard of PRDP Train LoRA shows the ballot (both prompts'
+  images, served by the ballot route), the phase "waiting for your choice (2 of 2 prompts
+  left)" and a paused ETA; an image enlarges in an overlay that Esc closes;
+* one prompt is answered with keys (digits, Backspace to undo, S and Backspace again, Enter),
+  the other with clicks; the answers go out in one POST, the run goes on to its end and the base
+  vs finetuned comparison is saved; preferences.jsonl holds exactly what was chosen;
+* Stop while the ballot waits ends the run at once, with a checkpoint and no LoRA (epoch 0),
+  and the job and the dashboard say so.
+
+Screenshots go to /tmp/prdp-screens/ (docs/images/ballot-*.png are two of them).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import comfy_harness as harness
+from test_comfy_dashboard import (RENDERERS, SCREENS, focus_train_node, latest_job, open_page, record_toasts,
+                                  require_dom_widgets_in_vue, wait_for_toast)
+
+WORKFLOW = "Teach by choosing - your picks as the reward"
+TINY = {**harness.TINY_TRAINING, "epochs": 1, "prompts_per_epoch": 2, "images_per_prompt": 2}
+
+pytestmark = pytest.mark.usefixtures("browser_ready", "user_settings_restored")
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    with harness.headless_chromium() as instance:
+        yield instance
+
+
+def load_workflow(page, **train) -> None:
+    workflow = page.evaluate("async (url) => (await fetch(url)).json()",
+                             f"/api/workflow_templates/{harness.PACKAGE_LINK_NAME}/{WORKFLOW}.json")
+    page.evaluate("async (w) => { await window.app.loadGraphData(w, true, true, null); }", workflow)
+    page.wait_for_timeout(500)
+    problems = harness.set_page_widgets(page, {
+        "CheckpointLoaderSimple": {"ckpt_name": harness.TINY_SD15_FILENAME},
+        "EmptyLatentImage": {"width": harness.TINY_IMAGE_SIZE, "height": harness.TINY_IMAGE_SIZE},
+        "KSampler": {"steps": 2},
+        "PRDPTrainLoRA": {**TINY, **train},
+    })
+    assert not problems, problems
+
+
+def ballot_shown(page) -> dict:
+    return page.evaluate("""() => {
+        const q = (k) => document.querySelector(`[data-prdp=${k}]`);
+        const panel = q('ballot');
+        const figures = [...panel.querySelectorAll('[data-prdp=ballot-image]')];
+        return {hidden: panel.hidden, title: q('ballot-title').textContent, prompt: q('ballot-prompt').textContent,
+                status: q('status').textContent, error: q('ballot-error').textContent,
+                badges: figures.map(f => f.querySelector('[data-prdp=ballot-badge]').textContent),
+                images: figures.map(f => { const i = f.querySelector('img');
+                    return {src: i.getAttribute('src'), loaded: i.complete && i.naturalWidth > 0,
+                            width: i.getBoundingClientRect().width}; }),
+                box: panel.getBoundingClientRect().toJSON()};
+    }""")
+
+
+def wait_for_ballot(page, timeout_ms: int = 300_000) -> dict:
+    page.wait_for_function("""() => { const p = document.querySelector('[data-prdp=ballot]');
+        const images = p ? [...p.querySelectorAll('img')] : [];
+        return p && !p.hidden && images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0); }""",
+                           timeout=timeout_ms)
+    return ballot_shown(page)
+
+
+def focus_dashboard(page) -> None:
+    """Move the canvas so the train node's dashboard (with its ballot) is in view, 40 px from the
+    top (the node grew to show the ballot; both renderers use the canvas transform)."""
+    page.evaluate("""() => {
+        const box = document.querySelector('[data-prdp=dashboard]').getBoundingClientRect();
+        const ds = window.app.canvas.ds;
+        ds.offset[1] -= (box.y - 40) / ds.scale;
+        window.app.canvas.setDirty(true, true);
+    }""")
+    page.wait_for_timeout(600)
+
+
+def picture_of_the_ballot(page, name: str) -> Path:
+    """The train node's dashboard with its ballot, for a person (and the README) to look at."""
+    box = page.evaluate("() => document.querySelector('[data-prdp=dashboard]').getBoundingClientRect().toJSON()")
+    clip = {"x": max(0, box["x"] - 12), "y": max(0, box["y"] - 12), "width": box["width"] + 24,
+            "height": box["height"] + 24}
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    path = SCREENS / f"{name}.png"
+    page.screenshot(path=str(path), clip=clip)
+    return path
+
+
+def stop_unfinished(server, lora_name: str) -> None:
+    """A failed test leaves no run waiting for a ballot (it would hold the server's queue)."""
+    for job in harness.get_json(server.base_url, "/prdp/jobs")["jobs"]:
+        if job["name"].startswith(lora_name) and job["status"] in ("preparing", "pending", "running"):
+            harness.http_json("POST", f"{server.base_url}/prdp/jobs/{job['id']}/stop")
+
+
+def run_folder(server, job: dict) -> Path:
+    return server.output_dir / "prdp_runs" / job["outputs"]["run_dir"]
+
+
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+def test_choosing_in_the_dashboard_trains_to_the_end(server, browser, renderer):
+    started = time.monotonic()
+    tree = server.comfyui_root.name
+    lora_name = f"human_{renderer}"
+    context, page = open_page(server, browser, RENDERERS[renderer])
+    try:
+        load_workflow(page, lora_name=lora_name)
+        focus_train_node(page)
+        require_dom_widgets_in_vue(page, RENDERERS[renderer])
+        record_toasts(page)
+        prompt_id = harness.queue_from_page(server.base_url, page)
+        shown = wait_for_ballot(page)
+        job = latest_job(server, lora_name)
+        ballot = harness.get_json(server.base_url, f"/prdp/jobs/{job['id']}/ballot")
+        # the route's URLs, under the frontend's API prefix
+        assert [i["src"].removeprefix("/api") for i in shown["images"]] == ballot["images"][0], (shown, ballot)
+        assert shown["title"].startswith("waiting for your choice (2 of 2 prompts left) · prompt 1 of 2"), shown
+        assert ballot["prompts"][0] in shown["prompt"], shown
+        assert "waiting for your choice (2 of 2 prompts left)" in shown["status"] and "ETA paused" in shown["status"]
+        assert all(image["width"] >= 120 for image in shown["images"]), f"images too small to judge: {shown}"
+        assert "waiting for your choice (2 of 2 prompts left)" in job["phase"], job["phase"]
+        focus_dashboard(page)           # the node grew: its dashboard in view
+        picture_of_the_ballot(page, f"ballot-{tree}-{renderer}")
+
+        page.click("[data-prdp=ballot-image][data-index='1'] [data-prdp=ballot-zoom]")
+        page.wait_for_selector("[data-prdp=overlay]")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("[data-prdp=overlay]", state="detached")
+
+        # prompt 1 by keys: rank image 2, undo it, skip the prompt, undo the skip, rank image 2, Enter
+        page.focus("[data-prdp=ballot]")
+        page.keyboard.press("2")
+        assert ballot_shown(page)["badges"] == ["1", "#1"]
+        page.keyboard.press("Backspace")
+        assert ballot_shown(page)["badges"] == ["1", "2"]
+        page.keyboard.press("s")
+        assert "prompt 2 of 2" in ballot_shown(page)["title"]
+        page.keyboard.press("Backspace")
+        page.keyboard.press("2")
+        page.keyboard.press("Enter")
+        after_keys = ballot_shown(page)
+        assert after_keys["title"].startswith("waiting for your choice (1 of 2 prompts left) · prompt 2 of 2"), after_keys
+        # prompt 2 by clicks: image 1 is the best (of two: image 2 the worst), then Done
+        page.click("[data-prdp=ballot-image][data-index='0']")
+        page.click("[data-prdp=ballot-done]")
+        page.wait_for_function("() => document.querySelector('[data-prdp=ballot]').hidden", timeout=30_000)
+
+        result = harness.wait_for(server.base_url, prompt_id, timeout=600)
+        assert result.status == "success", result.describe() + "\n" + server.log_tail()
+        page.wait_for_function("() => document.querySelector('[data-prdp=message]').textContent.includes('finished')",
+                               timeout=30_000)
+        wait_for_toast(page, "PRDP Train LoRA: finished: 1 of 1 epochs; LoRA: prdp/human_")
+        job = latest_job(server, lora_name)
+        assert job["status"] == "finished" and len(job["metrics"]) == 1, job["status"]
+        record = [json.loads(line) for line in (run_folder(server, job) / "preferences.jsonl").read_text().splitlines()]
+        assert [(r["epoch"], r["prompt_index"], r["answer"], r["ranks"]) for r in record] == [
+            (1, 0, {"order": [1, 0]}, [2, 1]), (1, 1, {"order": [0, 1]}, [1, 2])], record
+        assert [r["prompt"] for r in record] == ballot["prompts"]
+        saved = [n for n in harness.nodes_of_type(result.history["prompt"][2], "SaveImage")]
+        assert saved and all((result.outputs.get(n) or {}).get("images") for n in saved), result.outputs
+        ours = [e for e in page.errors if "prdp" in e.lower()]
+        assert not ours, ours
+    finally:
+        context.close()
+        stop_unfinished(server, lora_name)
+    print(f"{tree} {renderer}: choosing test {time.monotonic() - started:.1f} s")
+
+
+def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, browser):
+    started = time.monotonic()
+    lora_name = "human_stop"
+    loras_before = set(server.loras_dir.rglob("*.safetensors"))
+    context, page = open_page(server, browser, False)
+    try:
+        load_workflow(page, lora_name=lora_name, epochs=2)
+        focus_train_node(page)
+        prompt_id = harness.queue_from_page(server.base_url, page)
+        wait_for_ballot(page)
+        focus_dashboard(page)
+        clicked = time.monotonic()
+        page.click("[data-prdp=stop]")
+        result = harness.wait_for(server.base_url, prompt_id, timeout=120)
+        stopped_in = time.monotonic() - clicked
+        page.wait_for_function("() => document.querySelector('[data-prdp=message]').textContent.includes('nothing')",
+                               timeout=30_000)
+        message = page.evaluate("() => document.querySelector('[data-prdp=message]').textContent")
+        assert "stopped before epoch 1 of 2 finished: nothing was trained; no LoRA written" in message, message
+        assert page.evaluate("() => document.querySelector('[data-prdp=ballot]').hidden")
+        assert result.status != "success", "downstream nodes compared an untrained LoRA"
+        assert stopped_in < 20, f"Stop while waiting took {stopped_in:.1f} s"
+        job = latest_job(server, lora_name)
+        assert job["status"] == "stopped" and job["metrics"] == [], job["status"]
+        assert job["outputs"]["message"].startswith("stopped before epoch 1 of 2 finished"), job["outputs"]
+        # the trainer names it relative to ComfyUI's base folder (output/prdp_runs/...)
+        assert job["checkpoints"] and all((server.base_dir / p).exists() for p in job["checkpoints"]), job["checkpoints"]
+        written = {p for p in set(server.loras_dir.rglob("*.safetensors")) - loras_before if p.name.startswith(lora_name)}
+        assert not written, written
+    finally:
+        context.close()
+        stop_unfinished(server, lora_name)
+    print(f"{server.comfyui_root.name}: stop test {time.monotonic() - started:.1f} s (stopped {stopped_in:.1f} s after the click)")
