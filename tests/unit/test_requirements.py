@@ -132,7 +132,7 @@ def test_entry_point_names_a_hidden_package_in_one_log_line(tmp_path):
     assert lines[0].startswith("LOG ERROR comfyui-prdp: missing Python package peft (not installed)"), lines[0]
     assert f'-m pip install -r "{REQUIREMENTS}"' in lines[0]
     assert "Traceback" not in out, out[-4000:]
-    assert "NODES ['PRDPApplyLoRA', 'PRDPLoadRewardModel', 'PRDPScoreImages', 'PRDPTrainLoRA']" in out, out[-4000:]
+    assert "NODES ['PRDPApplyLoRA', 'PRDPHumanChoiceReward', 'PRDPLoadRewardModel', 'PRDPScoreImages', 'PRDPTrainLoRA']" in out, out[-4000:]
 
 
 def test_the_shim_really_hides_the_package(tmp_path):
