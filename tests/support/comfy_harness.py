@@ -22,7 +22,8 @@ without ComfyUI, torch or a websocket client costs nothing.
 from __future__ import annotations
 
 from harness_browser import (CHROMIUM_ARGS, PAGE_TIMEOUT_MS, chromium_path, headless_chromium,  # noqa: F401
-                             open_comfy_page, queue_from_page, require_browser, set_page_widgets)
+                             load_template, open_comfy_page, queue_from_page, require_browser,
+                             set_page_widgets)
 from harness_events import (TERMINAL_EVENTS, EventListener, PromptResult, close_listeners,  # noqa: F401
                             listener_for, queue_prompt, wait_for)
 from harness_http import (PromptRejected, fetch_output_file, get_history, get_json, get_object_info,  # noqa: F401

@@ -63,6 +63,15 @@ def open_comfy_page(browser, base_url: str, width: int, height: int):
     return context, page
 
 
+def load_template(page, package: str, name: str) -> None:
+    """Load the workflow template `name` of `package` into the page as the template browser
+    does: fetched from the template route, then loaded as a new graph."""
+    workflow = page.evaluate("async (url) => (await fetch(url)).json()",
+                             f"/api/workflow_templates/{package}/{name}.json")
+    page.evaluate("async (w) => { await window.app.loadGraphData(w, true, true, null); }", workflow)
+    page.wait_for_timeout(500)
+
+
 def set_page_widgets(page, values_by_type: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Set widget values on every node of each type through the graph API (with the widget's
     callback, as a person's edit runs it); returns the widgets that do not exist."""

@@ -38,10 +38,7 @@ def browser(server):
 
 
 def load_workflow(page, **train) -> None:
-    workflow = page.evaluate("async (url) => (await fetch(url)).json()",
-                             f"/api/workflow_templates/{harness.PACKAGE_LINK_NAME}/{WORKFLOW}.json")
-    page.evaluate("async (w) => { await window.app.loadGraphData(w, true, true, null); }", workflow)
-    page.wait_for_timeout(500)
+    harness.load_template(page, harness.PACKAGE_LINK_NAME, WORKFLOW)
     problems = harness.set_page_widgets(page, {
         "CheckpointLoaderSimple": {"ckpt_name": harness.TINY_SD15_FILENAME},
         "EmptyLatentImage": {"width": harness.TINY_IMAGE_SIZE, "height": harness.TINY_IMAGE_SIZE},
