@@ -95,16 +95,23 @@ def png_mean(data: bytes) -> float:
     return float(torch.from_numpy(pixels).mean())
 
 
-def answer_by_rule(base: str, job_id: str, ballot: dict) -> tuple:
-    """Fetch the ballot's images through the routes and answer it by darkest_best."""
+def darkest_first_pngs(pngs: List[bytes]) -> dict:
+    """darkest_best over the ballot's PNG images (what a person sees)."""
+    return darkest_best([png_mean(png) for png in pngs])
+
+
+def answer_by_rule(base: str, job_id: str, ballot: dict,
+                   rule: Callable[[List[bytes]], dict] = darkest_first_pngs) -> tuple:
+    """Fetch the ballot's images through the routes and answer each prompt by `rule` (the PNGs
+    of its images -> an answer)."""
     answers = []
     for urls in ballot["images"]:
-        means = []
+        pngs = []
         for url in urls:
             status, data = request(base + url)
             assert status == 200, (status, data)
-            means.append(png_mean(data))
-        answers.append(darkest_best(means))
+            pngs.append(data)
+        answers.append(rule(pngs))
     return post_json(base + ballot["answer_url"], {"answers": answers})
 
 
@@ -122,8 +129,9 @@ def wait_for_ballot(base: str, job, timeout: float = 120.0, not_id: Optional[str
 
 
 def chooser(base: str, job, ballots: Optional[int] = None,
-            on_ballot: Optional[Callable[[dict], None]] = None) -> List[dict]:
-    """Answer the job's ballots by the rule until it ends (or `ballots` were answered)."""
+            on_ballot: Optional[Callable[[dict], None]] = None,
+            rule: Callable[[List[bytes]], dict] = darkest_first_pngs) -> List[dict]:
+    """Answer the job's ballots by `rule` until it ends (or `ballots` were answered)."""
     seen, last = [], None
     while ballots is None or len(seen) < ballots:
         ballot = wait_for_ballot(base, job, not_id=last)
@@ -131,7 +139,7 @@ def chooser(base: str, job, ballots: Optional[int] = None,
             break
         if on_ballot is not None:
             on_ballot(ballot)
-        status, body = answer_by_rule(base, job.id, ballot)
+        status, body = answer_by_rule(base, job.id, ballot, rule)
         assert status == 200, (status, body)
         seen.append(ballot)
         last = ballot["id"]
