@@ -207,7 +207,7 @@ export class Dashboard {
     this.warnings.dataset.prdp = "warnings";
     this.message = element("div", "prdp-message", "");
     this.message.dataset.prdp = "message";
-    this.ballot = new BallotPanel({ ...ballot, onChange: (what) => this.ballotChanged(what) });
+    this.ballot = new BallotPanel({ ...ballot, onChange: (what, text) => this.ballotChanged(what, text) });
     this.root.append(head, this.bar, this.ballot.root, this.curve, this.metricsLine, this.warnings, this.samplesTitle,
                      this.samples, this.message);
     this.onBallotChange = ballot.onChange || (() => {});

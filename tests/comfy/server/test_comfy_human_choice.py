@@ -9,7 +9,10 @@ settings (2 prompts x 2 images, 2 steps, 64 px):
   the other with clicks; the answers go out in one POST, the run goes on to its end and the base
   vs finetuned comparison is saved; preferences.jsonl holds exactly what was chosen;
 * Stop while the ballot waits ends the run at once, with a checkpoint and no LoRA (epoch 0),
-  and the job and the dashboard say so.
+  and the job and the dashboard say so;
+* choices the server refuses (the ballot was answered elsewhere first: 409) are not lost in
+  silence: the dashboard says they were not taken and why, asks the route again, and shows the
+  next ballot when it comes; the record holds the answer that won.
 
 Screenshots go to /tmp/prdp-screens/ (docs/images/ballot-*.png are two of them).
 """
@@ -207,3 +210,69 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
         context.close()
         stop_unfinished(server, lora_name)
     print(f"{server.comfyui_root.name}: stop test {time.monotonic() - started:.1f} s (stopped {stopped_in:.1f} s after the click)")
+
+
+def test_choices_refused_by_the_server_are_shown_and_the_ballot_is_asked_again(server, browser):
+    """The ballot is answered elsewhere (another tab, a script) just before the dashboard's POST
+    reaches the server: the server refuses it with 409, the dashboard says so and asks the route
+    again (the next epoch's ballot then shows and is answered), and the record holds the answer
+    that won."""
+    started = time.monotonic()
+    lora_name = "human_refused"
+    elsewhere = {"answers": [{"order": [0, 1]}, {"order": [0, 1]}]}
+    context, page = open_page(server, browser, False)
+    posts, refetched = [], []
+    try:
+        load_workflow(page, lora_name=lora_name, epochs=2)
+        focus_train_node(page)
+        prompt_id = harness.queue_from_page(server.base_url, page)
+        first = wait_for_ballot(page)
+        job = latest_job(server, lora_name)
+        ballot = harness.get_json(server.base_url, f"/prdp/jobs/{job['id']}/ballot")
+        page.evaluate("""() => { window.prdpMessages = [];
+            const message = document.querySelector('[data-prdp=message]');
+            new MutationObserver(() => window.prdpMessages.push(message.textContent))
+                .observe(message, {childList: true, characterData: true, subtree: true}); }""")
+
+        def answer_elsewhere_first(route):
+            if route.request.method == "POST" and not posts:
+                posts.append(harness.http_json("POST", server.base_url + ballot["answer_url"], elsewhere))
+            route.continue_()
+        page.route("**/prdp/jobs/*/ballot/*", answer_elsewhere_first)
+        page.on("request", lambda request: posts and request.method == "GET" and request.url.endswith(
+            f"/prdp/jobs/{job['id']}/ballot") and refetched.append(request.url))
+
+        page.focus("[data-prdp=ballot]")
+        for _ in ballot["prompts"]:          # the dashboard's own answer: image 2 first, both prompts
+            page.keyboard.press("2")
+            page.keyboard.press("Enter")
+        page.wait_for_function("() => window.prdpMessages.some(m => m.includes('not taken'))", timeout=30_000)
+        shown = [m for m in page.evaluate("() => window.prdpMessages") if "not taken" in m]
+        assert "your choices were not taken: this ballot was answered already (HTTP 409)" in shown[0], shown
+        assert [(p["ballot"], p["epoch"]) for p in posts] == [(ballot["id"], 1)], posts
+
+        page.wait_for_function("""(old) => { const i = document.querySelector('[data-prdp=ballot] img');
+            return i && i.getAttribute('src') !== old; }""", arg=first["images"][0]["src"], timeout=300_000)
+        second = wait_for_ballot(page)           # asked again: the next epoch's ballot
+        assert refetched, "the dashboard did not ask the route for the ballot after the refusal"
+        assert second["title"].startswith("waiting for your choice (2 of 2 prompts left)"), second
+        assert [i["src"] for i in second["images"]] != [i["src"] for i in first["images"]]
+        message = page.evaluate("() => document.querySelector('[data-prdp=message]').textContent")
+        assert "not taken" in message, f"the refusal went with the ballot it refused: {message!r}"
+        picture_of_the_ballot(page, f"ballot-refused-{server.comfyui_root.name}")
+        page.focus("[data-prdp=ballot]")
+        for _ in ballot["prompts"]:
+            page.keyboard.press("2")
+            page.keyboard.press("Enter")
+        result = harness.wait_for(server.base_url, prompt_id, timeout=600)
+        assert result.status == "success", result.describe() + "\n" + server.log_tail()
+        job = latest_job(server, lora_name)
+        record = [json.loads(line) for line in (run_folder(server, job) / "preferences.jsonl").read_text().splitlines()]
+        assert [(r["epoch"], r["answer"]) for r in record] == [
+            (1, {"order": [0, 1]}), (1, {"order": [0, 1]}), (2, {"order": [1, 0]}), (2, {"order": [1, 0]})], record
+        ours = [e for e in page.errors if "prdp" in e.lower()]
+        assert not ours, ours
+    finally:
+        context.close()
+        stop_unfinished(server, lora_name)
+    print(f"{server.comfyui_root.name}: refused-answer test {time.monotonic() - started:.1f} s")
