@@ -8,6 +8,7 @@ settings (2 prompts x 2 images, 2 steps, 64 px):
 * one prompt is answered with keys (digits, Backspace to undo, S and Backspace again, Enter),
   the other with clicks; the answers go out in one POST, the run goes on to its end and the base
   vs finetuned comparison is saved; preferences.jsonl holds exactly what was chosen;
+* a page reloaded while the ballot waits shows it again (asked from the route);
 * Stop while the ballot waits ends the run at once, with a checkpoint and no LoRA (epoch 0),
   and the job and the dashboard say so;
 * choices the server refuses (the ballot was answered elsewhere first: 409) are not lost in
@@ -186,7 +187,15 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
         load_workflow(page, lora_name=lora_name, epochs=2)
         focus_train_node(page)
         prompt_id = harness.queue_from_page(server.base_url, page)
-        wait_for_ballot(page)
+        before_reload = wait_for_ballot(page)
+        # a reloaded page asks the route for the waiting ballot again
+        page.reload(wait_until="domcontentloaded")
+        page.wait_for_function("() => { try { return window.app.graph.nodes.some(n => n.type === 'PRDPTrainLoRA'); }"
+                               " catch { return false; } }", timeout=120_000)
+        focus_train_node(page)
+        after_reload = wait_for_ballot(page, timeout_ms=60_000)
+        assert [i["src"] for i in after_reload["images"]] == [i["src"] for i in before_reload["images"]], after_reload
+        assert after_reload["title"].startswith("waiting for your choice (2 of 2 prompts left)"), after_reload
         focus_dashboard(page)
         clicked = time.monotonic()
         page.click("[data-prdp=stop]")
