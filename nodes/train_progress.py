@@ -328,6 +328,16 @@ class ComfyProgress:
                                 "lora": lora, "message": message})
 
 
+def forward_the_rest(job: Job, progress: ComfyProgress) -> None:
+    """Forward the events an ended job left queued (its job_end among them); a failure here is
+    logged, never raised over the error that ended the wait."""
+    try:
+        while (event := job.next_event()) is not None:
+            progress.forward(event)
+    except Exception as error:        # noqa: BLE001 - the caller re-raises the error that matters
+        logger.warning("PRDP job %s: could not send its last events (%s: %s)", job.id, type(error).__name__, error)
+
+
 def stop_and_wait(job: Job, log_every: float = STILL_STOPPING_LOG_SECONDS) -> None:
     """Ask the job to stop (a no-op when it has ended) and block until it has ended."""
     job.request_stop()
@@ -359,5 +369,6 @@ def wait_for_job(job: Job, progress: ComfyProgress, poll: float = POLL_SECONDS) 
             logger.error("PRDP job %s: the node failed while waiting (%s: %s); stopping the job",
                          job.id, type(error).__name__, error)
         stop_and_wait(job)
+        forward_the_rest(job, progress)     # the dashboard learns how the run ended (on Cancel too)
         raise
     job.wait()     # job_end is queued just before the job is marked done

@@ -148,6 +148,8 @@ def test_the_real_interrupt_flag_set_during_training_ends_the_node_interrupted(p
     assert stopped_after < 30, f"the node took {stopped_after:.1f} s to stop"
     job = assert_clean_end(plugin, sd15, "flagged")
     assert len(job.metrics) == 1
+    # the dashboard was told how the run ended (0.3.64: the node's thread left its wait on Cancel)
+    assert job.outputs.get("message", "").startswith("stopped at epoch 1 of 3; LoRA: "), job.outputs
     after_epoch_1 = checkpoint_lora(comfy_dirs, "flagged", "epoch_00001")
     stopped = checkpoint_lora(comfy_dirs, "flagged", "epoch_00001_stopped")
     assert all(torch.equal(stopped[k], after_epoch_1[k]) for k in stopped)

@@ -178,9 +178,12 @@ def test_choosing_in_the_dashboard_trains_to_the_end(server, browser, renderer):
     print(f"{tree} {renderer}: choosing test {time.monotonic() - started:.1f} s")
 
 
-def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, browser):
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, browser, how):
+    """Stop: the dashboard's button. Cancel: ComfyUI's own (POST /interrupt, as its queue's
+    Cancel sends), which the node turns into the same stop."""
     started = time.monotonic()
-    lora_name = "human_stop"
+    lora_name = f"human_{how}"
     loras_before = set(server.loras_dir.rglob("*.safetensors"))
     context, page = open_page(server, browser, False)
     try:
@@ -198,7 +201,10 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
         assert after_reload["title"].startswith("waiting for your choice (2 of 2 prompts left)"), after_reload
         focus_dashboard(page)
         clicked = time.monotonic()
-        page.click("[data-prdp=stop]")
+        if how == "stop":
+            page.click("[data-prdp=stop]")
+        else:
+            harness.http_json("POST", f"{server.base_url}/interrupt", {})
         result = harness.wait_for(server.base_url, prompt_id, timeout=120)
         stopped_in = time.monotonic() - clicked
         page.wait_for_function("() => document.querySelector('[data-prdp=message]').textContent.includes('nothing')",
@@ -218,7 +224,7 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
     finally:
         context.close()
         stop_unfinished(server, lora_name)
-    print(f"{server.comfyui_root.name}: stop test {time.monotonic() - started:.1f} s (stopped {stopped_in:.1f} s after the click)")
+    print(f"{server.comfyui_root.name}: {how} test {time.monotonic() - started:.1f} s (stopped {stopped_in:.1f} s after the click)")
 
 
 def test_choices_refused_by_the_server_are_shown_and_the_ballot_is_asked_again(server, browser):
