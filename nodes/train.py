@@ -228,7 +228,7 @@ class PRDPTrainLoRA:
                               callback=job.record, stop_event=job.stop_event, lora_path=lora_path)
             attach_run = getattr(reward_model, "attach_run", None)
             if callable(attach_run):      # the human reward: its ballots live in run_dir, asked via the job
-                attach_run(trainer, job)
+                attach_run(trainer, job, resume_from=resume_path)   # the person's record comes along
             result = trainer.run(resume_from=resume_path)
             job.outputs.update({"lora": self._display_name(result.lora_path),
                                 "checkpoint": str(result.checkpoint_path) if result.checkpoint_path else None,

@@ -21,7 +21,7 @@ def human_job(registry, run_dir, config, resume_from=None, reward=None):
     job = registry.create(name="human")
     trainer = Trainer(ToyBackend(), reward, PROMPTS, config, out_dir=run_dir, callback=job.record,
                       stop_event=job.stop_event)
-    reward.attach_run(trainer, job)
+    reward.attach_run(trainer, job, resume_from=resume_from)
     registry.launch(job, lambda job: trainer.run(resume_from=resume_from))
     return job, trainer
 
@@ -116,3 +116,44 @@ def test_time_limit_skip_and_assist(tmp_path):
     result = trainer.run()
     metrics = result.metrics[0]
     assert metrics["reward_std"] > 0 and "reward/assist" in metrics and metrics["reward/human"] == 0.0
+
+
+def test_a_run_resumed_in_a_new_folder_takes_the_record_and_the_open_ballot_along(tmp_path):
+    """ComfyUI's train node starts every run, resumed ones too, in a folder of its own: the
+    person's earlier choices come along and the unanswered ballot is asked again; the earlier
+    folder is left as it was."""
+    first_dir, resumed_dir = tmp_path / "first", tmp_path / "resumed"
+    registry = JobRegistry()
+    server = Server(registry)
+    try:
+        job, _ = human_job(registry, first_dir, toy_config())
+        chooser(server.base, job, ballots=1)
+        waiting = wait_for_ballot(server.base, job, not_id=None)
+        assert waiting["epoch"] == 2
+        assert request(f"{server.base}/prdp/jobs/{job.id}/stop", b"", "POST")[0] == 202
+        assert job.wait(5) and job.status == STOPPED
+        checkpoint = latest_checkpoint(first_dir)
+        before = {p.relative_to(first_dir): p.read_bytes() for p in first_dir.rglob("*") if p.is_file()}
+
+        resumed, trainer = human_job(registry, resumed_dir, toy_config(), resume_from=checkpoint)
+        status, again = request(f"{server.base}/prdp/jobs/{resumed.id}/ballot")
+        assert status == 200 and again["id"] == waiting["id"] and again["epoch"] == 2
+        for urls in again["images"]:
+            for url in urls:
+                assert request(server.base + url)[0] == 200, url
+        answered = chooser(server.base, resumed)
+        assert resumed.wait(60) and resumed.error is None, resumed.error
+    finally:
+        server.close()
+    assert [b["epoch"] for b in answered] == [2, 3] and answered[0]["id"] == waiting["id"]
+    record = read_preferences(resumed_dir)
+    assert [line["epoch"] for line in record] == [1, 1, 2, 2, 3, 3]
+    assert record[:2] == read_preferences(first_dir)                 # carried as they were
+    assert all((resumed_dir / name).is_file() for line in record for name in line["images"])
+    after = {p.relative_to(first_dir): p.read_bytes() for p in first_dir.rglob("*") if p.is_file()}
+    assert after == before, "the earlier run folder was changed"
+    reference = Trainer(ToyBackend(), RuleReward(4), PROMPTS, toy_config(), out_dir=tmp_path / "rule")
+    reference.run()
+    expected = reference.backend.lora_state_dict()
+    for key, value in trainer.backend.lora_state_dict().items():
+        assert torch.equal(value, expected[key]), key

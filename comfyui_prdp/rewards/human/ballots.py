@@ -12,6 +12,7 @@ Files (paths relative to the run folder):
     preferences/pending.json                          the latest ballot and its state (atomic writes)
     preferences.jsonl                                 one line per answered prompt (appended atomically)
 
+A run resumed in another folder takes the record and the open ballot with it (carry_over.py).
 A resumed run (or a restarted server) reads pending.json: when the epoch is sampled again and
 gives the same pixels (training is deterministic per seed and epoch), the same ballot is asked
 again, or its answer, if it was given, is used without asking twice.
@@ -102,7 +103,7 @@ class Ballot:
             raise ValueError("the ballot's prompts, files and digests do not fit together")
         for row in files:
             for name in row:
-                if not _is_own_file_name(name):
+                if not is_own_file_name(name):
                     raise ValueError(f"unexpected image path {name!r}")
         ballot = cls(id=str(data["id"]), epoch=int(data["epoch"]), prompts=prompts, images_per_prompt=B,
                      files=files, digests=digests, seed=int(data.get("seed", 0)),
@@ -121,7 +122,7 @@ def _file_name(epoch: int, prompt: int, image: int) -> str:
     return f"{FOLDER}/epoch_{epoch:05d}/prompt_{prompt:02d}_image_{image:02d}.png"
 
 
-def _is_own_file_name(name: Any) -> bool:
+def is_own_file_name(name: Any) -> bool:
     """Only names this module writes (never a path a file could smuggle in)."""
     import re
     return isinstance(name, str) and re.fullmatch(
@@ -192,6 +193,15 @@ class BallotBox:
             if self.pending is ballot:
                 self._save(ballot)
             return True
+
+    def adopt(self, ballot: Ballot) -> None:
+        """Make `ballot` (carried over from an earlier run folder, its images copied here) this
+        box's pending one: the resumed run asks it again (carry_over.py)."""
+        with self._lock:
+            if self.pending is not None:
+                self._retired.add(self.pending.id)
+            self.pending = ballot
+            self._save(ballot)
 
     # --- the person's side (HTTP routes) ---------------------------------------------------
     def describe(self) -> Optional[Dict[str, Any]]:

@@ -26,6 +26,7 @@ import torch
 
 from ..base import Reward, reward_device_bytes
 from .ballots import BallotBox
+from .carry_over import carry_over
 from .choices import rewards_for_answers, with_assist
 
 ON_TIMEOUT = ("wait", "skip", "assist")
@@ -74,9 +75,11 @@ class HumanReward(Reward):
         self._binding: Optional[_Binding] = None
 
     # --- binding to a run -----------------------------------------------------------------
-    def attach_run(self, trainer: Any, job: Any = None) -> BallotBox:
+    def attach_run(self, trainer: Any, job: Any = None, resume_from: Optional[Path] = None) -> BallotBox:
         """Ask through the ballot box in the trainer's run folder; `job` (service/jobs.py) makes
-        the ballot reachable through the HTTP routes."""
+        the ballot reachable through the HTTP routes. `resume_from`: the checkpoint the run will
+        resume; when it lies in another run folder, the person's record and open ballot come
+        along (carry_over.py)."""
         world_size = getattr(getattr(trainer, "dist", None), "world_size", 1)
         if world_size > 1:
             raise ValueError(f"the human reward works in one process only, not with {world_size} processes: "
@@ -86,6 +89,8 @@ class HumanReward(Reward):
                              "choices are kept there); give the trainer an out_dir")
         box = self.attach(trainer.out_dir, trainer.stop_event, trainer.config.images_per_prompt,
                           epoch=lambda: trainer.epoch, seed=trainer.config.seed, callback=trainer.callback)
+        if resume_from is not None:
+            carry_over(box, Path(resume_from))
         if job is not None:
             job.ballot_box = box
         return box

@@ -8,7 +8,8 @@ settings (2 prompts x 2 images, 2 steps, 64 px):
 * one prompt is answered with keys (digits, Backspace to undo, S and Backspace again, Enter),
   the other with clicks; the answers go out in one POST, the run goes on to its end and the base
   vs finetuned comparison is saved; preferences.jsonl holds exactly what was chosen;
-* a page reloaded while the ballot waits shows it again (asked from the route);
+* a page reloaded while the ballot waits shows it again (asked from the route); the stopped run
+  resumed from its checkpoint (a run folder of its own) asks the same ballot again;
 * Stop while the ballot waits ends the run at once, with a checkpoint and no LoRA (epoch 0),
   and the job and the dashboard say so;
 * choices the server refuses (the ballot was answered elsewhere first: 409) are not lost in
@@ -191,6 +192,7 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
         focus_train_node(page)
         prompt_id = harness.queue_from_page(server.base_url, page)
         before_reload = wait_for_ballot(page)
+        asked = harness.get_json(server.base_url, f"/prdp/jobs/{latest_job(server, lora_name)['id']}/ballot")
         # a reloaded page asks the route for the waiting ballot again
         page.reload(wait_until="domcontentloaded")
         page.wait_for_function("() => { try { return window.app.graph.nodes.some(n => n.type === 'PRDPTrainLoRA'); }"
@@ -221,10 +223,45 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
         assert job["checkpoints"] and all((server.base_dir / p).exists() for p in job["checkpoints"]), job["checkpoints"]
         written = {p for p in set(server.loras_dir.rglob("*.safetensors")) - loras_before if p.name.startswith(lora_name)}
         assert not written, written
+        if how == "stop":
+            resume_and_answer(server, page, lora_name, job, asked)
     finally:
         context.close()
         stop_unfinished(server, lora_name)
     print(f"{server.comfyui_root.name}: {how} test {time.monotonic() - started:.1f} s (stopped {stopped_in:.1f} s after the click)")
+
+
+def resume_and_answer(server, page, lora_name: str, stopped: dict, asked: dict) -> None:
+    """Resume the stopped run from its checkpoint (a new run folder, as every queued run): the
+    unanswered ballot is asked again, the answers train both epochs, and the new folder's record
+    holds them."""
+    checkpoint = Path(stopped["checkpoints"][-1])          # output/prdp_runs/<run>/checkpoints/<name>
+    problems = harness.set_page_widgets(page, {"PRDPTrainLoRA": {"resume_from": "/".join(checkpoint.parts[-3:])}})
+    assert not problems, problems
+    prompt_id = harness.queue_from_page(server.base_url, page)
+    wait_for_ballot(page)
+    job = latest_job(server, lora_name)
+    assert job["id"] != stopped["id"]
+    again = harness.get_json(server.base_url, f"/prdp/jobs/{job['id']}/ballot")
+    assert (again["id"], again["epoch"], again["prompts"]) == (asked["id"], 1, asked["prompts"]), again
+    for epoch in (1, 2):
+        if epoch == 2:
+            page.wait_for_function("""(old) => { const p = document.querySelector('[data-prdp=ballot]');
+                const i = p && !p.hidden && p.querySelector('img');
+                return i && !i.getAttribute('src').includes(old) && i.complete && i.naturalWidth > 0; }""",
+                                   arg=asked["id"], timeout=300_000)
+        page.focus("[data-prdp=ballot]")
+        for _ in asked["prompts"]:
+            page.keyboard.press("2")
+            page.keyboard.press("Enter")
+    result = harness.wait_for(server.base_url, prompt_id, timeout=600)
+    assert result.status == "success", result.describe() + "\n" + server.log_tail()
+    job = latest_job(server, lora_name)
+    assert job["status"] == "finished" and job["outputs"]["run_dir"] != stopped["outputs"]["run_dir"], job["outputs"]
+    record = [json.loads(line) for line in (run_folder(server, job) / "preferences.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["ballot"] if r["epoch"] == 1 else None, r["answer"]) for r in record] == [
+        (1, asked["id"], {"order": [1, 0]}), (1, asked["id"], {"order": [1, 0]}),
+        (2, None, {"order": [1, 0]}), (2, None, {"order": [1, 0]})], record
 
 
 def test_choices_refused_by_the_server_are_shown_and_the_ballot_is_asked_again(server, browser):
@@ -267,7 +304,7 @@ def test_choices_refused_by_the_server_are_shown_and_the_ballot_is_asked_again(s
         assert [(p["ballot"], p["epoch"]) for p in posts] == [(ballot["id"], 1)], posts
 
         page.wait_for_function("""(old) => { const i = document.querySelector('[data-prdp=ballot] img');
-            return i && i.getAttribute('src') !== old; }""", arg=first["images"][0]["src"], timeout=300_000)
+            return i && !i.getAttribute('src').includes(old); }""", arg=ballot["id"], timeout=300_000)
         second = wait_for_ballot(page)           # asked again: the next epoch's ballot
         assert refetched, "the dashboard did not ask the route for the ballot after the refusal"
         assert second["title"].startswith("waiting for your choice (2 of 2 prompts left)"), second
