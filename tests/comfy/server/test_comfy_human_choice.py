@@ -76,6 +76,25 @@ def wait_for_ballot(page, timeout_ms: int = 300_000) -> dict:
     return ballot_shown(page)
 
 
+def wait_for_another_ballot(page, old_id: str, timeout_ms: int = 300_000) -> dict:
+    """The next ballot shown (its image URLs name another ballot id than `old_id`)."""
+    page.wait_for_function("""(old) => { const i = document.querySelector('[data-prdp=ballot] img');
+        return i && !i.getAttribute('src').includes(old); }""", arg=old_id, timeout=timeout_ms)
+    return wait_for_ballot(page)
+
+
+def rank_image_2_first_by_keys(page, prompts: int) -> None:
+    """Answer every prompt of the shown ballot with the keys 2, Enter (answer {"order": [1, 0]})."""
+    page.focus("[data-prdp=ballot]")
+    for _ in range(prompts):
+        page.keyboard.press("2")
+        page.keyboard.press("Enter")
+
+
+def preference_record(server, job: dict) -> list:
+    return [json.loads(line) for line in (run_folder(server, job) / "preferences.jsonl").read_text().splitlines()]
+
+
 def focus_dashboard(page) -> None:
     """Move the canvas so the train node's dashboard (with its ballot) is in view, 40 px from the
     top (the node grew to show the ballot; both renderers use the canvas transform)."""
@@ -165,7 +184,7 @@ def test_choosing_in_the_dashboard_trains_to_the_end(server, browser, renderer):
         wait_for_toast(page, "PRDP Train LoRA: finished: 1 of 1 epochs; LoRA: prdp/human_")
         job = latest_job(server, lora_name)
         assert job["status"] == "finished" and len(job["metrics"]) == 1, job["status"]
-        record = [json.loads(line) for line in (run_folder(server, job) / "preferences.jsonl").read_text().splitlines()]
+        record = preference_record(server, job)
         assert [(r["epoch"], r["prompt_index"], r["answer"], r["ranks"]) for r in record] == [
             (1, 0, {"order": [1, 0]}, [2, 1]), (1, 1, {"order": [0, 1]}, [1, 2])], record
         assert [r["prompt"] for r in record] == ballot["prompts"]
@@ -244,21 +263,14 @@ def resume_and_answer(server, page, lora_name: str, stopped: dict, asked: dict) 
     assert job["id"] != stopped["id"]
     again = harness.get_json(server.base_url, f"/prdp/jobs/{job['id']}/ballot")
     assert (again["id"], again["epoch"], again["prompts"]) == (asked["id"], 1, asked["prompts"]), again
-    for epoch in (1, 2):
-        if epoch == 2:
-            page.wait_for_function("""(old) => { const p = document.querySelector('[data-prdp=ballot]');
-                const i = p && !p.hidden && p.querySelector('img');
-                return i && !i.getAttribute('src').includes(old) && i.complete && i.naturalWidth > 0; }""",
-                                   arg=asked["id"], timeout=300_000)
-        page.focus("[data-prdp=ballot]")
-        for _ in asked["prompts"]:
-            page.keyboard.press("2")
-            page.keyboard.press("Enter")
+    rank_image_2_first_by_keys(page, len(asked["prompts"]))
+    wait_for_another_ballot(page, asked["id"])
+    rank_image_2_first_by_keys(page, len(asked["prompts"]))
     result = harness.wait_for(server.base_url, prompt_id, timeout=600)
     assert result.status == "success", result.describe() + "\n" + server.log_tail()
     job = latest_job(server, lora_name)
     assert job["status"] == "finished" and job["outputs"]["run_dir"] != stopped["outputs"]["run_dir"], job["outputs"]
-    record = [json.loads(line) for line in (run_folder(server, job) / "preferences.jsonl").read_text().splitlines()]
+    record = preference_record(server, job)
     assert [(r["epoch"], r["ballot"] if r["epoch"] == 1 else None, r["answer"]) for r in record] == [
         (1, asked["id"], {"order": [1, 0]}), (1, asked["id"], {"order": [1, 0]}),
         (2, None, {"order": [1, 0]}), (2, None, {"order": [1, 0]})], record
@@ -294,32 +306,23 @@ def test_choices_refused_by_the_server_are_shown_and_the_ballot_is_asked_again(s
         page.on("request", lambda request: posts and request.method == "GET" and request.url.endswith(
             f"/prdp/jobs/{job['id']}/ballot") and refetched.append(request.url))
 
-        page.focus("[data-prdp=ballot]")
-        for _ in ballot["prompts"]:          # the dashboard's own answer: image 2 first, both prompts
-            page.keyboard.press("2")
-            page.keyboard.press("Enter")
+        rank_image_2_first_by_keys(page, len(ballot["prompts"]))     # the dashboard's own answer
         page.wait_for_function("() => window.prdpMessages.some(m => m.includes('not taken'))", timeout=30_000)
         shown = [m for m in page.evaluate("() => window.prdpMessages") if "not taken" in m]
         assert "your choices were not taken: this ballot was answered already (HTTP 409)" in shown[0], shown
         assert [(p["ballot"], p["epoch"]) for p in posts] == [(ballot["id"], 1)], posts
 
-        page.wait_for_function("""(old) => { const i = document.querySelector('[data-prdp=ballot] img');
-            return i && !i.getAttribute('src').includes(old); }""", arg=ballot["id"], timeout=300_000)
-        second = wait_for_ballot(page)           # asked again: the next epoch's ballot
+        second = wait_for_another_ballot(page, ballot["id"])     # asked again: the next epoch's ballot
         assert refetched, "the dashboard did not ask the route for the ballot after the refusal"
         assert second["title"].startswith("waiting for your choice (2 of 2 prompts left)"), second
         assert [i["src"] for i in second["images"]] != [i["src"] for i in first["images"]]
         message = page.evaluate("() => document.querySelector('[data-prdp=message]').textContent")
         assert "not taken" in message, f"the refusal went with the ballot it refused: {message!r}"
         picture_of_the_ballot(page, f"ballot-refused-{server.comfyui_root.name}")
-        page.focus("[data-prdp=ballot]")
-        for _ in ballot["prompts"]:
-            page.keyboard.press("2")
-            page.keyboard.press("Enter")
+        rank_image_2_first_by_keys(page, len(ballot["prompts"]))
         result = harness.wait_for(server.base_url, prompt_id, timeout=600)
         assert result.status == "success", result.describe() + "\n" + server.log_tail()
-        job = latest_job(server, lora_name)
-        record = [json.loads(line) for line in (run_folder(server, job) / "preferences.jsonl").read_text().splitlines()]
+        record = preference_record(server, latest_job(server, lora_name))
         assert [(r["epoch"], r["answer"]) for r in record] == [
             (1, {"order": [0, 1]}), (1, {"order": [0, 1]}), (2, {"order": [1, 0]}), (2, {"order": [1, 0]})], record
         ours = [e for e in page.errors if "prdp" in e.lower()]
