@@ -204,6 +204,13 @@ def list_checkpoints(root: Path) -> List[Path]:
     return scan_checkpoints(root)[0]
 
 
+def epoch_of(folder: Path) -> Optional[int]:
+    """The finished epochs a checkpoint folder holds, from its name (epoch_NNNNN[_stopped]);
+    None for a folder not named like a checkpoint."""
+    match = NAME_PATTERN.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
 def scan_checkpoints(root: Path) -> Tuple[List[Path], Dict[Path, str]]:
     """(valid checkpoint folders oldest first, {folder named like a checkpoint: why it is not one})."""
     root = Path(root)

@@ -125,7 +125,8 @@ def plan_resume(contents: FolderContents, fresh_config: TrainConfig, explicit: M
                                                "training): starting from epoch 0"])
     _check_run_info(contents.record, run_info, out)
     newer_damaged = [(folder, why) for folder, why in sorted(contents.damaged.items())
-                     if contents.checkpoint is None or _epoch_of(folder) >= _epoch_of(contents.checkpoint)]
+                     if contents.checkpoint is None
+                     or checkpoints.epoch_of(folder) >= checkpoints.epoch_of(contents.checkpoint)]
     if contents.checkpoint is None:
         if newer_damaged:
             raise RunFolderError(f"--resume: no usable checkpoint: {newer_damaged[-1][1]}")
@@ -235,11 +236,6 @@ def _check_run_info(record: Optional[dict], info: Mapping[str, Any], out: Path) 
     if problems:
         raise RunFolderError(f"--resume: this command differs from the run in {out}: {'; '.join(problems)}; "
                              "repeat the original command with --resume, or start a new --out")
-
-
-def _epoch_of(folder: Path) -> int:
-    match = checkpoints.NAME_PATTERN.match(folder.name)
-    return int(match.group(1)) if match else -1
 
 
 def _apply(saved: TrainConfig, explicit: Mapping[str, Any]) -> TrainConfig:

@@ -44,6 +44,7 @@ PENDING_FILE = "pending.json"
 RECORD_FILE = "preferences.jsonl"
 FORMAT = "comfyui-prdp-ballot"
 MAX_PENDING_BYTES = 4 * 2 ** 20
+MAX_RECORD_BYTES = 64 * 2 ** 20
 
 
 def now_iso() -> str:
@@ -195,11 +196,10 @@ class BallotBox:
             return True
 
     def adopt(self, ballot: Ballot) -> None:
-        """Make `ballot` (carried over from an earlier run folder, its images copied here) this
-        box's pending one: the resumed run asks it again (carry_over.py)."""
+        """Make `ballot` (carried over from an earlier run folder, its images copied here) the
+        pending one of this box, which has none of its own: the resumed run asks it again
+        (carry_over.py)."""
         with self._lock:
-            if self.pending is not None:
-                self._retired.add(self.pending.id)
             self.pending = ballot
             self._save(ballot)
 
@@ -313,8 +313,30 @@ class BallotBox:
 
 
 def read_preferences(run_dir: Path) -> List[Dict[str, Any]]:
-    """The lines of run_dir/preferences.jsonl (for tests and reuse)."""
+    """The lines of run_dir/preferences.jsonl, for reuse and for a resumed run (carry_over.py).
+    A line that is not a preference line (torn, or edited by hand) is skipped with a warning;
+    a record that cannot be read, or is over MAX_RECORD_BYTES, gives none."""
     path = Path(run_dir) / RECORD_FILE
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return []
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            logger.warning("PRDP: %s is over %d MiB; not read", path, MAX_RECORD_BYTES >> 20)
+            return []
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        logger.warning("PRDP: cannot read %s (%s)", path, error)
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            line = None
+        if isinstance(line, dict) and isinstance(line.get("epoch"), int):
+            lines.append(line)
+        else:
+            logger.warning("PRDP: %s line %d is not a preference line; skipped", path, number)
+    return lines

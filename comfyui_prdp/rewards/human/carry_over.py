@@ -17,23 +17,13 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict
 
 from ...lora.files import atomic_write
-from ...runs.checkpoints import NAME_PATTERN
-from .ballots import RECORD_FILE, BallotBox, is_own_file_name
+from ...runs.checkpoints import epoch_of
+from .ballots import BallotBox, is_own_file_name, read_preferences
 
 logger = logging.getLogger(__name__)
-
-MAX_RECORD_BYTES = 64 * 2 ** 20
-
-
-def finished_epochs_of(checkpoint: Path) -> int:
-    """The finished epochs a checkpoint folder holds, from its name (epoch_NNNNN[_stopped])."""
-    match = NAME_PATTERN.match(Path(checkpoint).name)
-    if match is None:
-        raise ValueError(f"{checkpoint} is not a checkpoint folder (epoch_NNNNN)")
-    return int(match.group(1))
 
 
 def carry_over(box: BallotBox, checkpoint: Path) -> Dict[str, int]:
@@ -43,13 +33,15 @@ def carry_over(box: BallotBox, checkpoint: Path) -> Dict[str, int]:
     previous = Path(checkpoint).parent.parent
     if previous.resolve() == box.run_dir.resolve() or box.pending is not None or box.record_path.exists():
         return {"lines": 0, "ballot": 0}
-    finished = finished_epochs_of(checkpoint)
+    finished = epoch_of(checkpoint)
+    if finished is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint folder (epoch_NNNNN)")
     earlier = BallotBox(previous)
     ballot = earlier.pending
     if ballot is not None and (ballot.epoch != finished + 1 or ballot.closed is not None):
         ballot = None
-    lines = [line for line in _record_lines(previous / RECORD_FILE)
-             if line.get("epoch", 0) <= finished or (ballot is not None and line.get("ballot") == ballot.id)]
+    lines = [line for line in read_preferences(previous)
+             if line["epoch"] <= finished or (ballot is not None and line.get("ballot") == ballot.id)]
     names = {name for line in lines for name in line.get("images") or [] if is_own_file_name(name)}
     if ballot is not None:
         names.update(name for row in ballot.files for name in row)
@@ -65,28 +57,3 @@ def carry_over(box: BallotBox, checkpoint: Path) -> Dict[str, int]:
     logger.info("PRDP: carried %d preference line(s)%s from %s", len(lines),
                 f" and the open ballot of epoch {ballot.epoch}" if ballot is not None else "", previous)
     return {"lines": len(lines), "ballot": int(ballot is not None)}
-
-
-def _record_lines(path: Path) -> List[Dict[str, Any]]:
-    """The record's lines that parse as objects (a torn or foreign line is skipped, with a warning)."""
-    text: Optional[str] = None
-    try:
-        if path.is_file() and path.stat().st_size <= MAX_RECORD_BYTES:
-            text = path.read_text(encoding="utf-8")
-        elif path.is_file():
-            logger.warning("PRDP: %s is over %d MiB; its lines are not carried over", path, MAX_RECORD_BYTES >> 20)
-    except (OSError, UnicodeDecodeError) as error:
-        logger.warning("PRDP: cannot read %s (%s); its lines are not carried over", path, error)
-    lines = []
-    for number, raw in enumerate((text or "").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            line = None
-        if isinstance(line, dict) and isinstance(line.get("epoch"), int):
-            lines.append(line)
-        else:
-            logger.warning("PRDP: %s line %d is not a preference line; skipped", path, number)
-    return lines

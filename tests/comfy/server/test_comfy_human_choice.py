@@ -20,6 +20,7 @@ Screenshots go to /tmp/prdp-screens/ (docs/images/ballot-*.png are two of them).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -125,6 +126,18 @@ def stop_unfinished(server, lora_name: str) -> None:
             harness.http_json("POST", f"{server.base_url}/prdp/jobs/{job['id']}/stop")
 
 
+@contextlib.contextmanager
+def page_for_run(server, browser, vue: bool, lora_name: str):
+    """A fresh page (Nodes 2.0 or classic); afterwards closed, and no run of `lora_name` left
+    waiting for a ballot."""
+    context, page = open_page(server, browser, vue)
+    try:
+        yield page
+    finally:
+        context.close()
+        stop_unfinished(server, lora_name)
+
+
 def run_folder(server, job: dict) -> Path:
     return server.output_dir / "prdp_runs" / job["outputs"]["run_dir"]
 
@@ -134,8 +147,7 @@ def test_choosing_in_the_dashboard_trains_to_the_end(server, browser, renderer):
     started = time.monotonic()
     tree = server.comfyui_root.name
     lora_name = f"human_{renderer}"
-    context, page = open_page(server, browser, RENDERERS[renderer])
-    try:
+    with page_for_run(server, browser, RENDERERS[renderer], lora_name) as page:
         load_workflow(page, lora_name=lora_name)
         focus_train_node(page)
         require_dom_widgets_in_vue(page, RENDERERS[renderer])
@@ -192,9 +204,6 @@ def test_choosing_in_the_dashboard_trains_to_the_end(server, browser, renderer):
         assert saved and all((result.outputs.get(n) or {}).get("images") for n in saved), result.outputs
         ours = [e for e in page.errors if "prdp" in e.lower()]
         assert not ours, ours
-    finally:
-        context.close()
-        stop_unfinished(server, lora_name)
     print(f"{tree} {renderer}: choosing test {time.monotonic() - started:.1f} s")
 
 
@@ -205,8 +214,7 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
     started = time.monotonic()
     lora_name = f"human_{how}"
     loras_before = set(server.loras_dir.rglob("*.safetensors"))
-    context, page = open_page(server, browser, False)
-    try:
+    with page_for_run(server, browser, False, lora_name) as page:
         load_workflow(page, lora_name=lora_name, epochs=2)
         focus_train_node(page)
         prompt_id = harness.queue_from_page(server.base_url, page)
@@ -244,9 +252,6 @@ def test_stop_while_the_ballot_waits_ends_at_once_with_a_checkpoint(server, brow
         assert not written, written
         if how == "stop":
             resume_and_answer(server, page, lora_name, job, asked)
-    finally:
-        context.close()
-        stop_unfinished(server, lora_name)
     print(f"{server.comfyui_root.name}: {how} test {time.monotonic() - started:.1f} s (stopped {stopped_in:.1f} s after the click)")
 
 
@@ -284,9 +289,8 @@ def test_choices_refused_by_the_server_are_shown_and_the_ballot_is_asked_again(s
     started = time.monotonic()
     lora_name = "human_refused"
     elsewhere = {"answers": [{"order": [0, 1]}, {"order": [0, 1]}]}
-    context, page = open_page(server, browser, False)
     posts, refetched = [], []
-    try:
+    with page_for_run(server, browser, False, lora_name) as page:
         load_workflow(page, lora_name=lora_name, epochs=2)
         focus_train_node(page)
         prompt_id = harness.queue_from_page(server.base_url, page)
@@ -327,7 +331,4 @@ def test_choices_refused_by_the_server_are_shown_and_the_ballot_is_asked_again(s
             (1, {"order": [0, 1]}), (1, {"order": [0, 1]}), (2, {"order": [1, 0]}), (2, {"order": [1, 0]})], record
         ours = [e for e in page.errors if "prdp" in e.lower()]
         assert not ours, ours
-    finally:
-        context.close()
-        stop_unfinished(server, lora_name)
     print(f"{server.comfyui_root.name}: refused-answer test {time.monotonic() - started:.1f} s")
