@@ -31,7 +31,6 @@ import base64
 import io
 import logging
 import math
-import re
 import time
 from typing import List, Optional
 
@@ -53,7 +52,6 @@ THUMBNAIL_QUALITY = 85
 STATUS_EVERY_SECONDS = 1.0      # prdp.status (phase, progress, ETA) at most this often
 POLL_SECONDS = 0.1
 STILL_STOPPING_LOG_SECONDS = 30.0
-WAITING_PHASE = re.compile(r"waiting for your choice \((\d+) prompts?\)")
 PROMPT_CHARS_SHOWN = 120
 
 
@@ -262,13 +260,6 @@ class ComfyProgress:
             return
         if self.ballot is None:
             return
-        if kind == "phase":
-            waiting = WAITING_PHASE.fullmatch(str(event.get("phase", "")))
-            if waiting and self._open_ballot() == self.ballot:
-                count = int(waiting.group(1))
-                self.job.set_phase(f"waiting for your choice ({count} of {count} prompt"
-                                   f"{'s' if count != 1 else ''} left)")
-                return
         if kind == "job_end" or self._open_ballot() != self.ballot:
             self.ballot = None
             self.eta.resume()

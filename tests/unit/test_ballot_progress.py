@@ -11,6 +11,7 @@ import types
 import pytest
 
 from comfy_inprocess import load_plugin_package
+from comfyui_prdp.rewards.human.reward import waiting_phase
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_status_names_the_open_ballot_pauses_the_eta_and_says_how_many_prompts_a
     assert progress.eta_seconds == pytest.approx(5.0 * 0.8 / 0.1)
 
     for event in ({"type": "ballot", "epoch": 1, "ballot": "ballot-1", "prompts": 2},
-                  {"type": "phase", "epoch": 1, "phase": "waiting for your choice (2 prompts)"}):
+                  {"type": "phase", "epoch": 1, "phase": waiting_phase(2)}):      # what the reward says
         job.record(event)
         progress.forward(event)
     waiting = statuses(progress)[-1]

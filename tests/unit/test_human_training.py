@@ -57,7 +57,7 @@ def test_stop_while_waiting_then_resume_asks_the_ballot_again_and_keeps_the_reco
         chooser(server.base, job, ballots=1)                        # epoch 1 answered
         waiting = wait_for_ballot(server.base, job, not_id=None)   # epoch 2's ballot waits
         assert waiting["epoch"] == 2
-        assert job.phase.startswith("waiting for your choice (2 prompts)")
+        assert job.phase == "waiting for your choice (2 of 2 prompts left)", job.phase
         time.sleep(0.2)
         start = time.monotonic()
         assert request(f"{server.base}/prdp/jobs/{job.id}/stop", b"", "POST")[0] == 202

@@ -138,8 +138,7 @@ class HumanReward(Reward):
         if not ballot.answered:
             left = len(groups)
             bound.callback({"type": "ballot", "epoch": epoch + 1, "ballot": ballot.id, "prompts": left})
-            bound.callback({"type": "phase", "epoch": epoch + 1,
-                            "phase": f"waiting for your choice ({left} prompt{'s' if left != 1 else ''})"})
+            bound.callback({"type": "phase", "epoch": epoch + 1, "phase": waiting_phase(left)})
         answered = ballot.answered or bound.box.wait(ballot, bound.stop_event, self.time_limit, self.poll_seconds)
         if not answered and self.on_timeout == "wait":
             bound.callback({"type": "phase", "epoch": epoch + 1,
@@ -169,6 +168,12 @@ class HumanReward(Reward):
             if callable(offload):
                 offload()
         return scores.detach().float().cpu()
+
+
+def waiting_phase(prompts: int) -> str:
+    """The phase while a ballot of `prompts` prompts waits, in the dashboard's words (web/prdp_ballot.js
+    counts down the prompts left as the person answers them)."""
+    return f"waiting for your choice ({prompts} of {prompts} prompt{'s' if prompts != 1 else ''} left)"
 
 
 def _noise_seeds(seed: int, epoch: int, groups: int, B: int) -> List[List[int]]:
