@@ -27,6 +27,7 @@ from comfyui_prdp.sampling import index_cond, sample_trajectories  # noqa: E402
 from comfyui_prdp.models.tokenizer_offline import offline_clip_tokenizer  # noqa: E402
 from test_flow_update_exactness import literal_flow_logprob  # noqa: E402
 from test_update_exactness import literal_prdp  # noqa: E402
+from epoch_recorder import EpochRecorder  # noqa: E402
 from toy_backend import BrightnessReward  # noqa: E402
 
 CONFIG = TrainConfig(epochs=1, prompts_per_epoch=2, images_per_prompt=2, updates_per_epoch=1, steps=3, cfg=1.0,
@@ -237,22 +238,11 @@ def test_the_two_pass_gradient_equals_autograd_of_the_literal_loss():
     randomize_lora(backend, scale=0.1)
     trainer = Trainer(backend, BrightnessReward(), ["a cat", "a dog"], cfg)
     params = backend.trainable_parameters()
-    seen, grads = {}, []
-    original_update, original_step = trainer.update, trainer.optimizer.step
-
-    def update(batch, epoch):
-        seen["batch"] = batch
-        return original_update(batch, epoch)
-
-    def step(*args, **kwargs):
-        grads.append([p.grad.detach().clone() for p in params])
-        return original_step(*args, **kwargs)
-
-    trainer.update, trainer.optimizer.step = update, step
+    recorded = EpochRecorder(trainer)
     start = [p.detach().clone() for p in params]
     trainer.train_epoch(0)
+    grads, batch = recorded.grads, recorded.batch
     assert len(grads) == 1
-    batch = seen["batch"]
     with torch.no_grad():
         for p, value in zip(params, start):
             p.copy_(value)

@@ -15,6 +15,7 @@ import torch
 from comfyui_prdp.config import TrainConfig
 from comfyui_prdp.trainer import Trainer
 from test_update_exactness import literal_advantages, literal_ddpo, literal_prdp
+from epoch_recorder import EpochRecorder
 from toy_backend import BrightnessReward
 from toy_flow_backend import ToyFlowBackend, shifted_sigmas
 
@@ -65,22 +66,9 @@ def test_every_optimizer_step_equals_the_literal_flow_replay(case):
     trainer = Trainer(backend, BrightnessReward(), PROMPTS, cfg)
     params = backend.trainable_parameters()
     start = [p.detach().clone() for p in params]
-    seen, grads, weights_after = {}, [], []
-    original_update, original_step = trainer.update, trainer.optimizer.step
-
-    def update(batch, epoch):
-        seen["batch"] = batch
-        return original_update(batch, epoch)
-
-    def step(*args, **kwargs):
-        grads.append([p.grad.detach().clone() for p in params])
-        result = original_step(*args, **kwargs)
-        weights_after.append([p.detach().clone() for p in params])
-        return result
-
-    trainer.update, trainer.optimizer.step = update, step
+    recorded = EpochRecorder(trainer)
     trainer.train_epoch(0)
-    batch = seen["batch"]
+    batch, grads, weights_after = recorded.batch, recorded.grads, recorded.weights_after
 
     window = cfg.sde_window or [0, cfg.steps - 1]
     trained = list(range(*window))

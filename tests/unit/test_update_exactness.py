@@ -18,6 +18,7 @@ import torch
 from comfyui_prdp.config import TrainConfig
 from comfyui_prdp.trainer import Trainer
 from comfyui_prdp.training.batches import epoch_generator
+from epoch_recorder import EpochRecorder
 from toy_backend import BrightnessReward, ToyBackend
 
 PROMPTS = ["a red apple", "a blue sky", "a green field"]
@@ -126,27 +127,18 @@ def test_every_optimizer_step_equals_the_literal_replay(case):
     params = backend.trainable_parameters()
     start = [p.detach().clone() for p in params]
 
-    seen, grads, weights_after, pass2_rows = {}, [], [], []
-    original_update, original_step, original_logprobs = trainer.update, trainer.optimizer.step, trainer._logprobs
-
-    def update(batch, epoch):
-        seen["batch"] = batch
-        return original_update(batch, epoch)
-
-    def step(*args, **kwargs):
-        grads.append([p.grad.detach().clone() for p in params])
-        result = original_step(*args, **kwargs)
-        weights_after.append([p.detach().clone() for p in params])
-        return result
+    recorded = EpochRecorder(trainer)
+    pass2_rows = []
+    original_logprobs = trainer._logprobs
 
     def logprobs(batch, rows, steps, grad_weights, epoch, phase):
         if grad_weights is not None:
             pass2_rows.append(len(rows))
         return original_logprobs(batch, rows, steps, grad_weights, epoch, phase)
 
-    trainer.update, trainer.optimizer.step, trainer._logprobs = update, step, logprobs
+    trainer._logprobs = logprobs
     metrics = trainer.train_epoch(0)
-    batch = seen["batch"]
+    batch, grads, weights_after = recorded.batch, recorded.grads, recorded.weights_after
 
     # ---- the replay, from theta_old
     replica = ToyBackend()
