@@ -125,3 +125,38 @@ def test_a_mix_holds_one_part_on_the_gpu_at_a_time_by_default(model_dir, images)
     assert reward.one_at_a_time
     assert when_scoring == [{id(part)} for part in parts]
     assert not resident
+
+
+def test_the_human_rewards_assist_scores_on_the_gpu_in_the_job_thread(model_dir, images, tmp_path):
+    """PRDP Human Choice Reward with an assist from Load Reward Model (built in inference mode),
+    its time limit passed and on_timeout 'assist': the assist scores on the simulated GPU (moves
+    that copy) in the job thread, two epochs, and the rewards are its CPU scores min-max scaled
+    within each prompt's images, times the weight."""
+    import threading
+
+    from comfyui_prdp.rewards.human import HumanReward
+
+    prompts = ["a cat", "a cat", "a dog", "a dog"][:len(images)]
+    plain = build("aesthetic", model_dir, inference=False).score(images, prompts).double()
+    groups = plain.view(-1, 2)
+    low, high = groups.min(dim=1, keepdim=True).values, groups.max(dim=1, keepdim=True).values
+    expected = (0.5 * (groups - low) / (high - low)).flatten()
+    assist = on_simulated_gpu(build("aesthetic", model_dir, inference=True))
+    reward = HumanReward(assist=assist, assist_weight=0.5, time_limit=0.01, on_timeout="assist",
+                         poll_seconds=0.005)
+    epoch = {"now": 0}
+    reward.attach(tmp_path, threading.Event(), images_per_prompt=2, epoch=lambda: epoch["now"])
+
+    def job_thread():
+        scores = []
+        with copying_moves():
+            for _ in range(2):
+                reward.prepare()
+                scores.append(reward.score(images, prompts))
+                reward.offload()
+                epoch["now"] += 1
+        return scores
+
+    for scores in in_thread(job_thread):
+        torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
+    assert reward.device_bytes() > 0          # the memory plan counts the assist
